@@ -1,0 +1,1 @@
+"""Paged KV cache: pool tensor, block allocator with prefix cache, prefix keys."""
