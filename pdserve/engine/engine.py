@@ -1,0 +1,252 @@
+"""The colocated engine: scheduler + model runner + output processing.
+
+Lifecycle of a request in one engine (see scheduler/request.py for states):
+add_request validates and queues it; each step() schedules a token budget across
+running and waiting requests, runs the model once, samples, detokenizes incrementally
+and checks stops; finished or aborted requests free their KV blocks at once (or hold
+them for a KV transfer when asked to). step() returns one RequestOutput per request
+that produced something.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.kvcache.allocator import BlockAllocator
+from pdserve.engine.loader import LoadedModel, load_model
+from pdserve.engine.loader.tokenizer import IncrementalDetokenizer
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampling import InvalidRequest, SamplingParams
+from pdserve.engine.scheduler.request import FinishReason, Request
+from pdserve.engine.scheduler.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Completion:
+    """A whole request's result (what generate() returns)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    num_cached_tokens: int
+    ttft_s: float
+    itl_s: list[float]
+
+
+class _TextState:
+    """Detokenizer plus stop-string handling; holds back text that may start a stop."""
+
+    def __init__(self, detok: IncrementalDetokenizer, stops: tuple[str, ...]) -> None:
+        self.detok = detok
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.emitted = 0
+
+    def push(self, token_id: int) -> bool:
+        """Add a token; True when a stop string appeared (text is cut before it)."""
+        self.detok.push(token_id)
+        for stop in self.stops:
+            cut = self.detok.text.find(stop, max(0, self.emitted - len(stop)))
+            if cut >= 0:
+                self.detok.text = self.detok.text[:cut]
+                return True
+        return False
+
+    def take(self, final: bool) -> str:
+        end = len(self.detok.text) if final else max(self.emitted, len(self.detok.text) - self.hold)
+        delta = self.detok.text[self.emitted:end]
+        self.emitted = end
+        return delta
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, model: str | LoadedModel | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, progress)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        num_blocks = config.num_blocks or self._blocks_for_memory(config, loaded)
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position,
+                                 loaded.config.max_position)
+        self.runner = ModelRunner(loaded.config, config, loaded.weights, num_blocks,
+                                  self.max_model_len)
+        if not isinstance(model, LoadedModel):
+            loaded.weights.clear()  # ours alone: the model's parameters hold copies now
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(
+            block_size=config.block_size, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+            fingerprint=self.fingerprint), self.allocator)
+        self.eos_ids = frozenset(loaded.config.eos_token_ids)
+        self._texts: dict[str, _TextState] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    @staticmethod
+    def _blocks_for_memory(config: EngineConfig, loaded: LoadedModel) -> int:
+        from pdserve.engine.kvcache.pool import KVCacheSpec
+
+        c = loaded.config
+        spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, 1,
+                           config.dtype)
+        return max(1, int(config.kv_cache_memory_gb * 2**30) // spec.bytes_per_block)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.model_config.fingerprint()
+
+    # ---- requests --------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"token id {bad} outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; this model's context "
+                                 f"is {self.max_model_len} (prompt + at least one new token)")
+        need = -(-(len(prompt_ids) + 1) // self.config.block_size)
+        if need > self.allocator.num_blocks:
+            raise InvalidRequest(f"prompt needs {need} KV blocks, the pool has "
+                                 f"{self.allocator.num_blocks}")
+
+    def make_request(self, prompt_ids: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> Request:
+        self.validate(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if self.scheduler.get(request_id) is not None:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        request = Request(request_id, list(prompt_ids), params)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        self._texts[request_id] = _TextState(detok, params.stop)
+        return request
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None, hold_blocks: bool = False) -> str:
+        request = self.make_request(prompt_ids, params, request_id)
+        request.hold_blocks = hold_blocks
+        self.scheduler.add(request)
+        return request.request_id
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.get(request_id)
+        if request is None:
+            return False
+        self.scheduler.finish(request, FinishReason.ABORT)
+        self._forget(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- stepping --------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        sampled = self.runner.execute(plan.scheduled)
+        self.num_steps += 1
+        now = time.monotonic()
+        outputs = []
+        for s, token in zip(plan.scheduled, sampled):
+            self.scheduler.advance(s, token)
+            if token is not None:
+                outputs.append(self._on_token(s.request, token, now))
+        return outputs
+
+    def _on_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.token_times.append(now)
+        reason = self._stop_reason(request, token)
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+        text = self._texts[request.request_id]
+        finished = request.is_finished
+        out = RequestOutput(
+            request_id=request.request_id, new_token_ids=[token],
+            text_delta=text.take(final=finished), finished=finished,
+            finish_reason=reason.value if reason else None,
+            num_prompt_tokens=len(request.prompt_ids),
+            num_cached_tokens=request.num_cached_tokens,
+            num_output_tokens=len(request.output_ids),
+            ttft_s=request.first_token_time - request.arrival_time)
+        if finished:
+            times = request.token_times
+            out.itl_s = [b - a for a, b in zip(times, times[1:])]
+            self._forget(request.request_id)
+        return out
+
+    def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
+        p = request.params
+        text = self._texts[request.request_id]
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            return FinishReason.STOP
+        if token not in self.tokenizer.special_ids and text.push(token):
+            return FinishReason.STOP
+        if len(request.output_ids) >= p.max_tokens or request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _forget(self, request_id: str) -> None:
+        self._texts.pop(request_id, None)
+        self.runner.forget(request_id)
+
+    # ---- convenience -----------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 ) -> list[Completion]:
+        """Run prompts to completion together (continuous batching); results in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        done: dict[str, Completion] = {}
+        parts: dict[str, list[RequestOutput]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                parts[out.request_id].append(out)
+                if out.finished:
+                    done[out.request_id] = _collect(parts[out.request_id],
+                                                    prompts[ids.index(out.request_id)])
+        return [done[i] for i in ids]
+
+    # ---- stats -----------------------------------------------------------------------
+    @property
+    def kv_usage(self) -> float:
+        return self.allocator.usage
+
+    def pool_is_idle(self) -> bool:
+        """Every block free (cached-but-unreferenced blocks count as free)."""
+        return self.allocator.num_free == self.allocator.num_blocks
+
+
+def _collect(parts: list[RequestOutput], prompt: list[int]) -> Completion:
+    last = parts[-1]
+    return Completion(
+        request_id=last.request_id, prompt_token_ids=list(prompt),
+        token_ids=[t for p in parts for t in p.new_token_ids],
+        text="".join(p.text_delta for p in parts), finish_reason=last.finish_reason or "",
+        num_cached_tokens=last.num_cached_tokens, ttft_s=parts[0].ttft_s or 0.0,
+        itl_s=last.itl_s)

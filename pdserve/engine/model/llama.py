@@ -1,0 +1,173 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+The batch is flattened: input_ids/positions are [num_tokens] for all sequences of a step;
+attention goes through an AttentionBackend (torch reference or Triton kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.config import ModelConfig, RopeScaling
+from pdserve.engine.kvcache.pool import KVCachePool
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    """Rotate-half (NeoX/HF) rotary embedding with a precomputed cos/sin table."""
+
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, heads, head_dim]; table rows in fp32 as HF computes them
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = config.head_dim ** -0.5
+
+    def forward(self, x, positions, rotary, backend: AttentionBackend, k_cache, v_cache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [num_tokens, hidden]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = rotary(q.view(-1, self.num_heads, self.head_dim), positions)
+        k = rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, positions, rotary, backend, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, backend,
+                               k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config, max_positions)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVCachePool,
+                backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+        # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = pool.layer_caches(i)
+            x = layer(x, positions, self.rotary, backend, k_cache, v_cache, meta)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [n, hidden] -> logits: [n, vocab] in fp32
+        return self.lm_head(hidden).float()
+
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors; q/k/v and gate/up are fused here."""
+        own = self.state_dict()
+        loaded = set()
+        for name, tensor in _fused_hf_weights(weights, self.config):
+            if name not in own:
+                raise KeyError(f"unexpected weight {name}")
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
+                                 f"model expects {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+            loaded.add(name)
+        missing = set(own) - loaded
+        if missing:
+            raise KeyError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+
+
+def _fused_hf_weights(weights: dict[str, torch.Tensor], config: ModelConfig):
+    for name, tensor in weights.items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".mlp.up_proj." in name or "rotary_emb" in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            k = weights[name.replace("q_proj", "k_proj")]
+            v = weights[name.replace("q_proj", "v_proj")]
+            yield name.replace("q_proj", "qkv_proj").replace("model.", "", 1), torch.cat([tensor, k, v])
+        elif ".mlp.gate_proj." in name:
+            up = weights[name.replace("gate_proj", "up_proj")]
+            yield name.replace("gate_proj", "gate_up_proj").replace("model.", "", 1), torch.cat([tensor, up])
+        else:
+            yield name.replace("model.", "", 1), tensor
+    if config.tie_embeddings or "lm_head.weight" not in weights:
+        yield "lm_head.weight", weights["model.embed_tokens.weight"]

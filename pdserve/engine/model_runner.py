@@ -1,0 +1,92 @@
+"""Runs one scheduled step on the model: builds the flattened batch, runs, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.engine.attention import get_attention_backend
+from pdserve.engine.attention.base import AttentionMetadata
+from pdserve.engine.config import EngineConfig, ModelConfig
+from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec, torch_dtype
+from pdserve.engine.model.llama import LlamaForCausalLM
+from pdserve.engine.sampling import make_generator, sample
+from pdserve.engine.scheduler.scheduler import ScheduledRequest
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, config: EngineConfig,
+                 weights: dict[str, torch.Tensor], num_blocks: int, max_model_len: int) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = torch_dtype(config.dtype)
+        model = LlamaForCausalLM(model_config, max_positions=max_model_len)
+        model.load_hf_weights(weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        # rotary tables stay fp32 (HF computes them in fp32)
+        self.model.rotary.to(dtype=torch.float32)
+        self.pool = KVCachePool(KVCacheSpec(
+            num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim, block_size=config.block_size,
+            num_blocks=num_blocks, dtype=config.dtype), self.device)
+        self.backend = get_attention_backend(config.attention_backend)
+        self._generators: dict[str, torch.Generator] = {}
+        self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    def generator_for(self, request) -> torch.Generator | None:
+        if request.params.greedy:
+            return None
+        gen = self._generators.get(request.request_id)
+        if gen is None:
+            seed = request.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+            gen = self._generators[request.request_id] = make_generator(seed, self.device)
+        return gen
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def build_batch(self, scheduled: list[ScheduledRequest]):
+        bs = self.config.block_size
+        input_ids, positions, slots, starts = [], [], [], [0]
+        seq_lens, query_lens, tables = [], [], []
+        for s in scheduled:
+            r = s.request
+            begin, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+            input_ids += r.all_token_ids[begin:end]
+            positions += range(begin, end)
+            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(begin, end)]
+            starts.append(starts[-1] + s.num_new_tokens)
+            seq_lens.append(end)
+            query_lens.append(s.num_new_tokens)
+            tables.append(r.block_ids)
+        width = max(len(t) for t in tables)
+        table = [t + [0] * (width - len(t)) for t in tables]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, meta, starts
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
+        """Run the step; returns the sampled token per scheduled request (None mid-prompt)."""
+        ids, pos, meta, starts = self.build_batch(scheduled)
+        hidden = self.model(ids, pos, self.pool, self.backend, meta)
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
+        result: list[int | None] = [None] * len(scheduled)
+        if not sampling:
+            return result
+        last_rows = torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)
+        logits = self.model.compute_logits(hidden[last_rows])
+        reqs = [scheduled[i].request for i in sampling]
+        tokens = sample(logits, [r.params for r in reqs], [self.generator_for(r) for r in reqs])
+        for i, t in zip(sampling, tokens):
+            result[i] = t
+        return result

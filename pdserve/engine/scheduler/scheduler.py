@@ -1,0 +1,245 @@
+"""Unified scheduler: chunked prefill and continuous decode batching in one token budget.
+
+Each step, running requests go first in arrival order (a decoding request needs one
+token, a partly prefilled one gets the next chunk), then waiting requests are admitted
+while the budget, max_num_seqs and free blocks allow. When a running request cannot get
+a block, the most recently admitted running request is preempted (blocks freed, it will
+be recomputed): the oldest requests always progress, so the engine never deadlocks.
+Pure CPU logic: no torch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.engine.kvcache.allocator import BlockAllocator
+from pdserve.engine.kvcache.prefix import prefix_block_keys
+from pdserve.engine.scheduler.request import FinishReason, Request, RequestState
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool = True
+    fingerprint: str = ""
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the end of the sequence (a token is sampled)."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.held: dict[str, Request] = {}  # finished, blocks kept for a KV transfer
+        self.remote: dict[str, Request] = {}  # WAITING_FOR_KV
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self._register(request)
+        self.waiting.append(request)
+
+    def add_remote(self, request: Request) -> list[int]:
+        """Reserve blocks for a prompt whose KV another worker will push (decode side).
+
+        Returns the block ids for the whole prompt; the first num_cached_tokens of it
+        are already here (prefix cache) and need not be sent.
+        """
+        self._register(request)
+        self._lookup_prefix(request, len(request.prompt_ids))
+        if not self._ensure_blocks(request, len(request.prompt_ids)):
+            self._release(request)
+            del self.requests[request.request_id]
+            raise MemoryError(f"no KV blocks for {len(request.prompt_ids)} prompt tokens")
+        request.state = RequestState.WAITING_FOR_KV
+        self.remote[request.request_id] = request
+        return list(request.block_ids)
+
+    def remote_kv_arrived(self, request_id: str, first_token: int) -> Request:
+        """The pushed KV is in place; the request joins the running batch."""
+        request = self.remote.pop(request_id)
+        request.num_computed_tokens = len(request.prompt_ids)
+        request.output_ids.append(first_token)
+        request.state = RequestState.RUNNING
+        self._register_full_blocks(request)
+        self.running.append(request)
+        return request
+
+    def remote_kv_failed(self, request_id: str) -> Request:
+        """The transfer failed: compute the prompt here (blocks stay, cached ones count)."""
+        request = self.remote.pop(request_id)
+        request.num_computed_tokens = request.num_cached_tokens
+        request.state = RequestState.WAITING
+        self.waiting.appendleft(request)
+        return request
+
+    def _register(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+
+    # ---- one step --------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_pending_tokens(), budget)
+            if self._make_room(request, n, out):
+                out.scheduled.append(ScheduledRequest(request, n))
+                budget -= n
+                i += 1
+            # else: request itself was preempted and removed from running
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _make_room(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+        while not self._ensure_blocks(request, request.num_computed_tokens + n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            looked_up = request.num_computed_tokens == 0 and not request.block_ids
+            if looked_up:
+                self._lookup_prefix(request, request.num_tokens - 1)
+            n = min(request.num_pending_tokens(), budget)
+            if not self._ensure_blocks(request, request.num_computed_tokens + n):
+                if looked_up:  # a waiting request must not pin cached blocks
+                    self._release(request)
+                    request.num_computed_tokens = request.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            request.state = RequestState.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, n))
+            budget -= n
+
+    # ---- after the model ran ---------------------------------------------------------
+    def advance(self, scheduled: ScheduledRequest, sampled: int | None) -> None:
+        """Record a computed chunk and, at the end of the sequence, the sampled token."""
+        request = scheduled.request
+        request.num_computed_tokens += scheduled.num_new_tokens
+        self._register_full_blocks(request)
+        if sampled is not None:
+            request.output_ids.append(sampled)
+
+    def finish(self, request: Request, reason: FinishReason) -> None:
+        """Stop a request wherever it is; its blocks go back unless held for a transfer."""
+        if request.is_finished:
+            return
+        if request in self.running:
+            self.running.remove(request)
+        elif request.state in (RequestState.WAITING, RequestState.PREEMPTED):
+            self.waiting.remove(request)
+        self.remote.pop(request.request_id, None)
+        request.state = RequestState.FINISHED
+        request.finish_reason = reason
+        if request.hold_blocks and reason in (FinishReason.STOP, FinishReason.LENGTH):
+            self.held[request.request_id] = request
+        else:
+            self._release(request)
+            self.requests.pop(request.request_id, None)
+
+    def release_held(self, request_id: str) -> None:
+        """A held request's KV was shipped (or the transfer gave up): free its blocks."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self._release(request)
+            self.requests.pop(request_id, None)
+
+    # ---- blocks ----------------------------------------------------------------------
+    def _lookup_prefix(self, request: Request, max_tokens: int) -> None:
+        if not self.config.enable_prefix_caching:
+            return
+        bs = self.config.block_size
+        keys = self._keys_up_to(request, max_tokens // bs)
+        hits = self.allocator.lookup_prefix(keys)
+        request.block_ids = hits
+        request.num_registered_blocks = len(hits)
+        request.num_computed_tokens = request.num_cached_tokens = len(hits) * bs
+
+    def _keys_up_to(self, request: Request, num_blocks: int) -> list[bytes]:
+        have = len(request.block_keys)
+        if num_blocks > have:
+            parent = request.block_keys[-1] if have else b"\x00" * 16
+            request.block_keys += prefix_block_keys(
+                request.all_token_ids[:num_blocks * self.config.block_size],
+                self.config.block_size, self.config.fingerprint, parent, start_block=have)
+        return request.block_keys[:num_blocks]
+
+    def _ensure_blocks(self, request: Request, num_tokens: int) -> bool:
+        need = -(-num_tokens // self.config.block_size) - len(request.block_ids)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        request.block_ids += self.allocator.allocate(need)
+        return True
+
+    def _register_full_blocks(self, request: Request) -> None:
+        if not self.config.enable_prefix_caching:
+            return
+        full = min(request.num_computed_tokens // self.config.block_size, len(request.block_ids))
+        if full <= request.num_registered_blocks:
+            return
+        keys = self._keys_up_to(request, full)
+        for b in range(request.num_registered_blocks, full):
+            self.allocator.register(request.block_ids[b], keys[b])
+        request.num_registered_blocks = full
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.state = RequestState.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        if request.block_ids:
+            self.allocator.free(request.block_ids)
+        request.block_ids = []
+        request.num_registered_blocks = 0
+
+    # ---- views -----------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.remote)
+
+    def get(self, request_id: str) -> Request | None:
+        return self.requests.get(request_id)

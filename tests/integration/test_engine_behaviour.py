@@ -1,0 +1,142 @@
+"""Engine invariants on real models: batching, chunking, prefix cache, leaks, preemption."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.engine.sampling import InvalidRequest, SamplingParams
+from tests.support.engines import bundled_engine, bundled_model, engine_on
+from tests.support.tiny_models import tiny_loaded_model
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return bundled_engine(max_num_batched_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    texts = ["Hi", "The quick brown fox jumps over the lazy dog because",
+             "Write a haiku about the ocean and the moon at night, please.",
+             "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21"]
+    return [engine.tokenizer.encode(t) for t in texts]
+
+
+def test_mixed_batch_equals_each_alone(engine, prompts):
+    alone = [engine.generate([p], GREEDY)[0].token_ids for p in prompts]
+    together = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+    assert together == alone
+    assert engine.pool_is_idle()
+
+
+def test_chunked_prefill_equals_unchunked(engine, prompts):
+    chunked = bundled_engine(max_num_batched_tokens=16, enable_prefix_caching=False)
+    steps_before = engine.num_steps
+    want = [c.token_ids for c in engine.generate(prompts, GREEDY)]
+    got = [c.token_ids for c in chunked.generate(prompts, GREEDY)]
+    assert got == want
+    assert chunked.num_steps > engine.num_steps - steps_before  # prompts really were split
+
+
+def test_prefix_cache_hit_equals_miss(engine):
+    shared = engine.tokenizer.encode("You are a careful assistant. " * 8)
+    a = shared + engine.tokenizer.encode(" Tell me about cats.")
+    b = shared + engine.tokenizer.encode(" Tell me about dogs.")
+    miss = bundled_engine(enable_prefix_caching=False).generate([b], GREEDY)[0]
+    engine.generate([a], GREEDY)
+    hit = engine.generate([b], GREEDY)[0]
+    assert hit.num_cached_tokens >= (len(shared) // 16) * 16 > 0
+    assert miss.num_cached_tokens == 0
+    assert hit.token_ids == miss.token_ids
+    assert engine.pool_is_idle()
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(engine, prompts):
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    first = engine.generate([prompts[1]], seeded)[0].token_ids
+    # same seed inside a different batch draws the same tokens
+    batch = engine.generate([prompts[0], prompts[1], prompts[2]],
+                            [GREEDY, seeded, SamplingParams(max_tokens=5, temperature=1.0, seed=9)])
+    assert batch[1].token_ids == first
+    other = engine.generate([prompts[1]], SamplingParams(
+        max_tokens=10, temperature=0.9, top_p=0.95, seed=4321, ignore_eos=True))[0].token_ids
+    assert other != first
+    top1 = SamplingParams(max_tokens=12, temperature=1.0, top_k=1, ignore_eos=True)
+    assert engine.generate([prompts[2]], top1)[0].token_ids == \
+        engine.generate([prompts[2]], GREEDY)[0].token_ids
+
+
+def test_stop_strings_and_stop_tokens(engine):
+    prompt = engine.tokenizer.encode("Count: 1, 2, 3, 4, 5, 6,")
+    full = engine.generate([prompt], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert len(full.text) > 4
+    stop = full.text[3:5]
+    cut = engine.generate([prompt], SamplingParams(max_tokens=20, stop=(stop,), ignore_eos=True))[0]
+    assert cut.finish_reason == "stop"
+    assert stop not in cut.text and full.text.startswith(cut.text)
+    tok = full.token_ids[4]
+    by_id = engine.generate([prompt], SamplingParams(max_tokens=20, stop_token_ids=(tok,)))[0]
+    assert by_id.token_ids == full.token_ids[:full.token_ids.index(tok) + 1]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(prompt=[]),
+    dict(prompt=list(range(9000))),
+    dict(prompt=[10**9]),
+])
+def test_bad_prompts_are_refused_and_leave_nothing(engine, bad):
+    with pytest.raises(InvalidRequest):
+        engine.add_request(bad["prompt"], GREEDY)
+    assert not engine.has_unfinished() and engine.pool_is_idle()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_loaded_model(bundled_model().tokenizer, seed=3)
+
+
+def test_random_load_with_stops_and_aborts_leaks_no_block(tiny):
+    engine = engine_on(tiny, num_blocks=96, max_num_batched_tokens=96, max_num_seqs=24)
+    rng = random.Random(7)
+    vocab = tiny.config.vocab_size
+    live, finished, aborted = set(), 0, 0
+    for n in range(200):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 120))]
+        params = SamplingParams(max_tokens=rng.randint(1, 24),
+                                temperature=rng.choice([0.0, 0.8]), seed=n,
+                                stop_token_ids=(rng.randrange(3, vocab),))
+        live.add(engine.add_request(prompt, params))
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
+                finished += 1
+        if live and rng.random() < 0.15:
+            victim = rng.choice(sorted(live))
+            assert engine.abort(victim)
+            live.discard(victim)
+            aborted += 1
+    while engine.has_unfinished():
+        for out in engine.step():
+            live.discard(out.request_id) if out.finished else None
+            finished += out.finished
+    assert not live and finished + aborted == 200 and aborted > 10
+    assert engine.pool_is_idle()
+    assert engine.allocator.num_cached > 0  # freed blocks stay findable by prefix
+
+
+def test_preemption_under_a_tiny_pool_completes_every_request(tiny):
+    roomy = engine_on(tiny, num_blocks=512)
+    tight = engine_on(tiny, num_blocks=12, max_num_batched_tokens=64)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(3, tiny.config.vocab_size) for _ in range(rng.randint(20, 60))]
+               for _ in range(10)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    want = [c.token_ids for c in roomy.generate(prompts, params)]
+    got = tight.generate(prompts, params)
+    assert [c.token_ids for c in got] == want
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.pool_is_idle()
