@@ -1,0 +1,278 @@
+"""KV transfer throughput per connector.
+
+Moves a KV payload (default ~0.5 GB) from a prefill pool to a decode pool through each
+connector and reports GB/s from begin() to the receiver reporting DONE. The receiver
+(decode) runs in a separate spawned process for ucx and redis (for local it must share
+the process). Destination blocks are scattered as shuffled runs of --run-blocks blocks.
+
+    python bench/kv_transfer.py                           # CPU, all connectors
+    python bench/kv_transfer.py --payload-mb 64           # scaled down
+    python bench/kv_transfer.py --device cuda --connectors ucx,local   # two procs, one GPU
+
+Output: JSON (machine, commit, config, results) to stdout and --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec  # noqa: E402
+from pdserve.kvtransfer import TransferState, make_receiver, make_sender  # noqa: E402
+from pdserve.kvtransfer.messages import (HandshakeInfo, destination_from_proto,  # noqa: E402
+                                         destination_to_proto)
+from pdserve.wire import kv_pb2  # noqa: E402
+
+FINGERPRINT = "bench-kv-transfer"
+
+
+def bench_spec(payload_bytes: int, dtype: str) -> KVCacheSpec:
+    """SmolLM2-135M-shaped blocks (30 layers, 3 KV heads, d=64, 16 tokens)."""
+    shape = dict(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype)
+    per_block = KVCacheSpec(num_blocks=1, **shape).bytes_per_block
+    return KVCacheSpec(num_blocks=max(2, payload_bytes // per_block), **shape)
+
+
+def scattered_blocks(num_blocks: int, run_blocks: int, seed: int) -> list[int]:
+    runs = [list(range(i, min(i + run_blocks, num_blocks)))
+            for i in range(0, num_blocks, run_blocks)]
+    random.Random(seed).shuffle(runs)
+    return [b for run in runs for b in run]
+
+
+def block_keys(transfer_id: str, n: int) -> list[bytes]:
+    return [hashlib.blake2b(f"{transfer_id}:{i}".encode(), digest_size=16).digest()
+            for i in range(n)]
+
+
+def hello(spec: KVCacheSpec, connector: str, role: str, device: str) -> HandshakeInfo:
+    return HandshakeInfo.from_spec(spec, model_fingerprint=FINGERPRINT, connector=connector,
+                                   role=role, device_type=device)
+
+
+def connector_settings(name: str, redis_url: str | None):
+    if name == "ucx":
+        from pdserve.kvtransfer.ucx import UcxSettings
+        return UcxSettings(io_timeout_s=120, lease_s=600)
+    if name == "redis":
+        from pdserve.kvtransfer.redis_pool import RedisSettings
+        return RedisSettings(url=redis_url, lease_s=600, ttl_s=600)
+    from pdserve.kvtransfer.local import LocalSettings
+    return LocalSettings(lease_s=600)
+
+
+# -- receiver process -------------------------------------------------------------------
+def receiver_main(conn, name, spec, device, redis_url, run_blocks):
+    """Decode side: for each transfer id received, expect it, send the destination back,
+    report 'STATE seconds' once terminal."""
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    pool = KVCachePool(spec, device=device)
+    receiver = make_receiver(name, pool, hello(spec, name, "decode", device),
+                             connector_settings(name, redis_url))
+    conn.send_bytes(b"ready")
+    dst = scattered_blocks(spec.num_blocks, run_blocks, seed=1)
+    while True:
+        transfer_id = conn.recv_bytes().decode()
+        if transfer_id == "exit":
+            break
+        destination = receiver.expect(transfer_id, dst, block_keys=block_keys(transfer_id,
+                                                                              len(dst)))
+        conn.send_bytes(destination_to_proto(destination).SerializeToString())
+        status = receiver.wait(transfer_id, 600)
+        conn.send_bytes(f"{status.state.name} {time.time():.6f}".encode())
+        receiver.release(transfer_id)
+    receiver.close()
+
+
+def run_connector(name: str, spec: KVCacheSpec, args, redis_url: str | None) -> dict:
+    device = args.device
+    src_pool = KVCachePool(spec, device=device)
+    src_pool.kv.copy_(torch.randn(src_pool.kv.shape, device=device).to(src_pool.kv.dtype))
+    src = list(range(spec.num_blocks))
+    sender = make_sender(name, src_pool, hello(spec, name, "prefill", device),
+                         connector_settings(name, redis_url))
+    if name == "local":
+        return _run_in_process(name, spec, args, sender, src)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=receiver_main,
+                          args=(child, name, spec, device, redis_url, args.run_blocks))
+    process.start()
+    try:
+        assert parent.poll(120) and parent.recv_bytes() == b"ready"
+        seconds, sender_seconds = [], []
+        for rep in range(args.warmup + args.repeats):
+            transfer_id = f"{name}-{rep}"
+            parent.send_bytes(transfer_id.encode())
+            destination = destination_from_proto(
+                kv_pb2.KVDestination.FromString(parent.recv_bytes()))
+            started = time.time()
+            _send_chunked(sender, destination, src, args.chunks)
+            sent = sender.wait(transfer_id, 600)
+            state, finished = parent.recv_bytes().decode().split()
+            if sent.state is not TransferState.DONE or state != "DONE":
+                raise RuntimeError(f"{name}: sender {sent.state.name} {sent.error}, "
+                                   f"receiver {state}")
+            if rep >= args.warmup:
+                seconds.append(float(finished) - started)
+                sender_seconds.append(sent.seconds)
+            sender.release(transfer_id)
+        parent.send_bytes(b"exit")
+        process.join(30)
+    finally:
+        sender.close()
+        if process.is_alive():
+            process.kill()
+    return _result(name, spec, args, seconds, sender_seconds, sender.metrics)
+
+
+def _run_in_process(name, spec, args, sender, src) -> dict:
+    dst_pool = KVCachePool(spec, device=args.device)
+    receiver = make_receiver(name, dst_pool, hello(spec, name, "decode", args.device),
+                             connector_settings(name, None))
+    dst = scattered_blocks(spec.num_blocks, args.run_blocks, seed=1)
+    seconds, sender_seconds = [], []
+    for rep in range(args.warmup + args.repeats):
+        transfer_id = f"{name}-{rep}"
+        destination = receiver.expect(transfer_id, dst)
+        started = time.perf_counter()
+        _send_chunked(sender, destination, src, args.chunks)
+        status = receiver.wait(transfer_id, 600)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        assert status.state is TransferState.DONE, status
+        sent = sender.wait(transfer_id, 60)
+        if rep >= args.warmup:
+            seconds.append(elapsed)
+            sender_seconds.append(sent.seconds)
+        sender.release(transfer_id)
+        receiver.release(transfer_id)
+    assert torch.equal(dst_pool.read_blocks(dst), sender.pool.read_blocks(src))
+    sender.close()
+    receiver.close()
+    return _result(name, spec, args, seconds, sender_seconds, sender.metrics)
+
+
+def _send_chunked(sender, destination, src, chunks: int) -> None:
+    sender.begin(destination)
+    per_chunk = -(-len(src) // chunks)
+    for start in range(0, len(src), per_chunk):
+        sender.send_chunk(destination.transfer_id, src[start:start + per_chunk], start=start,
+                          last=start + per_chunk >= len(src))
+
+
+def _result(name, spec, args, seconds, sender_seconds, metrics) -> dict:
+    payload = spec.num_blocks * spec.bytes_per_block
+    return {
+        "connector": name, "device": args.device, "dtype": spec.dtype,
+        "payload_bytes": payload, "blocks": spec.num_blocks,
+        "bytes_per_block": spec.bytes_per_block, "run_blocks": args.run_blocks,
+        "chunks": args.chunks, "repeats": len(seconds),
+        "seconds": [round(s, 4) for s in seconds],
+        "gbps_median": round(payload / statistics.median(seconds) / 1e9, 3),
+        "gbps_best": round(payload / min(seconds) / 1e9, 3),
+        "sender_seconds_median": round(statistics.median(sender_seconds), 4),
+        "receiver_process": "same" if name == "local" else "separate",
+        "metrics": {k: v for k, v in vars(metrics).items() if not k.startswith("_")},
+    }
+
+
+def machine_info(device: str) -> dict:
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        from importlib.metadata import version
+        info["ucxx"] = version("ucxx-cu12")
+    except Exception:
+        pass
+    env = {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "UCXPY_"))}
+    if env:
+        info["ucx_env"] = env
+    return info
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pdserve/kvtransfer"],
+                               cwd=REPO, capture_output=True, text=True).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connectors", default="local,ucx,redis")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--payload-mb", type=float, default=512)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--chunks", type=int, default=8, help="send_chunk calls per transfer")
+    parser.add_argument("--run-blocks", type=int, default=16,
+                        help="destination blocks per contiguous run (scatter granularity)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype)
+    results, server = [], None
+    try:
+        for name in [c.strip() for c in args.connectors.split(",") if c.strip()]:
+            redis_url = None
+            if name == "redis":
+                from pdserve.kvtransfer.valkey_server import ValkeyServer, ValkeySettings
+                budget_mb = int(2.5 * spec.num_blocks * spec.bytes_per_block / (1 << 20)) + 64
+                server = ValkeyServer(ValkeySettings(maxmemory=f"{budget_mb}mb")).start()
+                redis_url = server.url
+            results.append(run_connector(name, spec, args, redis_url))
+            print(json.dumps(results[-1]), file=sys.stderr)
+            if server is not None:
+                server.stop()
+                server = None
+    finally:
+        if server is not None:
+            server.stop()
+    report = {"benchmark": "kv_transfer", "commit": git_commit(),
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": machine_info(args.device), "config": vars(args), "results": results}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Per-transfer bookkeeping shared by every connector: the state machine of base.py,
+leases, progress counters, and run pairing.
+
+A TransferTable is thread-safe: connector I/O threads record progress while the owner
+polls. Transitions are checked (a terminal transfer never changes again) and entering a
+terminal state fires the transfer's on_release callback exactly once, outside the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from pdserve.engine.kvcache.pool import KVCacheSpec
+from pdserve.kvtransfer.base import (KVDestination, ConnectorMetrics, ReleaseCallback,
+                                     TransferState, TransferStatus)
+from pdserve.kvtransfer.messages import header_block_ids, header_problems
+
+_ALLOWED = {
+    TransferState.PENDING: {TransferState.IN_FLIGHT, TransferState.DONE, TransferState.FAILED,
+                            TransferState.EXPIRED, TransferState.CANCELLED},
+    TransferState.IN_FLIGHT: {TransferState.DONE, TransferState.FAILED, TransferState.EXPIRED,
+                              TransferState.CANCELLED},
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+class UnknownTransfer(KeyError):
+    pass
+
+
+@dataclass
+class Transfer:
+    """Mutable record of one transfer; only TransferTable changes it."""
+    destination: KVDestination
+    held_block_ids: list[int]                # what on_release hands back
+    deadline: float                          # time.monotonic() of lease expiry
+    on_release: ReleaseCallback | None = None
+    state: TransferState = TransferState.PENDING
+    blocks_done: int = 0
+    bytes_moved: int = 0
+    chunks_done: int = 0
+    chunks_queued: int = 0
+    last_queued: bool = False
+    error: str = ""
+    started: float | None = None
+    finished: float | None = None
+    filled: set[int] = field(default_factory=set)   # destination block ids stored
+    io_holds: int = 0                 # chunks whose bytes are being read/written now
+    release_pending: TransferStatus | None = None   # terminal while held: fire on unhold
+
+    @property
+    def transfer_id(self) -> str:
+        return self.destination.transfer_id
+
+    def status(self) -> TransferStatus:
+        end = self.finished if self.finished is not None else time.monotonic()
+        return TransferStatus(
+            transfer_id=self.transfer_id, state=self.state,
+            blocks_total=len(self.destination.block_ids), blocks_done=self.blocks_done,
+            bytes_moved=self.bytes_moved, chunks_done=self.chunks_done, error=self.error,
+            seconds=(end - self.started) if self.started is not None else 0.0)
+
+
+class TransferTable:
+    def __init__(self, metrics: ConnectorMetrics, default_lease_s: float) -> None:
+        self.metrics = metrics
+        self.default_lease_s = default_lease_s
+        self._lock = threading.Lock()
+        self._transfers: dict[str, Transfer] = {}
+
+    # -- registration -------------------------------------------------------------
+    def add(self, destination: KVDestination, held_block_ids: Sequence[int], *,
+            lease_s: float | None, on_release: ReleaseCallback | None) -> Transfer:
+        lease = self.default_lease_s if lease_s is None else lease_s
+        record = Transfer(destination=destination, held_block_ids=list(held_block_ids),
+                          deadline=time.monotonic() + lease, on_release=on_release)
+        with self._lock:
+            if destination.transfer_id in self._transfers:
+                raise ValueError(f"transfer {destination.transfer_id!r} already registered")
+            self._transfers[destination.transfer_id] = record
+        return record
+
+    def get(self, transfer_id: str) -> Transfer:
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+        if record is None:
+            raise UnknownTransfer(transfer_id)
+        return record
+
+    def active(self, transfer_id: str) -> Transfer:
+        """The record if it may still move data; expires it first when overdue.
+        Raises UnknownTransfer or InvalidTransition (with the reason) otherwise."""
+        self.expire_due()
+        record = self.get(transfer_id)
+        if record.state.terminal:
+            raise InvalidTransition(f"transfer {transfer_id!r} is {record.state.name}"
+                                    + (f": {record.error}" if record.error else ""))
+        return record
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._transfers)
+
+    # -- progress -----------------------------------------------------------------
+    def mark_queued(self, transfer_id: str, last: bool,
+                    held_block_ids: Sequence[int] = ()) -> int:
+        """Count one more chunk queued (sender side); returns its chunk index."""
+        record = self.active(transfer_id)
+        with self._lock:
+            if record.last_queued:
+                raise InvalidTransition(f"transfer {transfer_id!r}: chunk after the last one")
+            record.chunks_queued += 1
+            record.last_queued = last
+            record.held_block_ids.extend(held_block_ids)
+            return record.chunks_queued - 1
+
+    def record_chunk(self, transfer_id: str, *, blocks: Sequence[int], nbytes: int,
+                     seconds: float, sent: bool) -> None:
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is None or record.state.terminal:
+                return
+            if record.started is None:
+                record.started = time.monotonic() - seconds
+            record.state = TransferState.IN_FLIGHT
+            record.filled.update(blocks)
+            record.blocks_done = len(record.filled)
+            record.bytes_moved += nbytes
+            record.chunks_done += 1
+        if sent:
+            self.metrics.add(bytes_sent=nbytes, send_seconds=seconds)
+        else:
+            self.metrics.add(bytes_received=nbytes, receive_seconds=seconds)
+
+    def mark_started(self, transfer_id: str) -> None:
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is not None and record.started is None:
+                record.started = time.monotonic()
+
+    # -- transitions --------------------------------------------------------------
+    def finish(self, transfer_id: str, state: TransferState, error: str = "") -> bool:
+        """Move to a terminal state; False if already terminal or unknown."""
+        assert state.terminal, state
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is None or state not in _ALLOWED.get(record.state, ()):
+                return False
+            record.state = state
+            record.error = error
+            record.finished = time.monotonic()
+            status = record.status()
+            deferred = record.io_holds > 0
+            if deferred:
+                record.release_pending = status
+        self.metrics.count_terminal(state)
+        if not deferred:
+            self._fire_release(record, status)
+        return True
+
+    def hold(self, transfer_id: str) -> None:
+        """Bytes of this transfer's blocks are moving: a terminal transition now defers
+        on_release until unhold(), so freed blocks are never written or read late."""
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is not None:
+                record.io_holds += 1
+
+    def unhold(self, transfer_id: str) -> None:
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is None or record.io_holds == 0:
+                return
+            record.io_holds -= 1
+            status = record.release_pending if record.io_holds == 0 else None
+            if status is not None:
+                record.release_pending = None
+        if status is not None:
+            self._fire_release(record, status)
+
+    @staticmethod
+    def _fire_release(record: Transfer, status: TransferStatus) -> None:
+        if record.on_release is not None:
+            record.on_release(status, tuple(record.held_block_ids))
+
+    def expire_due(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            due = [r.transfer_id for r in self._transfers.values()
+                   if not r.state.terminal and r.deadline <= now]
+        expired = []
+        for transfer_id in due:
+            if self.finish(transfer_id, TransferState.EXPIRED, "lease expired"):
+                expired.append(transfer_id)
+        return expired
+
+    def statuses(self) -> dict[str, TransferStatus]:
+        self.expire_due()
+        with self._lock:
+            return {tid: r.status() for tid, r in self._transfers.items()}
+
+    def remove(self, transfer_id: str) -> Transfer | None:
+        with self._lock:
+            return self._transfers.pop(transfer_id, None)
+
+    def active_ids(self) -> list[str]:
+        with self._lock:
+            return [tid for tid, r in self._transfers.items() if not r.state.terminal]
+
+
+def chunk_destination(destination: KVDestination, src_block_ids: Sequence[int],
+                      start: int) -> list[int]:
+    """Destination block ids for a chunk at positions start .. start+len(src)-1."""
+    end = start + len(src_block_ids)
+    if start < 0 or end > len(destination.block_ids):
+        raise ValueError(f"chunk positions {start}..{end - 1} outside the transfer's "
+                         f"{len(destination.block_ids)} destination blocks")
+    return list(destination.block_ids[start:end])
+
+
+def paired_runs(src_block_ids: Sequence[int],
+                dst_block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Coalesce (src, dst) block pairs into (src_first, dst_first, count) runs where both
+    sides are consecutive, order kept: each run is one contiguous byte range on both
+    sides of a block-major pool."""
+    if len(src_block_ids) != len(dst_block_ids):
+        raise ValueError(f"{len(src_block_ids)} source blocks for "
+                         f"{len(dst_block_ids)} destination blocks")
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src_block_ids, dst_block_ids):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s0 + n == s and d0 + n == d:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+
+
+def split_runs(runs: list[tuple[int, int, int]],
+               max_blocks: int) -> list[tuple[int, int, int]]:
+    """Split runs longer than max_blocks (bounds one message's size)."""
+    out = []
+    for s, d, n in runs:
+        for off in range(0, n, max_blocks):
+            out.append((s + off, d + off, min(max_blocks, n - off)))
+    return out
+
+
+# -- receiving side -------------------------------------------------------------------
+class ChunkRejected(Exception):
+    """A chunk header that must not be applied (reason in str())."""
+
+
+def admit_chunk(table: TransferTable, header, spec: KVCacheSpec) -> list[int] | None:
+    """Validate a received KVTransferHeader against the pool and the registered
+    transfer. Returns the destination block ids to fill, None for an abort notice
+    (the transfer is then CANCELLED); raises ChunkRejected with the reason otherwise."""
+    if header.abort_reason:
+        table.finish(header.transfer_id, TransferState.CANCELLED,
+                     f"sender aborted: {header.abort_reason}")
+        return None
+    problems = header_problems(header, spec)
+    if problems:
+        table.finish(header.transfer_id, TransferState.FAILED, "; ".join(problems))
+        raise ChunkRejected("; ".join(problems))
+    try:
+        record = table.active(header.transfer_id)
+    except UnknownTransfer:
+        raise ChunkRejected(f"unknown transfer {header.transfer_id!r}") from None
+    except InvalidTransition as exc:
+        raise ChunkRejected(str(exc)) from None
+    blocks = header_block_ids(header)
+    stray = set(blocks) - set(record.destination.block_ids)
+    if stray:
+        reason = f"blocks {sorted(stray)[:8]} are not destinations of {header.transfer_id!r}"
+        table.finish(header.transfer_id, TransferState.FAILED, reason)
+        raise ChunkRejected(reason)
+    table.mark_started(header.transfer_id)
+    return blocks
+
+
+def store_chunk(table: TransferTable, header, blocks: list[int], seconds: float) -> None:
+    """Record a chunk whose payload is in place; the last chunk completes the transfer
+    (DONE when every destination block was filled, FAILED otherwise)."""
+    table.record_chunk(header.transfer_id, blocks=blocks, nbytes=header.payload_bytes,
+                       seconds=seconds, sent=False)
+    if not header.last_chunk:
+        return
+    record = table.get(header.transfer_id)
+    missing = set(record.destination.block_ids) - record.filled
+    if missing:
+        table.finish(header.transfer_id, TransferState.FAILED,
+                     f"last chunk arrived with {len(missing)} destination blocks unfilled")
+    else:
+        table.finish(header.transfer_id, TransferState.DONE)

@@ -1,0 +1,320 @@
+"""Every KV connector between two real endpoints: byte-exact scattered blocks, chunked
+sends, handshake refusal, peer loss, lease expiry; redis prefix reuse and store loss.
+ucx runs real ucxx endpoints on loopback, across two processes for the peer tests."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from pdserve.engine.kvcache.allocator import BlockAllocator
+from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec
+from pdserve.kvtransfer import (ConnectorError, HandshakeError, TransferState, make_receiver,
+                                make_sender)
+from pdserve.kvtransfer.messages import (HandshakeInfo, destination_from_proto,
+                                         destination_to_proto)
+from pdserve.wire import kv_pb2
+
+FINGERPRINT = "test-model"
+SPEC = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=16, block_size=16, num_blocks=64,
+                   dtype="bfloat16")
+SRC = [3, 4, 5, 9, 20, 21, 22, 23, 40, 7]
+DST = [10, 11, 40, 41, 42, 1, 2, 3, 60, 61]
+
+
+def hello(name, role, spec=SPEC):
+    return HandshakeInfo.from_spec(spec, model_fingerprint=FINGERPRINT, connector=name,
+                                   role=role, worker_id=f"{role}-{os.getpid()}")
+
+
+def random_pool(spec=SPEC, seed=0):
+    pool = KVCachePool(spec)
+    gen = torch.Generator().manual_seed(seed)
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=gen).to(pool.kv.dtype))
+    return pool
+
+
+def settings_for(name, valkey_url=None, **overrides):
+    if name == "local":
+        from pdserve.kvtransfer.local import LocalSettings as S
+    elif name == "ucx":
+        from pdserve.kvtransfer.ucx import UcxSettings as S
+        overrides.setdefault("io_timeout_s", 5.0)
+    else:
+        from pdserve.kvtransfer.redis_pool import RedisSettings as S
+        overrides.setdefault("url", valkey_url)
+    return S(**overrides)
+
+
+def block_keys(n, salt="p"):
+    from pdserve.kvtransfer.redis_pool import transfer_block_keys
+    return transfer_block_keys([hash((salt, i)) % 49152 for i in range(n * 16 - 5)], 16,
+                               FINGERPRINT)
+
+
+@pytest.fixture(params=["local", "ucx", "redis"])
+def pair(request):
+    name = request.param
+    url = request.getfixturevalue("valkey").url if name == "redis" else None
+    settings = settings_for(name, url)
+    src_pool, dst_pool = random_pool(seed=1), KVCachePool(SPEC)
+    receiver = make_receiver(name, dst_pool, hello(name, "decode"), settings)
+    sender = make_sender(name, src_pool, hello(name, "prefill"), settings)
+    yield name, sender, receiver, src_pool, dst_pool, settings
+    sender.close()
+    receiver.close()
+
+
+def keys_if(name, n):
+    return {"block_keys": block_keys(n)} if name == "redis" else {}
+
+
+def test_scattered_blocks_arrive_byte_exact(pair):
+    name, sender, receiver, src_pool, dst_pool, _ = pair
+    destination = receiver.expect("t1", DST, **keys_if(name, len(DST)))
+    sender.send(destination, SRC)
+    assert sender.wait("t1", 10).state is TransferState.DONE
+    status = receiver.wait("t1", 10)
+    assert status.state is TransferState.DONE and status.blocks_done == len(DST)
+    assert torch.equal(dst_pool.read_blocks(DST), src_pool.read_blocks(SRC))
+    untouched = [b for b in range(SPEC.num_blocks) if b not in DST]
+    assert not dst_pool.read_blocks(untouched).any()
+    assert sender.metrics.bytes_sent >= len(SRC) * SPEC.bytes_per_block
+    assert receiver.metrics.bytes_received == len(DST) * SPEC.bytes_per_block
+
+
+def test_chunked_send_as_prefill_progresses(pair):
+    name, sender, receiver, src_pool, dst_pool, _ = pair
+    destination = receiver.expect("t2", DST, **keys_if(name, len(DST)))
+    sender.begin(destination)
+    for start in range(0, len(SRC), 3):
+        chunk = SRC[start:start + 3]
+        sender.send_chunk("t2", chunk, start=start, last=start + 3 >= len(SRC))
+        if start == 0:
+            assert receiver.poll()["t2"].state in (TransferState.PENDING,
+                                                   TransferState.IN_FLIGHT)
+    assert sender.wait("t2", 10).state is TransferState.DONE
+    assert sender.poll()["t2"].chunks_done == 4
+    assert receiver.wait("t2", 10).state is TransferState.DONE
+    assert torch.equal(dst_pool.read_blocks(DST), src_pool.read_blocks(SRC))
+
+
+def test_block_size_mismatch_refused_at_connect(pair):
+    name, _, receiver, _, _, settings = pair
+    other = KVCacheSpec(**{**SPEC.__dict__, "block_size": 32})
+    with make_sender(name, KVCachePool(other), hello(name, "prefill", other),
+                     settings) as sender:
+        with pytest.raises(HandshakeError) as err:
+            sender.connect(receiver.address)
+    message = str(err.value)
+    assert "block_size mismatch" in message and "16" in message and "32" in message
+    if name != "redis":   # the store names itself "store"; peers name their roles
+        assert "prefill has 32" in message and "decode has 16" in message
+
+
+def test_lease_expiry_frees_destination_blocks(pair):
+    name, sender, receiver, _, _, _ = pair
+    allocator = BlockAllocator(SPEC.num_blocks)
+    blocks = allocator.allocate(4)
+    receiver.expect("t3", blocks, lease_s=0.05, **keys_if(name, 4),
+                    on_release=lambda status, held: allocator.free(list(held)))
+    assert allocator.num_free == SPEC.num_blocks - 4
+    time.sleep(0.1)
+    assert receiver.poll()["t3"].state is TransferState.EXPIRED
+    assert allocator.num_free == SPEC.num_blocks
+    destination_late = kv_pb2.KVDestination(connector=name, address=receiver.address,
+                                            transfer_id="t3", block_ids=blocks,
+                                            block_keys=block_keys(4) if name == "redis" else [])
+    if name != "redis":   # data for an expired transfer is refused
+        sender.send(destination_from_proto(destination_late), [0, 1, 2, 3])
+        status = sender.wait("t3", 10)
+        assert status.state is TransferState.FAILED and "EXPIRED" in status.error
+
+
+def test_sender_abort_reaches_receiver(pair):
+    name, sender, receiver, _, _, _ = pair
+    destination = receiver.expect("t4", DST, **keys_if(name, len(DST)))
+    sender.begin(destination)
+    sender.send_chunk("t4", SRC[:2], start=0, last=False)
+    sender.abort("t4", "client went away")
+    assert sender.poll()["t4"].state is TransferState.CANCELLED
+    status = receiver.wait("t4", 10)
+    assert status.state is TransferState.CANCELLED and "client went away" in status.error
+
+
+def test_local_receiver_gone_fails_sender():
+    src_pool = random_pool()
+    receiver = make_receiver("local", KVCachePool(SPEC), hello("local", "decode"))
+    with make_sender("local", src_pool, hello("local", "prefill")) as sender:
+        destination = receiver.expect("t5", DST)
+        sender.begin(destination)
+        receiver.close()
+        sender.send_chunk("t5", SRC, start=0, last=True)
+        status = sender.wait("t5", 5)
+    assert status.state is TransferState.FAILED and "gone" in status.error
+
+
+# -- ucx across two processes ----------------------------------------------------------
+def _ucx_receiver_process(conn, num_blocks_to_expect):
+    """Child: a decode worker with a ucx receiver. Sends back the destination (protobuf),
+    then the sha256 of the destination blocks once the transfer is DONE."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    pool = KVCachePool(SPEC)
+    receiver = make_receiver("ucx", pool, hello("ucx", "decode"), UcxSettings(io_timeout_s=5))
+    blocks = DST[:num_blocks_to_expect]
+    destination = receiver.expect("x1", blocks)
+    conn.send_bytes(destination_to_proto(destination).SerializeToString())
+    status = receiver.wait("x1", 30)
+    digest = hashlib.sha256(pool.read_blocks(blocks).view(torch.uint8).numpy()).hexdigest()
+    conn.send_bytes(f"{status.state.name} {digest}".encode())
+    conn.recv_bytes()          # wait to be told to exit (or be killed)
+    receiver.close()
+
+
+def _start_receiver_process():
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_ucx_receiver_process, args=(child, len(DST)), daemon=True)
+    process.start()
+    assert parent.poll(60), "receiver process did not start"
+    destination = destination_from_proto(kv_pb2.KVDestination.FromString(parent.recv_bytes()))
+    return process, parent, destination
+
+
+@pytest.mark.slow
+def test_ucx_two_processes_byte_exact_then_receiver_killed():
+    from pdserve.kvtransfer.ucx import UcxSettings
+    src_pool = random_pool(seed=3)
+    process, conn, destination = _start_receiver_process()
+    try:
+        with make_sender("ucx", src_pool, hello("ucx", "prefill"),
+                         UcxSettings(io_timeout_s=5)) as sender:
+            sender.begin(destination)
+            sender.send_chunk("x1", SRC[:4], start=0, last=False)
+            sender.send_chunk("x1", SRC[4:], start=4, last=True)
+            assert sender.wait("x1", 20).state is TransferState.DONE
+            assert conn.poll(20)
+            state, digest = conn.recv_bytes().decode().split()
+            expected = hashlib.sha256(src_pool.read_blocks(SRC).view(torch.uint8).numpy())
+            assert state == "DONE" and digest == expected.hexdigest()
+
+            # Second transfer to the same (now killed) receiver: FAILED, no hang.
+            os.kill(process.pid, signal.SIGKILL)
+            process.join(10)
+            second = destination.__class__(**{**destination.__dict__, "transfer_id": "x2"})
+            sender.begin(second)
+            started = time.monotonic()
+            sender.send_chunk("x2", SRC, start=0, last=True)
+            status = sender.wait("x2", 20)
+            assert status.state is TransferState.FAILED, status
+            assert time.monotonic() - started < 15
+            assert sender.metrics.transfers_failed == 1
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(5)
+
+
+@pytest.mark.slow
+def test_ucx_receiver_killed_mid_transfer():
+    """Kill the receiver while a large chunk is on the wire: the sender's transfer ends
+    FAILED within its io timeout instead of hanging."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    big = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16,
+                      num_blocks=64, dtype="float32")   # ~737 KB per block
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_ucx_big_receiver, args=(child,), daemon=True)
+    process.start()
+    try:
+        assert parent.poll(60)
+        destination = destination_from_proto(
+            kv_pb2.KVDestination.FromString(parent.recv_bytes()))
+        src_pool = KVCachePool(big)
+        with make_sender("ucx", src_pool, hello("ucx", "prefill", big),
+                         UcxSettings(io_timeout_s=3)) as sender:
+            sender.begin(destination)
+            for start in range(0, 60, 2):     # 30 chunks of 2 blocks, ~1.5 MB each
+                sender.send_chunk("big", list(range(start, start + 2)), start=start,
+                                  last=start == 58)
+            while sender.poll()["big"].chunks_done < 2:
+                time.sleep(0.001)
+            os.kill(process.pid, signal.SIGKILL)
+            status = sender.wait("big", 20)
+        assert status.state is TransferState.FAILED, status
+        assert status.chunks_done < 30
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(5)
+
+
+def _ucx_big_receiver(conn):
+    from pdserve.kvtransfer.ucx import UcxSettings
+    big = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16,
+                      num_blocks=64, dtype="float32")
+    receiver = make_receiver("ucx", KVCachePool(big), hello("ucx", "decode", big),
+                             UcxSettings(io_timeout_s=5))
+    destination = receiver.expect("big", list(range(64))[:60])
+    conn.send_bytes(destination_to_proto(destination).SerializeToString())
+    time.sleep(60)
+
+
+# -- redis specifics ---------------------------------------------------------------------
+def test_redis_prefix_reuse_across_prefill_workers(valkey):
+    from pdserve.kvtransfer.redis_pool import RedisKVStore, RedisSettings
+    settings = RedisSettings(url=valkey.url, ttl_s=120)
+    pool_a, pool_b = random_pool(seed=5), KVCachePool(SPEC)
+    store_a = RedisKVStore(pool_a, hello("redis", "prefill"), settings)
+    store_b = RedisKVStore(pool_b, hello("redis", "prefill"), settings)
+    keys = block_keys(6)
+    store_a.store(keys[:4], [8, 9, 10, 30])             # worker A computed 4 blocks
+    assert store_b.lookup(keys) == 4                     # worker B sees the shared prefix
+    assert store_b.fetch(keys, [0, 1, 2, 3, 4, 5]) == 4  # stops at the first missing one
+    assert torch.equal(pool_b.read_blocks([0, 1, 2, 3]), pool_a.read_blocks([8, 9, 10, 30]))
+    ttl = store_a.client.ttl(store_a.block_name(keys[0]))
+    assert 0 < ttl <= 120
+    assert store_a.block_name(keys[0]).startswith(f"pdserve:kv:{FINGERPRINT}:")
+    store_a.close()
+    store_b.close()
+
+
+def test_redis_decode_pulls_only_missing_blocks(valkey):
+    from pdserve.kvtransfer.redis_pool import RedisSettings
+    settings = RedisSettings(url=valkey.url)
+    src_pool, dst_pool = random_pool(seed=6), KVCachePool(SPEC)
+    keys = block_keys(6)
+    with make_sender("redis", src_pool, hello("redis", "prefill"), settings) as sender, \
+            make_receiver("redis", dst_pool, hello("redis", "decode"), settings) as receiver:
+        # decode already holds blocks 0-1 of the prompt: it registers positions 2..5 only
+        destination = receiver.expect("r1", [20, 21, 22, 23], block_keys=keys[2:],
+                                      first_block_index=2)
+        sender.send(destination, [12, 13, 14, 15])
+        assert receiver.wait("r1", 10).state is TransferState.DONE
+        assert sender.store.lookup(keys) == 0          # blocks 0-1 never stored
+        assert torch.equal(dst_pool.read_blocks([20, 21, 22, 23]),
+                           src_pool.read_blocks([12, 13, 14, 15]))
+
+
+def test_redis_store_down_is_a_clear_connector_error(valkey):
+    from pdserve.kvtransfer.redis_pool import RedisSettings
+    settings = RedisSettings(url=valkey.url, socket_timeout_s=0.5)
+    src_pool, dst_pool = random_pool(seed=7), KVCachePool(SPEC)
+    with make_sender("redis", src_pool, hello("redis", "prefill"), settings) as sender, \
+            make_receiver("redis", dst_pool, hello("redis", "decode"), settings) as receiver:
+        destination = receiver.expect("r2", DST, block_keys=block_keys(len(DST)))
+        sender.begin(destination)
+        valkey.stop()
+        sender.send_chunk("r2", SRC, start=0, last=True)
+        status = sender.wait("r2", 10)
+        assert status.state is TransferState.FAILED
+        assert f"KV store {valkey.url} unreachable" in status.error
+        assert receiver.wait("r2", 10).state is TransferState.FAILED
+    with pytest.raises(ConnectorError, match="unreachable"):
+        make_receiver("redis", dst_pool, hello("redis", "decode"), settings)
