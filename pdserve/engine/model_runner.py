@@ -90,3 +90,8 @@ class ModelRunner:
         for i, t in zip(sampling, tokens):
             result[i] = t
         return result
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, e.g. before a connector reads KV blocks."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()

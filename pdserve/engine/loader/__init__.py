@@ -112,3 +112,21 @@ def _load_hf(source: ModelSource, progress) -> LoadedModel:
     tokenizer = hf_loader.read_tokenizer(source.path)
     weights = hf_loader.read_weights(source.path, progress)
     return LoadedModel(source, config, tokenizer, weights)
+
+
+def load_model_meta(name: str | None) -> tuple[ModelSource, ModelConfig, TextTokenizer]:
+    """Config and tokenizer without the weights (what a router needs)."""
+    source = resolve_model(name)
+    try:
+        if source.format == "gguf":
+            import gguf
+
+            from pdserve.engine.loader import gguf_loader
+
+            reader = gguf.GGUFReader(str(source.path))
+            return source, gguf_loader.read_config(reader, source.name), gguf_loader.read_tokenizer(reader)
+        from pdserve.engine.loader import hf_loader
+
+        return source, hf_loader.read_config(source.path), hf_loader.read_tokenizer(source.path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelNotFound(f"cannot read model {source.path}: {exc}") from exc

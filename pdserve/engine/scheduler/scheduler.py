@@ -25,6 +25,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     enable_prefix_caching: bool = True
     fingerprint: str = ""
+    # prefill workers: admit a prompt only with blocks for all of it, so a request whose
+    # finished chunks are already on the wire is never preempted (its blocks stay put)
+    allocate_whole_prompt: bool = False
 
 
 @dataclass
@@ -72,7 +75,9 @@ class Scheduler:
         are already here (prefix cache) and need not be sent.
         """
         self._register(request)
-        self._lookup_prefix(request, len(request.prompt_ids))
+        # like a local prompt, the last token is always computed (it yields the first
+        # sample), so at least the final block travels
+        self._lookup_prefix(request, len(request.prompt_ids) - 1)
         if not self._ensure_blocks(request, len(request.prompt_ids)):
             self._release(request)
             del self.requests[request.request_id]
@@ -137,7 +142,9 @@ class Scheduler:
             if looked_up:
                 self._lookup_prefix(request, request.num_tokens - 1)
             n = min(request.num_pending_tokens(), budget)
-            if not self._ensure_blocks(request, request.num_computed_tokens + n):
+            need = request.num_tokens if self.config.allocate_whole_prompt else \
+                request.num_computed_tokens + n
+            if not self._ensure_blocks(request, need):
                 if looked_up:  # a waiting request must not pin cached blocks
                     self._release(request)
                     request.num_computed_tokens = request.num_cached_tokens = 0

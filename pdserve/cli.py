@@ -1,0 +1,251 @@
+"""The `pdserve` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="built-in name, .gguf file or HF folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
+    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=0)
+    p.add_argument("--kv-cache-gb", type=float, default=0.5)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+
+
+def _engine_config(args, **extra):
+    from pdserve.engine.config import EngineConfig
+
+    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    return EngineConfig(device=args.device, dtype=dtype, attention_backend=args.attention_backend,
+                        block_size=args.block_size, num_blocks=args.num_blocks,
+                        kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_batch_tokens, **extra)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="plain text prompt")
+    src.add_argument("--chat", help="one user message, formatted by the chat template")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc="loading model", unit="tensor", file=sys.stderr, leave=False)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def cmd_models(args) -> int:
+    from pdserve.engine.loader import list_models
+
+    models = list_models()
+    for m in models:
+        print(f"{m.name}\t{m.format}\t{m.path}")
+    if not models:
+        print("no models found (make setup installs the bundled one)", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pdserve.engine.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    if args.router:
+        from pdserve.client import generate_remote
+
+        return generate_remote(args, params)
+    return _generate_local(args, params)
+
+
+def _generate_local(args, params) -> int:
+    from pdserve.engine.engine import LLMEngine
+
+    engine = LLMEngine(_engine_config(args), args.model,
+                       progress=_progress_bar(not args.json and sys.stderr.isatty()))
+    if args.chat is not None:
+        ids = engine.tokenizer.encode_chat([{"role": "user", "content": args.chat}])
+    else:
+        ids = engine.tokenizer.encode(args.prompt)
+    request_id = engine.add_request(ids, params)
+    text, tokens, last = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            text.append(out.text_delta)
+            if not args.json:
+                print(out.text_delta, end="", flush=True)
+            last = out
+    return _report(args, request_id, "".join(text), tokens, last.finish_reason, last.ttft_s,
+                   last.itl_s, len(ids), last.num_cached_tokens)
+
+
+def _report(args, request_id, text, tokens, finish_reason, ttft_s, itl_s, prompt_tokens,
+            cached_tokens) -> int:
+    if not args.json:
+        print()
+        return 0
+    itl_ms = [round(x * 1000, 3) for x in itl_s]
+    print(json.dumps({
+        "request_id": request_id, "text": text, "token_ids": tokens,
+        "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens, "ttft_ms": round((ttft_s or 0) * 1000, 3),
+        "itl_ms": itl_ms,
+        "itl_ms_mean": round(sum(itl_ms) / len(itl_ms), 3) if itl_ms else None,
+    }))
+    return 0
+
+
+def _worker_settings(args, role: str):
+    from pdserve.services.worker import WorkerSettings
+
+    extra = {"allocate_whole_prompt": True} if role == "prefill" else {}
+    kw = dict(role=role, model=args.model, host=args.host, port=args.port,
+              metrics_port=args.metrics_port, connector=args.connector, kv_host=args.kv_host,
+              redis_url=args.redis_url, kv_lease_s=args.kv_lease_s, fallback=args.fallback,
+              engine=_engine_config(args, **extra))
+    if args.worker_id:
+        kw["worker_id"] = args.worker_id
+    return WorkerSettings(**kw)
+
+
+def cmd_worker(args) -> int:
+    from pdserve.services.serve import run, serve_until_signal, start_worker
+
+    settings = _worker_settings(args, args.command)
+    return run(serve_until_signal(lambda: start_worker(settings)))
+
+
+def cmd_router(args) -> int:
+    from pdserve.services.router.service import RouterSettings
+    from pdserve.services.serve import run, serve_until_signal, start_router
+
+    settings = RouterSettings(
+        model=args.model, host=args.host, port=args.port, http_port=args.http_port,
+        config_path=args.config, prefill=tuple(args.prefill), decode=tuple(args.decode),
+        block_size=args.block_size, api_key=os.environ.get("PDSERVE_API_KEY") or args.api_key)
+    return run(serve_until_signal(lambda: start_router(settings)))
+
+
+def cmd_up(args) -> int:
+    from pdserve.services.launcher import run_up
+
+    return run_up(args)
+
+
+def cmd_demo(args) -> int:
+    from pdserve.services.launcher import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list available models").set_defaults(func=cmd_models)
+
+    g = sub.add_parser("generate", help="generate text locally or through a router")
+    where = g.add_mutually_exclusive_group(required=True)
+    where.add_argument("--local", action="store_true", help="run the engine in this process")
+    where.add_argument("--router", metavar="ADDR", help="host:port of a pdserve router")
+    g.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"))
+    _engine_args(g)
+    _sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    for role in ("prefill", "decode"):
+        w = sub.add_parser(role, help=f"run a {role} worker")
+        _engine_args(w)
+        w.add_argument("--host", default="127.0.0.1")
+        w.add_argument("--port", type=int, default=0)
+        w.add_argument("--metrics-port", type=int, default=0)
+        w.add_argument("--connector", default="ucx", choices=["ucx", "redis", "local"])
+        w.add_argument("--kv-host", default="127.0.0.1", help="address the KV receiver binds")
+        w.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+        w.add_argument("--kv-lease-s", type=float, default=30.0)
+        w.add_argument("--fallback", default="recompute", choices=["recompute", "fail"])
+        w.add_argument("--worker-id", default=None)
+        w.set_defaults(func=cmd_worker)
+
+    r = sub.add_parser("router", help="run the router (public gRPC + OpenAI HTTP)")
+    r.add_argument("--model", default=None)
+    r.add_argument("--host", default="127.0.0.1")
+    r.add_argument("--port", type=int, default=50051)
+    r.add_argument("--http-port", type=int, default=0)
+    r.add_argument("--config", default=None, help="router policy YAML (hot-reloaded)")
+    r.add_argument("--prefill", action="append", default=[], metavar="ADDR")
+    r.add_argument("--decode", action="append", default=[], metavar="ADDR")
+    r.add_argument("--block-size", type=int, default=16)
+    r.add_argument("--api-key", default=None)
+    r.set_defaults(func=cmd_router)
+
+    u = sub.add_parser("up", help="router + prefill + decode (+ Valkey) on this machine")
+    _up_args(u)
+    u.set_defaults(func=cmd_up)
+
+    d = sub.add_parser("demo", help="bring the system up, stream one chat answer, stop")
+    _up_args(d)
+    d.add_argument("--chat", default="What is the capital of France? Answer in one sentence.")
+    d.add_argument("--max-tokens", type=int, default=64)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _up_args(u: argparse.ArgumentParser) -> None:
+    u.add_argument("--connector", default="ucx", choices=["ucx", "redis", "local"])
+    u.add_argument("--prefill", type=int, default=1)
+    u.add_argument("--decode", type=int, default=1)
+    u.add_argument("--model", default=None)
+    u.add_argument("--port", type=int, default=50051)
+    u.add_argument("--http-port", type=int, default=8000)
+    u.add_argument("--config", default=None)
+    u.add_argument("--device", default="cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear message for expected failures, no traceback
+        from pdserve.engine.loader import ModelNotFound
+        from pdserve.engine.sampling import InvalidRequest
+
+        if isinstance(exc, (InvalidRequest, ModelNotFound, ValueError)):
+            print(f"pdserve: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""What every service shares: proto <-> engine conversions, gRPC server setup (health
+checking + reflection), error mapping and the /metrics endpoint."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from pdserve.engine.engine import RequestOutput
+from pdserve.engine.sampling import InvalidRequest, SamplingParams
+from pdserve.wire import generate_pb2
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256
+FINISH_REASONS = {
+    "stop": generate_pb2.FINISH_REASON_STOP,
+    "length": generate_pb2.FINISH_REASON_LENGTH,
+    "abort": generate_pb2.FINISH_REASON_ABORT,
+    "error": generate_pb2.FINISH_REASON_ERROR,
+}
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20)]
+
+
+def sampling_from_proto(msg: generate_pb2.SamplingParams, *, default_temperature: float = 1.0,
+                        max_tokens_cap: int | None = None) -> SamplingParams:
+    """Proto params with documented defaults; raises InvalidRequest on bad values."""
+    max_tokens = msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+    if max_tokens_cap is not None and not msg.HasField("max_tokens"):
+        max_tokens = min(max_tokens, max_tokens_cap)
+    temperature = msg.temperature if msg.HasField("temperature") else default_temperature
+    if math.isnan(temperature) or (msg.HasField("top_p") and math.isnan(msg.top_p)):
+        raise InvalidRequest("temperature and top_p must be numbers")
+    return SamplingParams(
+        max_tokens=int(max_tokens), temperature=float(temperature),
+        top_p=float(msg.top_p) if msg.HasField("top_p") else 1.0,
+        top_k=int(msg.top_k) if msg.HasField("top_k") else 0,
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+        stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos)
+
+
+def sampling_to_proto(p: SamplingParams) -> generate_pb2.SamplingParams:
+    msg = generate_pb2.SamplingParams(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def finish_reason_proto(reason: str | None) -> int:
+    if not reason:
+        return generate_pb2.FINISH_REASON_UNSPECIFIED
+    return FINISH_REASONS.get(reason.split(":", 1)[0], generate_pb2.FINISH_REASON_ERROR)
+
+
+def chunk_from_output(out: RequestOutput, worker_id: str = "") -> generate_pb2.GenerateChunk:
+    chunk = generate_pb2.GenerateChunk(
+        request_id=out.request_id, token_ids=out.new_token_ids, text_delta=out.text_delta,
+        finish_reason=finish_reason_proto(out.finish_reason))
+    if out.finished:
+        chunk.usage.CopyFrom(generate_pb2.Usage(
+            prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+            cached_tokens=out.num_cached_tokens))
+        chunk.timing.CopyFrom(timing_proto(out.ttft_s or 0.0, out.itl_s))
+        chunk.decode_worker = worker_id
+        if out.finish_reason and out.finish_reason.startswith("error"):
+            chunk.error = out.finish_reason.partition(":")[2].strip() or "failed"
+    return chunk
+
+
+def timing_proto(ttft_s: float, itl_s: list[float]) -> generate_pb2.Timing:
+    t = generate_pb2.Timing(ttft_seconds=ttft_s)
+    if itl_s:
+        ordered = sorted(itl_s)
+
+        def pct(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        t.itl_mean_seconds = statistics.fmean(itl_s)
+        t.itl_p50_seconds, t.itl_p90_seconds, t.itl_p99_seconds = pct(0.5), pct(0.9), pct(0.99)
+        t.itl_max_seconds = ordered[-1]
+        t.tpot_seconds = t.itl_mean_seconds
+    return t
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def new_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    """An aio server with gRPC health checking and reflection for the given services."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else \
+        health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return server, health_servicer
+
+
+async def set_serving(health_servicer, service_names: list[str], serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ["", *service_names]:
+        result = health_servicer.set(name, status)
+        if hasattr(result, "__await__"):
+            await result
+
+
+def serve_metrics(registry, port: int, host: str = "0.0.0.0") -> None:
+    if port:
+        start_http_server(port, addr=host, registry=registry)

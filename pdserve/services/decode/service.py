@@ -1,0 +1,200 @@
+"""DecodeService: receives prompt KV into its own paged memory and streams tokens.
+
+Lifecycle of one Generate call with kv_source=remote_prefill:
+  RESERVED   the engine allocates blocks for the prompt (its own prefix-cache hits are
+             kept and not transferred) and the KV receiver expects the rest under a
+             fresh transfer id with a lease;
+  PREFILLING the call asks the chosen PrefillService to compute the prompt and push the
+             KV into those blocks; it answers with the first token;
+  DECODING   once the receiver reports DONE the request joins the running batch and
+             tokens stream back, one chunk per engine step;
+  FALLBACK   if the prefill worker is unreachable, the handshake is refused or the
+             transfer fails or expires, the receiver stops taking data for the transfer,
+             and the engine recomputes the prompt here (fallback=recompute, default) or
+             the call ends with UNAVAILABLE (fallback=fail).
+A cancelled call aborts the engine request and tells the prefill worker to stop; every
+block returns to the pool. kv_source=local_prefill runs the whole request here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import grpc
+
+from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.engine.sampling import InvalidRequest
+from pdserve.kvtransfer import TransferState
+from pdserve.kvtransfer.messages import destination_to_proto
+from pdserve.services.common import chunk_from_output, sampling_from_proto, sampling_to_proto
+from pdserve.services.worker import WorkerCore, WorkerSettings
+from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "pdserve.v1.DecodeService"
+
+
+class TransferFailed(Exception):
+    pass
+
+
+class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
+    def __init__(self, settings: WorkerSettings, engine: LLMEngine,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.core = WorkerCore(settings, engine, loop, tick=self._tick)
+        self.receiver = self.core.connector
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._remote: set[str] = set()
+
+    def start(self) -> None:
+        self.core.loop.start()
+
+    def stop(self) -> None:
+        self.core.loop.stop()
+        self.receiver.close()
+
+    # ---- RPCs ------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        stream = self.core.loop.open_stream(request_id)
+        finished = False
+        try:
+            params = sampling_from_proto(request.sampling)
+            ids = list(request.token_ids)
+            if request.WhichOneof("kv_source") == "remote_prefill":
+                await self._remote_prefill(request_id, ids, params, request, context)
+            else:
+                await self.core.loop.call(self.core.engine.add_request, ids, params, request_id)
+            while not finished:
+                out: RequestOutput = await stream.get()
+                finished = out.finished
+                self._observe(out)
+                yield chunk_from_output(out, self.core.settings.worker_id)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except TransferFailed as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            self.core.loop.close_stream(request_id)
+            if not finished:
+                self.core.loop.submit(self.core.engine.abort, request_id)
+
+    async def Abort(self, request, context):
+        found = await self.core.loop.call(self.core.engine.abort, request.request_id)
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return self.core.stats(in_flight=len(self._remote))
+
+    async def Describe(self, request, context):
+        return self.core.describe()
+
+    # ---- remote prefill --------------------------------------------------------------
+    async def _remote_prefill(self, request_id, ids, params, request, context) -> None:
+        engine, loop = self.core.engine, self.core.loop
+        reserved = await loop.call(engine.reserve_remote, ids, params, request_id)
+        bs = engine.config.block_size
+        first = reserved.num_cached_tokens // bs
+        transfer_id = self.core.new_transfer_id()
+        released = asyncio.Event()
+        aio_loop = asyncio.get_running_loop()
+        lease_s = (request.kv_lease_ms / 1000.0) or self.core.settings.kv_lease_s
+        destination = self.receiver.expect(
+            transfer_id, reserved.block_ids[first:], first_block_index=first,
+            block_keys=self._block_keys(ids)[first:], num_tokens=len(ids), lease_s=lease_s,
+            on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set))
+        self._remote.add(request_id)
+        address = request.remote_prefill.prefill_address
+        try:
+            first_token, error = await self._call_prefill(
+                address, request_id, ids, params, destination, transfer_id, lease_s)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
+            raise
+        finally:
+            self._remote.discard(request_id)
+        if error is None:
+            self.receiver.release(transfer_id)
+            out = await loop.call(engine.remote_kv_arrived, request_id, first_token)
+            loop.deliver(out)
+            return
+        await self._cancel_transfer(transfer_id, released, address, request_id)
+        self.core.kv_metrics.failed("transfer")
+        if self._fallback(request) == "fail":
+            await loop.call(engine.abort, request_id)
+            raise TransferFailed(f"KV transfer from prefill worker {address} failed: {error}")
+        log.warning("request %s: KV transfer from %s failed (%s); recomputing the prompt here",
+                    request_id, address, error)
+        await loop.call(engine.remote_kv_failed, request_id)
+
+    async def _call_prefill(self, address, request_id, ids, params, destination, transfer_id,
+                            lease_s) -> tuple[int, str | None]:
+        stub = worker_pb2_grpc.PrefillServiceStub(self._channel(address))
+        started = time.monotonic()
+        try:
+            response = await stub.Prefill(worker_pb2.PrefillRequest(
+                request_id=request_id, token_ids=ids, sampling=sampling_to_proto(params),
+                destination=destination_to_proto(destination)), timeout=lease_s)
+        except grpc.aio.AioRpcError as exc:
+            return 0, f"prefill call failed: {exc.code().name}: {exc.details()}"
+        if response.kv_state != kv_pb2.TRANSFER_DONE:
+            return 0, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
+        status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)
+        if status.state is not TransferState.DONE:
+            return 0, f"receiver saw {status.state.name}: {status.error}"
+        self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
+        return response.first_token_id, None
+
+    async def _cancel_transfer(self, transfer_id, released, address, request_id) -> None:
+        """Stop taking data; wait until no write into our blocks can still land."""
+        self.receiver.cancel(transfer_id, "request ended")
+        try:
+            await asyncio.wait_for(released.wait(), timeout=10.0)
+        except asyncio.TimeoutError:
+            log.error("transfer %s did not release its blocks in time", transfer_id)
+        self.receiver.release(transfer_id)
+        stub = worker_pb2_grpc.PrefillServiceStub(self._channel(address))
+        try:
+            await stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason="decode gave up"),
+                             timeout=2.0)
+        except grpc.aio.AioRpcError:
+            pass  # the prefill worker may be the thing that died
+
+    def _fallback(self, request) -> str:
+        if request.fallback == worker_pb2.FALLBACK_FAIL:
+            return "fail"
+        if request.fallback == worker_pb2.FALLBACK_RECOMPUTE:
+            return "recompute"
+        return self.core.settings.fallback
+
+    def _block_keys(self, ids: list[int]) -> list[bytes]:
+        if self.core.settings.connector != "redis":
+            return []
+        from pdserve.kvtransfer.redis_pool import transfer_block_keys
+
+        return transfer_block_keys(ids, self.core.engine.config.block_size,
+                                   self.core.engine.fingerprint)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    # ---- engine thread / metrics -----------------------------------------------------
+    def _tick(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        self.receiver.poll()  # expires overdue leases
+        self.core.loop.keep_ticking(bool(self._remote))
+        self.core.update_gauges()
+
+    def _observe(self, out: RequestOutput) -> None:
+        m = self.core.latency
+        self.core.engine_metrics.generation_tokens.inc(len(out.new_token_ids))
+        if out.finished:
+            m.time_to_first_token_seconds.observe(out.ttft_s or 0.0)
+            for gap in out.itl_s:
+                m.inter_token_latency_seconds.observe(gap)
+            m.e2e_request_latency_seconds.observe((out.ttft_s or 0.0) + sum(out.itl_s))

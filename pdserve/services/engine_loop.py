@@ -1,0 +1,131 @@
+"""Runs an LLMEngine on its own thread so gRPC I/O and model steps never block each other.
+
+Everything that touches the engine (adding, aborting, stepping, KV bookkeeping) runs on
+the engine thread; asyncio code submits work with `call()` and awaits the result. Step
+outputs are handed to per-request asyncio queues, so a slow client only grows its own
+queue and never stalls the step loop or other streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import Any, Callable
+
+from pdserve.engine.engine import LLMEngine, RequestOutput
+
+log = logging.getLogger(__name__)
+
+Tick = Callable[[LLMEngine, list[RequestOutput]], None]
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
+                 tick: Tick | None = None, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self._loop = loop
+        self._tick = tick
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._stop = threading.Event()
+        self._busy_ticks = False  # a tick asked to be called again soon (transfers)
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout=10)
+
+    def keep_ticking(self, busy: bool) -> None:
+        """Called from a tick: poll again soon even when the engine has nothing to run."""
+        self._busy_ticks = busy
+
+    # ---- asyncio side ----------------------------------------------------------------
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the engine thread; its result or exception comes back here."""
+        future = self._loop.create_future()
+        self._commands.put((fn, args, future))
+        return await future
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Fire-and-forget variant of call(); safe from any thread."""
+        self._commands.put((fn, args, None))
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    # ---- engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands(block=not self.engine.has_unfinished() and not self._busy_ticks)
+            outputs: list[RequestOutput] = []
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # pragma: no cover - a bug; fail loudly, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all("internal error in the engine step")
+            self._deliver(outputs)
+            if self._tick is not None:
+                self._tick(self.engine, outputs)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            item = self._commands.get(timeout=self._idle_wait_s) if block else \
+                self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            self._execute(*item)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _execute(self, fn, args, future) -> None:
+        try:
+            result = fn(*args)
+        except Exception as exc:  # handed to the awaiting coroutine
+            if future is not None:
+                self._loop.call_soon_threadsafe(_set_exception, future, exc)
+            else:
+                log.exception("engine command failed")
+            return
+        if future is not None:
+            self._loop.call_soon_threadsafe(_set_result, future, result)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self.deliver(out)
+
+    def deliver(self, out: RequestOutput) -> None:
+        q = self._streams.get(out.request_id)
+        if q is not None:
+            self._loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self.engine.scheduler.requests):
+            self.engine.abort(request_id)
+            self.deliver(RequestOutput(request_id, [], "", finished=True,
+                                       finish_reason=f"error: {message}"))
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

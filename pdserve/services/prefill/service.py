@@ -1,0 +1,238 @@
+"""PrefillService: computes prompts and pushes their KV into decode workers' blocks.
+
+Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAILED):
+  1. The handshake with the destination's receiver happens on first contact (a layout
+     mismatch fails the call at once with a message naming both values).
+  2. The prompt joins the engine with max_tokens=1 and hold_blocks: its KV stays after
+     the first token is sampled. The scheduler gives it blocks for the whole prompt up
+     front, so it is never preempted while chunks are on the wire.
+  3. After every engine step, blocks that became full since the last step go out as a
+     chunk (chunk i travels while chunk i+1 computes). When the first token is sampled
+     the rest, including the partial tail block, goes out as the last chunk.
+  4. When the connector reports a terminal state the held blocks are freed (they stay
+     in the prefix cache) and the call answers with the first token and transfer state.
+  Abort or a cancelled call: the transfer is aborted, and blocks are freed only once the
+  connector no longer reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.engine.sampling import InvalidRequest
+from pdserve.kvtransfer import ConnectorError, TransferState
+from pdserve.kvtransfer.base import KVDestination
+from pdserve.kvtransfer.messages import destination_from_proto
+from pdserve.services.common import finish_reason_proto, sampling_from_proto
+from pdserve.services.worker import WorkerCore, WorkerSettings
+from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "pdserve.v1.PrefillService"
+
+
+class JobState(enum.Enum):
+    COMPUTING = "computing"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class PrefillJob:
+    request_id: str
+    destination: KVDestination | None
+    future: asyncio.Future
+    arrival: float = field(default_factory=time.monotonic)
+    state: JobState = JobState.COMPUTING
+    positions_sent: int = 0  # destination positions already handed to the connector
+    chunks: int = 0
+    first_token: int | None = None
+    finish_reason: str | None = None
+    aborting: str = ""
+    compute_done: float = 0.0
+    send_started: float = 0.0
+
+    @property
+    def transfer_id(self) -> str:
+        return self.destination.transfer_id if self.destination else ""
+
+
+class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
+    def __init__(self, settings: WorkerSettings, engine: LLMEngine,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.core = WorkerCore(settings, engine, loop, tick=self._tick)
+        self.sender = self.core.connector
+        self.jobs: dict[str, PrefillJob] = {}  # engine thread only
+        self._aio_loop = loop
+
+    def start(self) -> None:
+        self.core.loop.start()
+
+    def stop(self) -> None:
+        self.core.loop.stop()
+        self.sender.close()
+
+    # ---- RPCs ------------------------------------------------------------------------
+    async def Prefill(self, request, context):
+        try:
+            params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1,
+                                         stop=(), ignore_eos=True)
+            destination = (destination_from_proto(request.destination)
+                           if request.HasField("destination") else None)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if destination is not None:
+            try:
+                await asyncio.to_thread(self.sender.connect, destination.address)
+            except ConnectorError as exc:  # handshake refused or receiver unreachable
+                self.core.kv_metrics.failed("handshake")
+                return worker_pb2.PrefillResponse(
+                    request_id=request.request_id, kv_state=kv_pb2.TRANSFER_FAILED,
+                    kv_error=str(exc), worker_id=self.core.settings.worker_id)
+        job = PrefillJob(request.request_id, destination, self._aio_loop.create_future())
+        try:
+            await self.core.loop.call(self._start_job, job, list(request.token_ids), params)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            self.core.loop.submit(self._abort_job, job.request_id, "caller cancelled")
+            raise
+
+    async def Abort(self, request, context):
+        found = await self.core.loop.call(self._abort_job, request.request_id,
+                                          request.reason or "aborted")
+        return worker_pb2.AbortResponse(found=found)
+
+    async def Stats(self, request, context):
+        return self.core.stats(in_flight=len(self.jobs))
+
+    async def Describe(self, request, context):
+        return self.core.describe()
+
+    # ---- engine thread ---------------------------------------------------------------
+    def _start_job(self, job: PrefillJob, token_ids: list[int], params) -> None:
+        if job.request_id in self.jobs:
+            raise InvalidRequest(f"request id {job.request_id!r} is already being prefilled")
+        engine = self.core.engine
+        engine.add_request(token_ids, params, job.request_id, hold_blocks=job.destination is not None)
+        if job.destination is not None:
+            self._check_destination(engine, job, len(token_ids))
+            self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s)
+        self.jobs[job.request_id] = job
+
+    def _check_destination(self, engine: LLMEngine, job: PrefillJob, num_tokens: int) -> None:
+        bs = engine.config.block_size
+        dst = job.destination
+        if dst.first_block_index + len(dst.block_ids) != -(-num_tokens // bs):
+            engine.abort(job.request_id)
+            raise InvalidRequest(
+                f"destination covers blocks {dst.first_block_index}.."
+                f"{dst.first_block_index + len(dst.block_ids)} but the prompt has "
+                f"{-(-num_tokens // bs)} blocks of {bs} tokens")
+
+    def _abort_job(self, request_id: str, reason: str) -> bool:
+        job = self.jobs.get(request_id)
+        if job is None:
+            return self.core.engine.abort(request_id)
+        job.aborting = reason
+        if job.destination is not None and job.positions_sent:
+            self.sender.abort(job.transfer_id, reason)  # blocks freed once it is terminal
+        else:
+            self._finish(job, JobState.FAILED, f"aborted: {reason}")
+        return True
+
+    def _tick(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            job = self.jobs.get(out.request_id)
+            if job is not None:
+                job.first_token = out.new_token_ids[0]
+                job.finish_reason = out.finish_reason
+                job.compute_done = time.monotonic()
+        statuses = self.sender.poll() if any(j.positions_sent for j in self.jobs.values()) else {}
+        for job in list(self.jobs.values()):
+            self._advance(engine, job, statuses.get(job.transfer_id))
+        self.core.loop.keep_ticking(any(j.state is JobState.SENDING for j in self.jobs.values()))
+        self.core.update_gauges()
+
+    def _advance(self, engine: LLMEngine, job: PrefillJob, status) -> None:
+        if status is not None and status.state.terminal:
+            ok = status.state is TransferState.DONE and not job.aborting
+            if ok:
+                self.core.kv_metrics.transferred("send", status.bytes_moved,
+                                                 time.monotonic() - job.send_started)
+            else:
+                self.core.kv_metrics.failed(status.state.name.lower())
+            self._finish(job, JobState.DONE if ok else JobState.FAILED,
+                         status.error or job.aborting, status)
+            return
+        if job.state is not JobState.COMPUTING or job.aborting:
+            return
+        request = engine.scheduler.get(job.request_id)
+        if request is None:  # aborted or failed inside the engine
+            self._finish(job, JobState.FAILED, "request ended before its prompt was computed")
+        elif job.destination is None:
+            if job.first_token is not None:
+                self._finish(job, JobState.DONE, "")
+        else:
+            self._send_ready_blocks(engine, job, request)
+
+    def _send_ready_blocks(self, engine: LLMEngine, job: PrefillJob, request) -> None:
+        dst, bs = job.destination, engine.config.block_size
+        last = job.first_token is not None
+        full_blocks = len(request.block_ids) if last else request.num_computed_tokens // bs
+        end = full_blocks - dst.first_block_index
+        if end <= job.positions_sent and not last:
+            return
+        engine.runner.synchronize()  # the connector reads blocks the device just wrote
+        src = request.block_ids[dst.first_block_index + job.positions_sent:dst.first_block_index + end]
+        if not job.send_started:
+            job.send_started = time.monotonic()
+        self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last)
+        job.positions_sent, job.chunks = end, job.chunks + 1
+        if last:
+            job.state = JobState.SENDING
+
+    def _finish(self, job: PrefillJob, state: JobState, error: str, status=None) -> None:
+        engine = self.core.engine
+        self.jobs.pop(job.request_id, None)
+        if engine.scheduler.get(job.request_id) is not None:
+            if job.first_token is None:
+                engine.abort(job.request_id)
+            else:
+                engine.release_held(job.request_id)
+        if job.destination is not None and job.positions_sent:
+            self.sender.release(job.transfer_id)
+        job.state = state
+        response = self._response(job, state, error, status)
+        self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
+
+    def _response(self, job: PrefillJob, state: JobState, error: str, status):
+        kv_state = {JobState.DONE: kv_pb2.TRANSFER_DONE}.get(state, kv_pb2.TRANSFER_FAILED)
+        if status is not None and status.state is TransferState.EXPIRED:
+            kv_state = kv_pb2.TRANSFER_EXPIRED
+        stats = worker_pb2.PrefillStats(
+            num_chunks=job.chunks, blocks_sent=status.blocks_done if status else 0,
+            bytes_sent=status.bytes_moved if status else 0,
+            compute_seconds=(job.compute_done - job.arrival) if job.compute_done else 0.0,
+            transfer_seconds=status.seconds if status else 0.0)
+        return worker_pb2.PrefillResponse(
+            request_id=job.request_id, first_token_id=job.first_token or 0,
+            transfer_id=job.transfer_id, kv_state=kv_state, kv_error=error,
+            finish_reason=finish_reason_proto(job.finish_reason),
+            stats=stats, worker_id=self.core.settings.worker_id)
+
+
+def _resolve(future: asyncio.Future, response) -> None:
+    if not future.done():
+        future.set_result(response)

@@ -1,0 +1,367 @@
+"""The router: the public gRPC API (and the core the OpenAI HTTP front end shares).
+
+Lifecycle of one Generate call:
+  1. ACCEPT    tokenize once (text, chat or token ids) and validate sampling; bad input
+               ends here with INVALID_ARGUMENT and touches no worker.
+  2. ROUTE     the current policy generation (hot-reloaded YAML) picks the route
+               (disaggregated or decode-only), a prefill worker and a decode worker
+               among the healthy ones, using the workers' last reported load.
+  3. STREAM    DecodeService.Generate streams chunks back; the router adds router-side
+               timing (TTFT from arrival here) and worker names to the last chunk.
+  4. RETRY     a decode worker that fails before the first token is replaced by
+               another one (up to max_attempts); after tokens were streamed the call
+               ends with UNAVAILABLE naming the worker.
+  Cancel: the client's cancellation cancels the decode stream, and the decode worker
+  aborts the request and tells its prefill worker to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import grpc
+
+from pdserve.engine.loader import load_model_meta
+from pdserve.engine.sampling import InvalidRequest
+from pdserve.engine.loader.tokenizer import ChatTemplateError
+from pdserve.metrics import latency_metrics, new_registry, router_metrics
+from pdserve.services.common import sampling_from_proto
+from pdserve.services.router.config import RouterConfig, ConfigWatcher
+from pdserve.services.router.discovery import Discovery, StaticDiscovery, create_discovery
+from pdserve.services.router.health import HealthChecker, HealthSettings
+from pdserve.services.router.policies import (NoWorkersError, PolicySet, Role, Route,
+                                              StatsRecorder, WorkerView, build_policies,
+                                              make_request_view)
+from pdserve.wire import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "pdserve.v1.Router"
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+              grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class RouterError(Exception):
+    """A request the router cannot serve; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    http_port: int = 0
+    config_path: str | None = None
+    prefill: tuple[str, ...] = ()
+    decode: tuple[str, ...] = ()
+    block_size: int = 16
+    stats_interval_s: float = 0.5
+    max_attempts: int = 3
+    api_key: str | None = None
+    health: HealthSettings = field(default_factory=lambda: HealthSettings(interval_seconds=1.0))
+
+
+def make_discovery(settings: RouterSettings, config: RouterConfig) -> Discovery:
+    """Addresses given on the command line win over the config file's discovery."""
+    if settings.prefill or settings.decode:
+        return StaticDiscovery(settings.prefill, settings.decode)
+    return create_discovery(config.discovery)
+
+
+class RouterCore:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.source, self.model_config, self.tokenizer = load_model_meta(settings.model)
+        self.fingerprint = self.model_config.fingerprint()
+        self.watcher: ConfigWatcher | None = None
+        if settings.config_path:
+            self.watcher = ConfigWatcher(settings.config_path, build=build_policies,
+                                         on_change=lambda _: self.metrics.config_reloads.labels("ok").inc(),
+                                         on_error=lambda _: self.metrics.config_reloads.labels("rejected").inc())
+            config = self.watcher.current.config
+        else:
+            config = RouterConfig()
+        self._default_policies = build_policies(config)
+        self.discovery = make_discovery(settings, config)
+        self.health = HealthChecker(self.discovery, settings.health)
+        self.recorders = {Role.PREFILL: StatsRecorder(), Role.DECODE: StatsRecorder()}
+        self.worker_stats: dict[str, worker_pb2.WorkerStats] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.registry = new_registry()
+        self.metrics = router_metrics(self.registry)
+        self.latency = latency_metrics(self.registry, self.source.name, "router")
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.discovery.start()
+        await self.health.start()
+        self.health.subscribe(self._on_health)
+        if self.watcher is not None:
+            self.watcher.start()
+        self._tasks.append(asyncio.create_task(self._poll_stats(), name="worker-stats"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        await self.health.stop()
+        await self.discovery.stop()
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def wait_ready(self, timeout_s: float = 60.0) -> bool:
+        """True once at least one decode worker is healthy."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.health.healthy(Role.DECODE):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    @property
+    def policies(self) -> PolicySet:
+        return self.watcher.current.built if self.watcher is not None else self._default_policies
+
+    # ---- requests --------------------------------------------------------------------
+    def prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        try:
+            if kind == "text":
+                ids = self.tokenizer.encode(request.text)
+            elif kind == "chat":
+                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+                if not messages:
+                    raise InvalidRequest("chat has no messages")
+                ids = self.tokenizer.encode_chat(messages)
+            elif kind == "token_ids":
+                ids = list(request.token_ids.ids)
+            else:
+                raise InvalidRequest("request has no input: set text, chat or token_ids")
+        except ChatTemplateError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        if not ids:
+            raise InvalidRequest("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})")
+        if len(ids) >= self.model_config.max_position:
+            raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context is "
+                                 f"{self.model_config.max_position}")
+        return ids
+
+    def check_model(self, model: str) -> None:
+        if model and model not in (self.source.name, self.model_config.name):
+            raise RouterError(grpc.StatusCode.NOT_FOUND,
+                              f"model {model!r} is not served here (serving {self.source.name!r})")
+
+    async def generate(self, request: generate_pb2.GenerateRequest
+                       ) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        """Validate, route and stream one request; raises RouterError for the caller."""
+        arrival = time.monotonic()
+        self.check_model(request.model)
+        try:
+            ids = self.prompt_ids(request)
+            params = sampling_from_proto(request.sampling)
+        except InvalidRequest as exc:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        explicit_max = request.sampling.HasField("max_tokens")
+        if explicit_max and len(ids) + params.max_tokens > self.model_config.max_position:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                              f"exceeds the model's context of {self.model_config.max_position}")
+        request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
+        session = request.session_id if request.HasField("session_id") else None
+        failed: set[str] = set()
+        for attempt in range(self.settings.max_attempts):
+            route, prefill, decode = self._choose(request, request_id, ids, session, failed)
+            decode_request = self._decode_request(request_id, ids, request.sampling, route, prefill)
+            sent = 0
+            try:
+                async for chunk in self._stream(decode, decode_request, prefill, arrival):
+                    sent += 1
+                    yield chunk
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise RouterError(exc.code(), exc.details()) from exc
+                if sent or exc.code() not in _RETRYABLE:
+                    raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                                      f"decode worker {decode.worker_id} failed after {sent} "
+                                      f"chunks: {exc.code().name}: {exc.details()}") from exc
+                log.warning("request %s: decode worker %s failed before the first token "
+                            "(%s); retrying elsewhere", request_id, decode.worker_id, exc.code().name)
+                failed.add(decode.worker_id)
+        raise RouterError(grpc.StatusCode.UNAVAILABLE,
+                          f"no decode worker could serve the request after "
+                          f"{self.settings.max_attempts} attempts")
+
+    def _choose(self, request, request_id, ids, session, failed):
+        policies = self.policies
+        view = make_request_view(request_id, ids, block_size=policies.prefix_block_size,
+                                 fingerprint=self.fingerprint, session_id=session)
+        prefill_workers = self._views(Role.PREFILL, failed)
+        route = self._route(request.mode, policies, view, bool(prefill_workers))
+        try:
+            decode = self._decide(Role.DECODE, policies.decode, view, failed)
+            prefill = (self._decide(Role.PREFILL, policies.prefill, view, failed)
+                       if route is Route.DISAGGREGATED else None)
+        except NoWorkersError as exc:
+            raise RouterError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        self.metrics.disaggregation.labels(route.value).inc()
+        return route, prefill, decode
+
+    def _route(self, mode: int, policies: PolicySet, view, prefill_available: bool) -> Route:
+        if mode == generate_pb2.DISAGGREGATION_NEVER or not prefill_available:
+            return Route.DECODE_ONLY
+        if mode == generate_pb2.DISAGGREGATION_ALWAYS:
+            return Route.DISAGGREGATED
+        if mode == generate_pb2.DISAGGREGATION_AUTO:
+            return Route.DECODE_ONLY if view.prompt_tokens < policies.auto_threshold_tokens \
+                else Route.DISAGGREGATED
+        return policies.route(view, prefill_available)
+
+    def _decide(self, role: Role, policy, view, failed) -> WorkerView:
+        recorder = self.recorders[role]
+        decision = policy(view, self._views(role, failed), recorder.snapshot())
+        recorder.record(view, decision)
+        self.metrics.policy_decisions.labels(role.value, decision.policy, decision.reason).inc()
+        self.metrics.requests.labels(role.value, decision.worker.worker_id).inc()
+        return decision.worker
+
+    def _views(self, role: Role, exclude: set[str]) -> list[WorkerView]:
+        views = []
+        for ep in self.health.healthy(role):
+            if ep.worker_id in exclude:
+                continue
+            s = self.worker_stats.get(ep.worker_id)
+            views.append(WorkerView(
+                ep.worker_id, ep.address, role, True,
+                waiting=s.num_requests_waiting if s else 0,
+                running=s.num_requests_running if s else 0,
+                kv_usage=s.kv_cache_usage_perc if s else 0.0))
+        return views
+
+    def _decode_request(self, request_id, ids, sampling, route, prefill) -> worker_pb2.DecodeRequest:
+        req = worker_pb2.DecodeRequest(request_id=request_id, token_ids=ids, sampling=sampling,
+                                       arrival_unix=time.time())
+        if route is Route.DISAGGREGATED:
+            req.remote_prefill.CopyFrom(worker_pb2.RemotePrefill(
+                prefill_address=prefill.address, prefill_worker_id=prefill.worker_id))
+        else:
+            req.local_prefill.SetInParent()
+        return req
+
+    async def _stream(self, decode: WorkerView, req, prefill: WorkerView | None, arrival: float):
+        stub = worker_pb2_grpc.DecodeServiceStub(self._channel(decode.address))
+        call = stub.Generate(req)
+        first_at = None
+        try:
+            async for chunk in call:
+                now = time.monotonic()
+                if first_at is None and chunk.token_ids:
+                    first_at = now
+                if chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+                    self._finalize(chunk, arrival, first_at or now, now, prefill, decode)
+                yield chunk
+        finally:
+            call.cancel()
+            self.recorders[Role.DECODE].finished(decode.worker_id)
+            if prefill is not None:
+                self.recorders[Role.PREFILL].finished(prefill.worker_id)
+
+    def _finalize(self, chunk, arrival, first_at, now, prefill, decode) -> None:
+        chunk.timing.ttft_seconds = first_at - arrival
+        chunk.timing.e2e_seconds = now - arrival
+        chunk.prefill_worker = prefill.worker_id if prefill else ""
+        chunk.decode_worker = decode.worker_id
+        self.latency.time_to_first_token_seconds.observe(first_at - arrival)
+        self.latency.e2e_request_latency_seconds.observe(now - arrival)
+
+    # ---- worker state ----------------------------------------------------------------
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    def _on_health(self, event) -> None:
+        if not event.healthy:
+            self.recorders[event.endpoint.role].forget(event.endpoint.worker_id)
+            self.worker_stats.pop(event.endpoint.worker_id, None)
+        for role in Role:
+            healthy = len(self.health.healthy(role))
+            self.metrics.workers.labels(role.value, "healthy").set(healthy)
+            self.metrics.workers.labels(role.value, "unhealthy").set(
+                len(self.discovery.workers(role)) - healthy)
+
+    async def _poll_stats(self) -> None:
+        while True:
+            endpoints = [ep for role in Role for ep in self.health.healthy(role)]
+            results = await asyncio.gather(*(self._stats(ep) for ep in endpoints))
+            for ep, stats in zip(endpoints, results):
+                if stats is not None:
+                    self.worker_stats[ep.worker_id] = stats
+            await asyncio.sleep(self.settings.stats_interval_s)
+
+    async def _stats(self, ep):
+        stub_cls = (worker_pb2_grpc.PrefillServiceStub if ep.role is Role.PREFILL
+                    else worker_pb2_grpc.DecodeServiceStub)
+        try:
+            return await stub_cls(self._channel(ep.address)).Stats(worker_pb2.StatsRequest(),
+                                                                   timeout=1.0)
+        except grpc.aio.AioRpcError:
+            return None
+
+
+class RouterServicer(generate_pb2_grpc.RouterServicer):
+    def __init__(self, core: RouterCore) -> None:
+        self.core = core
+
+    async def _check_key(self, context) -> None:
+        key = self.core.settings.api_key
+        if not key:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        supplied = metadata.get("authorization", "").removeprefix("Bearer ").strip() or \
+            metadata.get("x-api-key", "")
+        if supplied != key:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+
+    async def Generate(self, request, context):
+        await self._check_key(context)
+        try:
+            async for chunk in self.core.generate(request):
+                yield chunk
+        except RouterError as exc:
+            await context.abort(exc.code, str(exc))
+
+    async def GenerateUnary(self, request, context):
+        await self._check_key(context)
+        parts: list[generate_pb2.GenerateChunk] = []
+        try:
+            async for chunk in self.core.generate(request):
+                parts.append(chunk)
+        except RouterError as exc:
+            await context.abort(exc.code, str(exc))
+        last = parts[-1]
+        return generate_pb2.GenerateResponse(
+            request_id=last.request_id, token_ids=[t for p in parts for t in p.token_ids],
+            text="".join(p.text_delta for p in parts), finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason, usage=last.usage, timing=last.timing, error=last.error,
+            prefill_worker=last.prefill_worker, decode_worker=last.decode_worker)
+
+    async def ListModels(self, request, context):
+        await self._check_key(context)
+        return generate_pb2.ListModelsResponse(models=[generate_pb2.ModelInfo(
+            id=self.core.source.name, fingerprint=self.core.fingerprint,
+            max_context=self.core.model_config.max_position, owned_by="pdserve")])

@@ -1,0 +1,124 @@
+"""Process entry points: run a prefill, decode or router server until SIGINT/SIGTERM.
+
+Each prints one line `READY <role> <address>` on stdout once it serves, which
+`pdserve up` and the tests wait for. On a signal the server reports NOT_SERVING to
+health checks, stops taking new calls and drains in-flight ones for `grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from pdserve.services.common import new_server, serve_metrics, set_serving
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Running:
+    """A started server: its address and how to stop it."""
+
+    role: str
+    address: str
+    stop: Callable[[], Awaitable[None]]
+    servicer: object = None
+
+
+def announce(role: str, address: str) -> None:
+    print(f"READY {role} {address}", flush=True)
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def start_worker(settings, grace_s: float = 5.0) -> Running:
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.wire import worker_pb2_grpc
+
+    engine = await asyncio.to_thread(LLMEngine, settings.engine, settings.model)
+    loop = asyncio.get_running_loop()
+    if settings.role == "prefill":
+        from pdserve.services.prefill.service import SERVICE_NAME, PrefillServicer
+
+        servicer = PrefillServicer(settings, engine, loop)
+        add = worker_pb2_grpc.add_PrefillServiceServicer_to_server
+    else:
+        from pdserve.services.decode.service import SERVICE_NAME, DecodeServicer
+
+        servicer = DecodeServicer(settings, engine, loop)
+        add = worker_pb2_grpc.add_DecodeServiceServicer_to_server
+    server, health = new_server([SERVICE_NAME])
+    add(servicer, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    servicer.start()
+    await server.start()
+    serve_metrics(servicer.core.registry, settings.metrics_port, settings.host)
+    await set_serving(health, [SERVICE_NAME], True)
+
+    async def stop() -> None:
+        await set_serving(health, [SERVICE_NAME], False)
+        await server.stop(grace_s)
+        servicer.stop()
+
+    return Running(settings.role, f"{settings.host}:{port}", stop, servicer)
+
+
+async def start_router(settings, grace_s: float = 5.0) -> Running:
+    from pdserve.services.router.service import SERVICE_NAME, RouterCore, RouterServicer
+    from pdserve.wire import generate_pb2_grpc
+
+    core = await asyncio.to_thread(RouterCore, settings)
+    await core.start()
+    server, health = new_server([SERVICE_NAME])
+    generate_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    http = None
+    if settings.http_port:
+        from pdserve.services.router.http import start_http
+
+        http = await start_http(core, settings.host, settings.http_port)
+    await set_serving(health, [SERVICE_NAME], True)
+
+    async def stop() -> None:
+        await set_serving(health, [SERVICE_NAME], False)
+        if http is not None:
+            await http.stop()
+        await server.stop(grace_s)
+        await core.stop()
+
+    return Running("router", f"{settings.host}:{port}", stop, core)
+
+
+async def serve_until_signal(*starters: Callable[[], Awaitable[Running]]) -> None:
+    """Start servers in order, announce each, run until a signal, stop in reverse."""
+    running: list[Running] = []
+    try:
+        for start in starters:
+            r = await start()
+            running.append(r)
+            announce(r.role, r.address)
+        await wait_for_signal()
+    finally:
+        for r in reversed(running):
+            await r.stop()
+
+
+def run(coro) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(coro)
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,120 @@
+"""Process-level pieces of a prefill or decode worker: settings, engine, KV connector,
+gRPC server, stats and metrics. The role-specific lifecycles live in
+services/prefill/service.py and services/decode/service.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pdserve.engine.config import EngineConfig
+from pdserve.engine.engine import LLMEngine
+from pdserve.kvtransfer import make_receiver, make_sender, settings_class
+from pdserve.kvtransfer.messages import HandshakeInfo
+from pdserve.metrics import engine_metrics, kv_transfer_metrics, latency_metrics, new_registry
+from pdserve.services.engine_loop import EngineLoop
+from pdserve.wire import kv_pb2, worker_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    role: str  # prefill | decode
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    connector: str = "ucx"
+    kv_host: str = "127.0.0.1"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kv_lease_s: float = 30.0
+    fallback: str = "recompute"  # recompute | fail (decode role)
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("prefill", "decode"):
+            raise ValueError(f"role must be prefill or decode, got {self.role!r}")
+        if self.fallback not in ("recompute", "fail"):
+            raise ValueError(f"fallback must be recompute or fail, got {self.fallback!r}")
+
+
+def connector_settings(settings: WorkerSettings):
+    cls = settings_class(settings.connector)
+    names = set(getattr(cls, "__dataclass_fields__", {}))
+    kwargs = {"lease_s": settings.kv_lease_s} if "lease_s" in names else {}
+    if "host" in names:
+        kwargs["host"] = settings.kv_host
+    if "url" in names:
+        kwargs["url"] = settings.redis_url
+    return cls(**kwargs)
+
+
+class WorkerCore:
+    """The engine, its loop thread, the connector side and the metrics of one worker."""
+
+    def __init__(self, settings: WorkerSettings, engine: LLMEngine,
+                 loop: asyncio.AbstractEventLoop, tick) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.loop = EngineLoop(engine, loop, tick=tick)
+        self.started = time.time()
+        pool = engine.runner.pool
+        self.hello = HandshakeInfo.from_spec(
+            pool.spec, model_fingerprint=engine.fingerprint, connector=settings.connector,
+            role=settings.role, worker_id=settings.worker_id, device_type=pool.device.type)
+        make = make_sender if settings.role == "prefill" else make_receiver
+        self.connector = make(settings.connector, pool, self.hello, connector_settings(settings))
+        self.registry = new_registry()
+        name = engine.source.name
+        self.engine_metrics = engine_metrics(self.registry, name, settings.role)
+        self.latency = latency_metrics(self.registry, name, settings.role)
+        self.kv_metrics = kv_transfer_metrics(self.registry, settings.connector, settings.role)
+        self._seen_prefix = (0, 0)
+
+    def new_transfer_id(self) -> str:
+        return f"{self.settings.worker_id}-{uuid.uuid4().hex[:12]}"
+
+    def update_gauges(self) -> None:
+        """Engine thread: refresh gauges and counters from the scheduler and allocator."""
+        sched, alloc, m = self.engine.scheduler, self.engine.allocator, self.engine_metrics
+        m.num_requests_running.set(len(sched.running))
+        m.num_requests_waiting.set(len(sched.waiting) + len(sched.remote))
+        m.kv_cache_usage_perc.set(alloc.usage)
+        queries, hits = alloc.prefix_queries, alloc.prefix_hits
+        m.prefix_cache_queries.inc(queries - self._seen_prefix[0])
+        m.prefix_cache_hits.inc(hits - self._seen_prefix[1])
+        self._seen_prefix = (queries, hits)
+
+    def stats(self, in_flight: int) -> worker_pb2.WorkerStats:
+        sched, alloc = self.engine.scheduler, self.engine.allocator
+        cm = self.connector.metrics
+        return worker_pb2.WorkerStats(
+            worker_id=self.settings.worker_id, role=self.settings.role,
+            num_requests_running=len(sched.running),
+            num_requests_waiting=len(sched.waiting) + len(sched.remote),
+            kv_cache_usage_perc=alloc.usage, num_free_blocks=alloc.num_free,
+            num_total_blocks=alloc.num_blocks, num_cached_blocks=alloc.num_cached,
+            prefix_cache_queries=alloc.prefix_queries, prefix_cache_hits=alloc.prefix_hits,
+            num_transfers_in_flight=in_flight,
+            kv_transfer=kv_pb2.KVTransferMetrics(
+                bytes_sent=cm.bytes_sent, bytes_received=cm.bytes_received,
+                transfers_done=cm.transfers_done, transfers_failed=cm.transfers_failed,
+                transfers_expired=cm.transfers_expired,
+                transfers_cancelled=cm.transfers_cancelled),
+            uptime_seconds=int(time.time() - self.started))
+
+    def describe(self) -> worker_pb2.WorkerInfo:
+        address = getattr(self.connector, "address", "")
+        return worker_pb2.WorkerInfo(
+            worker_id=self.settings.worker_id, role=self.settings.role,
+            model_id=self.engine.source.name, model_fingerprint=self.engine.fingerprint,
+            kv=self.hello.to_proto(), kv_address=address if isinstance(address, str) else "",
+            max_context=self.engine.max_model_len,
+            max_batch_tokens=self.engine.config.max_num_batched_tokens)
