@@ -1,0 +1,54 @@
+"""Helpers shared by the paged-attention kernels' launchers (host side)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True under Triton's CPU interpreter: kernels then upcast every load to fp32
+    (the interpreter's bf16 arithmetic is wrong, NOTES.md) and tiles stay small."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 caches get exact fp32 dots on the GPU instead of the tf32 default."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_block(head_dim: int) -> int:
+    # tl.dot wants every dimension >= 16
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: any small number works
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Kernels index pages by strides but assume unit stride along head_dim (16 B loads)."""
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [num_blocks, block_size, kv_heads, d]; "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache/v_cache need stride 1 along head_dim")
+    block_size = k_cache.shape[1]
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+
+
+def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
