@@ -32,6 +32,8 @@ class ClusterSpec:
     config: str | None = None
     device: str = "cpu"
     worker_args: tuple[str, ...] = ()
+    prefill_args: tuple[str, ...] = ()
+    decode_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None
     env: dict = field(default_factory=dict)
@@ -60,8 +62,10 @@ class Cluster:
             worker_args = list(self.spec.worker_args)
             if self.spec.connector == "redis":
                 worker_args += ["--redis-url", self._start_valkey()]
-            prefill = [self._spawn(f"prefill-{i}", "prefill", worker_args) for i in range(self.spec.num_prefill)]
-            decode = [self._spawn(f"decode-{i}", "decode", worker_args) for i in range(self.spec.num_decode)]
+            prefill = [self._spawn(f"prefill-{i}", "prefill", worker_args + list(self.spec.prefill_args))
+                       for i in range(self.spec.num_prefill)]
+            decode = [self._spawn(f"decode-{i}", "decode", worker_args + list(self.spec.decode_args))
+                      for i in range(self.spec.num_decode)]
             for p in prefill + decode:
                 self._await_ready(p, timeout_s)
             router_args = list(self.spec.router_args)

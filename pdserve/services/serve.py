@@ -12,7 +12,10 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Awaitable, Callable
+
+import grpc
 
 from pdserve.services.common import new_server, serve_metrics, set_serving
 
@@ -77,27 +80,65 @@ async def start_router(settings, grace_s: float = 5.0) -> Running:
     from pdserve.services.router.service import SERVICE_NAME, RouterCore, RouterServicer
     from pdserve.wire import generate_pb2_grpc
 
+    credentials = grpc_server_credentials(settings)  # bad TLS files fail before anything starts
     core = await asyncio.to_thread(RouterCore, settings)
     await core.start()
+    if settings.decode and not await core.wait_ready(timeout_s=60):
+        log.warning("no decode worker became healthy; serving anyway")
     server, health = new_server([SERVICE_NAME])
     generate_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    port = (server.add_secure_port(address, credentials) if credentials
+            else server.add_insecure_port(address))
     await server.start()
+    health_server = await start_health_server(health, settings.host, settings.health_port)
     http = None
     if settings.http_port:
-        from pdserve.services.router.http import start_http
+        from pdserve.services.router.http import TlsFiles, start_http
 
-        http = await start_http(core, settings.host, settings.http_port)
+        http = await start_http(core, settings.host, settings.http_port,
+                                tls=TlsFiles.from_settings(settings))
     await set_serving(health, [SERVICE_NAME], True)
 
     async def stop() -> None:
         await set_serving(health, [SERVICE_NAME], False)
-        if http is not None:
-            await http.stop()
-        await server.stop(grace_s)
+        draining = [server.stop(grace_s)] + ([http.stop(grace_s)] if http is not None else [])
+        await asyncio.gather(*draining)  # gRPC and HTTP drain in-flight calls together
+        if health_server is not None:
+            await health_server.stop(0)
         await core.stop()
 
     return Running("router", f"{settings.host}:{port}", stop, core)
+
+
+def grpc_server_credentials(settings) -> grpc.ServerCredentials | None:
+    """TLS credentials from settings.tls_cert/tls_key (+ tls_ca: client certs required)."""
+    cert, key, ca = settings.tls_cert, settings.tls_key, settings.tls_ca
+    if not (cert or key or ca):
+        return None
+    if not (cert and key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    try:
+        pair = (Path(key).read_bytes(), Path(cert).read_bytes())
+        root = Path(ca).read_bytes() if ca else None
+    except OSError as exc:
+        raise ValueError(f"cannot read TLS file: {exc}") from exc
+    return grpc.ssl_server_credentials([pair], root_certificates=root,
+                                       require_client_auth=root is not None)
+
+
+async def start_health_server(health_servicer, host: str, port: int) -> grpc.aio.Server | None:
+    """Plaintext gRPC health checking only, on its own port (kubelet probes cannot speak
+    TLS); it reports what the main server's health servicer reports."""
+    if not port:
+        return None
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server
 
 
 async def serve_until_signal(*starters: Callable[[], Awaitable[Running]]) -> None:

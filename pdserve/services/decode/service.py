@@ -35,6 +35,7 @@ from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pdserve.v1.DecodeService"
+FINAL_ERROR_KEY = "pdserve-final-error"
 
 
 class TransferFailed(Exception):
@@ -76,7 +77,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except TransferFailed as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            # a decision, not a crash: the router must not retry it elsewhere
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc),
+                                trailing_metadata=((FINAL_ERROR_KEY, "kv-transfer"),))
         finally:
             self.core.loop.close_stream(request_id)
             if not finished:

@@ -45,6 +45,11 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusC
               grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+def _is_final(exc: grpc.aio.AioRpcError) -> bool:
+    """A worker's deliberate failure (e.g. KV transfer failed, fallback=fail): no retry."""
+    return any(key == "pdserve-final-error" for key, _ in (exc.trailing_metadata() or ()))
+
+
 class RouterError(Exception):
     """A request the router cannot serve; carries the gRPC status to answer with."""
 
@@ -66,6 +71,10 @@ class RouterSettings:
     stats_interval_s: float = 0.5
     max_attempts: int = 3
     api_key: str | None = None
+    tls_cert: str | None = None      # PEM certificate (chain) for the gRPC and HTTP ports
+    tls_key: str | None = None       # its private key
+    tls_ca: str | None = None        # client CA: set = mutual TLS, client certificates required
+    health_port: int = 0             # plaintext gRPC health only (probes while TLS is on)
     health: HealthSettings = field(default_factory=lambda: HealthSettings(interval_seconds=1.0))
 
 
@@ -182,8 +191,14 @@ class RouterCore:
         request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
         session = request.session_id if request.HasField("session_id") else None
         failed: set[str] = set()
-        for attempt in range(self.settings.max_attempts):
-            route, prefill, decode = self._choose(request, request_id, ids, session, failed)
+        last_error = ""
+        for _ in range(self.settings.max_attempts):
+            try:
+                route, prefill, decode = self._choose(request, request_id, ids, session, failed)
+            except RouterError as exc:
+                if last_error:
+                    exc.args = (f"{exc} (last failure: {last_error})",)
+                raise
             decode_request = self._decode_request(request_id, ids, request.sampling, route, prefill)
             sent = 0
             try:
@@ -192,7 +207,7 @@ class RouterCore:
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT or _is_final(exc):
                     raise RouterError(exc.code(), exc.details()) from exc
                 if sent or exc.code() not in _RETRYABLE:
                     raise RouterError(grpc.StatusCode.UNAVAILABLE,
@@ -201,9 +216,10 @@ class RouterCore:
                 log.warning("request %s: decode worker %s failed before the first token "
                             "(%s); retrying elsewhere", request_id, decode.worker_id, exc.code().name)
                 failed.add(decode.worker_id)
+                last_error = f"{exc.code().name}: {exc.details()}"
         raise RouterError(grpc.StatusCode.UNAVAILABLE,
                           f"no decode worker could serve the request after "
-                          f"{self.settings.max_attempts} attempts")
+                          f"{self.settings.max_attempts} attempts (last: {last_error})")
 
     def _choose(self, request, request_id, ids, session, failed):
         policies = self.policies
@@ -232,7 +248,12 @@ class RouterCore:
 
     def _decide(self, role: Role, policy, view, failed) -> WorkerView:
         recorder = self.recorders[role]
-        decision = policy(view, self._views(role, failed), recorder.snapshot())
+        workers = self._views(role, failed)
+        if not workers:
+            known = len(self.discovery.workers(role))
+            raise NoWorkersError(f"no healthy {role.value} worker ({known} known, "
+                                 f"{len(failed)} failed for this request)")
+        decision = policy(view, workers, recorder.snapshot())
         recorder.record(view, decision)
         self.metrics.policy_decisions.labels(role.value, decision.policy, decision.reason).inc()
         self.metrics.requests.labels(role.value, decision.worker.worker_id).inc()

@@ -1,0 +1,45 @@
+"""Helpers for tests that drive a real system (router + workers as processes)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from pdserve.client import make_request, stream
+from pdserve.engine.sampling import SamplingParams
+from pdserve.wire import worker_pb2, worker_pb2_grpc
+
+GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
+
+
+def run_request(address: str, token_ids: list[int], params: SamplingParams = GREEDY,
+                **kw) -> tuple[list[int], object]:
+    """Token ids streamed for one request and its last chunk."""
+    tokens, last = [], None
+    for chunk in stream(address, make_request(token_ids=token_ids, params=params, **kw), timeout=120):
+        tokens += chunk.token_ids
+        last = chunk
+    return tokens, last
+
+
+def worker_stats(address: str, role: str) -> worker_pb2.WorkerStats:
+    stub_cls = worker_pb2_grpc.PrefillServiceStub if role == "prefill" else worker_pb2_grpc.DecodeServiceStub
+    with grpc.insecure_channel(address) as channel:
+        return stub_cls(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
+
+
+def wait_pools_free(cluster, timeout_s: float = 20.0) -> dict[str, worker_pb2.WorkerStats]:
+    """Every live worker's KV pool fully free (transfers and aborts settle asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = {p.name: worker_stats(p.address, p.name.split("-")[0])
+                 for p in cluster.procs if p.name != "router" and p.popen.poll() is None}
+        busy = {n: (s.num_free_blocks, s.num_total_blocks) for n, s in stats.items()
+                if s.num_free_blocks != s.num_total_blocks or s.num_requests_running
+                or s.num_requests_waiting}
+        if not busy:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks still held: {busy}")
+        time.sleep(0.1)
