@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -37,9 +39,37 @@ def make_request(*, prompt: str | None = None, chat: list[dict] | None = None,
     return req
 
 
+@dataclass(frozen=True)
+class TlsClient:
+    """PEM files for a TLS connection: the CA that signed the router's certificate and,
+    for mutual TLS, this client's certificate and key."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca),
+                                            private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+
+def open_channel(address: str, tls: TlsClient | None = None) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.credentials())
+
+
 def stream(address: str, request: generate_pb2.GenerateRequest, api_key: str | None = None,
-           timeout: float | None = None) -> Iterator[generate_pb2.GenerateChunk]:
-    with grpc.insecure_channel(address) as channel:
+           timeout: float | None = None, tls: TlsClient | None = None,
+           ) -> Iterator[generate_pb2.GenerateChunk]:
+    with open_channel(address, tls) as channel:
         stub = generate_pb2_grpc.RouterStub(channel)
         metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
         yield from stub.Generate(request, metadata=metadata, timeout=timeout)
@@ -48,10 +78,13 @@ def stream(address: str, request: generate_pb2.GenerateRequest, api_key: str | N
 def generate_remote(args, params: SamplingParams) -> int:
     chat = [{"role": "user", "content": args.chat}] if args.chat is not None else None
     request = make_request(prompt=args.prompt, chat=chat, params=params)
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TlsClient(args.tls_ca, args.tls_cert, args.tls_key)
     start = time.monotonic()
     text, tokens, times, last = [], [], [], None
     try:
-        for chunk in stream(args.router, request, args.api_key):
+        for chunk in stream(args.router, request, args.api_key, tls=tls):
             times.append(time.monotonic())
             tokens += chunk.token_ids
             text.append(chunk.text_delta)
