@@ -130,8 +130,8 @@ def _worker_settings(args, role: str):
     extra = {"allocate_whole_prompt": True} if role == "prefill" else {}
     kw = dict(role=role, model=args.model, host=args.host, port=args.port,
               metrics_port=args.metrics_port, connector=args.connector, kv_host=args.kv_host,
-              redis_url=args.redis_url, kv_lease_s=args.kv_lease_s, fallback=args.fallback,
-              engine=_engine_config(args, **extra))
+              kv_port=args.kv_port, redis_url=args.redis_url, kv_lease_s=args.kv_lease_s,
+              fallback=args.fallback, engine=_engine_config(args, **extra))
     if args.worker_id:
         kw["worker_id"] = args.worker_id
     return WorkerSettings(**kw)
@@ -144,14 +144,22 @@ def cmd_worker(args) -> int:
     return run(serve_until_signal(lambda: start_worker(settings)))
 
 
-def cmd_router(args) -> int:
+def _router_settings(args):
     from pdserve.services.router.service import RouterSettings
-    from pdserve.services.serve import run, serve_until_signal, start_router
 
-    settings = RouterSettings(
+    return RouterSettings(
         model=args.model, host=args.host, port=args.port, http_port=args.http_port,
         config_path=args.config, prefill=tuple(args.prefill), decode=tuple(args.decode),
-        block_size=args.block_size, api_key=os.environ.get("PDSERVE_API_KEY") or args.api_key)
+        block_size=args.block_size, api_key=os.environ.get("PDSERVE_API_KEY") or args.api_key,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        health_port=args.health_port, discovery=args.discovery, namespace=args.namespace,
+        selector=args.selector)
+
+
+def cmd_router(args) -> int:
+    from pdserve.services.serve import run, serve_until_signal, start_router
+
+    settings = _router_settings(args)
     return run(serve_until_signal(lambda: start_router(settings)))
 
 
@@ -167,6 +175,12 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args) -> int:
+    from pdserve.bench.loadgen import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -178,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="run the engine in this process")
     where.add_argument("--router", metavar="ADDR", help="host:port of a pdserve router")
     g.add_argument("--api-key", default=os.environ.get("PDSERVE_API_KEY"))
+    g.add_argument("--tls-ca", default=None, help="PEM CA that signed the router's certificate "
+                   "(connect over TLS)")
+    g.add_argument("--tls-cert", default=None, help="PEM client certificate (mutual TLS)")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     _engine_args(g)
     _sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -190,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--metrics-port", type=int, default=0)
         w.add_argument("--connector", default="ucx", choices=["ucx", "redis", "local"])
         w.add_argument("--kv-host", default="127.0.0.1", help="address the KV receiver binds")
+        w.add_argument("--kv-port", type=int, default=0,
+                       help="ucx: KV side channel (handshake) port; data uses PORT+1 (0 = any free)")
         w.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
         w.add_argument("--kv-lease-s", type=float, default=30.0)
         w.add_argument("--fallback", default="recompute", choices=["recompute", "fail"])
@@ -204,8 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="router policy YAML (hot-reloaded)")
     r.add_argument("--prefill", action="append", default=[], metavar="ADDR")
     r.add_argument("--decode", action="append", default=[], metavar="ADDR")
+    r.add_argument("--discovery", default=None, choices=["static", "k8s", "kubernetes"],
+                   help="worker discovery backend (default: the config file's discovery; "
+                        "--prefill/--decode mean static)")
+    r.add_argument("--namespace", default=None,
+                   help="k8s discovery: namespace to watch (default: the config file's, else "
+                        "the router pod's own)")
+    r.add_argument("--selector", default=None,
+                   help="k8s discovery: label selector shared by both roles (overrides the "
+                        "config file's)")
     r.add_argument("--block-size", type=int, default=16)
-    r.add_argument("--api-key", default=None)
+    r.add_argument("--api-key", default=None, help="clients must send it (env PDSERVE_API_KEY wins)")
+    r.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC and HTTP over TLS")
+    r.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    r.add_argument("--tls-ca", default=None, help="PEM CA: require client certificates (mTLS)")
+    r.add_argument("--health-port", type=int, default=0,
+                   help="also serve plaintext gRPC health checks on this port (0 = off)")
     r.set_defaults(func=cmd_router)
 
     u = sub.add_parser("up", help="router + prefill + decode (+ Valkey) on this machine")
@@ -217,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--chat", default="What is the capital of France? Answer in one sentence.")
     d.add_argument("--max-tokens", type=int, default=64)
     d.set_defaults(func=cmd_demo)
+
+    from pdserve.bench.loadgen import add_arguments as _bench_args  # stdlib-only import
+
+    b = sub.add_parser("bench", help="load-test a router: TTFT/TPOT/ITL/E2E, throughput, goodput")
+    _bench_args(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

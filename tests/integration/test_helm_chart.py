@@ -96,7 +96,9 @@ def test_values_schema_rejects_bad_values(tmp_path):
     for bad, message in [("kvConnector: nccl", "kvConnector"),
                          ("replicas: 3", "additional properties 'replicas' not allowed"),
                          ("redis: {maxmemoryPolicy: lru}", "maxmemoryPolicy"),
-                         ("prefill: {grpcPort: 0}", "grpcPort")]:
+                         ("prefill: {grpcPort: 0}", "grpcPort"),
+                         ("decode: {kvPort: 65535}", "kvPort"),  # the data port is kvPort + 1
+                         ("prefill: {kvPort: 9089}", "collides with grpcPort or metricsPort")]:
         f = tmp_path / "v.yaml"
         f.write_text(bad)
         p = subprocess.run([HELM, "template", "x", str(CHART), "-f", str(f)], capture_output=True, text=True)
@@ -155,6 +157,7 @@ def _check_router(docs, values_doc) -> None:
     args = args_of(router)
     assert args[0] == "router" and "--config=/etc/pdserve/router.yaml" in args
     assert "--discovery=k8s" in args and "--namespace=$(POD_NAMESPACE)" in args
+    assert "--host=0.0.0.0" in args  # reachable from other pods, not just loopback
     mount = next(m for m in pod_spec(router)["containers"][0]["volumeMounts"] if m["name"] == "config")
     assert mount["mountPath"] == "/etc/pdserve" and "subPath" not in mount  # hot reload needs it
     svc = named(docs, "Service", "-router")
@@ -176,6 +179,11 @@ def _check_router(docs, values_doc) -> None:
     env = {e["name"] for e in pod_spec(router)["containers"][0].get("env", [])}
     assert ("PDSERVE_API_KEY" in env) == bool(values_doc.get("apiKey", {}).get("existingSecret"))
     assert any(a.startswith("--tls-cert=") for a in args) == bool(tls)
+    probe_port = pod_spec(router)["containers"][0]["readinessProbe"]["grpc"]["port"]
+    if tls:  # kubelet probes cannot do TLS: plaintext health on its own port
+        assert "--health-port=50052" in args and probe_port == 50052
+    else:
+        assert not any(a.startswith("--health-port") for a in args) and probe_port == 50051
 
 
 def _check_workers(docs, values_doc) -> None:
@@ -187,6 +195,10 @@ def _check_workers(docs, values_doc) -> None:
         args = c["args"]
         assert args[0] == role and f"--connector={connector}" in args
         assert any(a.startswith("--model=") for a in args) and "--port=50051" in args
+        assert "--host=0.0.0.0" in args and "--kv-host=$(POD_IP)" in args
+        assert "POD_IP" in {e["name"] for e in c["env"]}
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert f"--kv-port={ports['kv']}" in args and ports["kv-data"] == ports["kv"] + 1
         assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert "grpc" in c["readinessProbe"] and "grpc" in c["livenessProbe"]
         sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -195,9 +207,14 @@ def _check_workers(docs, values_doc) -> None:
         headless = named(docs, "Service", f"-{role}")
         assert headless["spec"]["clusterIP"] == "None"
         assert headless["metadata"]["labels"]["pdserve.io/role"] == role  # copied to EndpointSlices
-        if values_doc.get("tls", {}).get("enabled"):
-            assert c["readinessProbe"]["grpc"]["port"] == 50052 and "--health-port=50052" in args
-            assert any(v.get("secret", {}).get("secretName") == "pdserve-tls" for v in spec["volumes"])
+        # workers do no TLS yet (the NetworkPolicy fences them): plaintext probes, no certs
+        assert c["readinessProbe"]["grpc"]["port"] == c["livenessProbe"]["grpc"]["port"] == 50051
+        assert not [a for a in args if a.startswith(("--tls-", "--health-port"))]
+        assert "health" not in ports and not [v for v in spec["volumes"] if "secret" in v]
+        assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "metrics"}
+        policy = named(docs, "NetworkPolicy", f"-{role}")
+        assert {"grpc", "kv", "kv-data"} <= {p["port"] for rule in policy["spec"]["ingress"]
+                                             for p in rule.get("ports", [])}
         if connector == "redis":
             redis_svc = named(docs, "Service", "-redis")
             assert f"--redis-url=redis://{redis_svc['metadata']['name']}:6379/0" in args

@@ -31,7 +31,7 @@ from pdserve.engine.sampling import InvalidRequest
 from pdserve.engine.loader.tokenizer import ChatTemplateError
 from pdserve.metrics import latency_metrics, new_registry, router_metrics
 from pdserve.services.common import sampling_from_proto
-from pdserve.services.router.config import RouterConfig, ConfigWatcher
+from pdserve.services.router.config import RouterConfig, ConfigWatcher, DiscoveryConfig
 from pdserve.services.router.discovery import Discovery, StaticDiscovery, create_discovery
 from pdserve.services.router.health import HealthChecker, HealthSettings
 from pdserve.services.router.policies import (NoWorkersError, PolicySet, Role, Route,
@@ -75,14 +75,37 @@ class RouterSettings:
     tls_key: str | None = None       # its private key
     tls_ca: str | None = None        # client CA: set = mutual TLS, client certificates required
     health_port: int = 0             # plaintext gRPC health only (probes while TLS is on)
+    discovery: str | None = None     # static | k8s (kubernetes); None = the config file's
+    namespace: str | None = None     # k8s discovery: overrides the config file's namespace
+    selector: str | None = None      # k8s discovery: overrides the config file's selector
     health: HealthSettings = field(default_factory=lambda: HealthSettings(interval_seconds=1.0))
 
 
+_DISCOVERY_BACKENDS = {"static": "static", "k8s": "kubernetes", "kubernetes": "kubernetes"}
+
+
 def make_discovery(settings: RouterSettings, config: RouterConfig) -> Discovery:
-    """Addresses given on the command line win over the config file's discovery."""
+    """Command-line flags win over the config file's discovery section: --prefill/--decode
+    addresses mean static discovery; --discovery picks the backend, and --namespace and
+    --selector override those keys of the file's kubernetes section."""
+    backend = config.discovery.backend
+    if settings.discovery is not None:
+        try:
+            backend = _DISCOVERY_BACKENDS[settings.discovery]
+        except KeyError:
+            raise ValueError(f"unknown discovery {settings.discovery!r}; choose from "
+                             f"{sorted(_DISCOVERY_BACKENDS)}") from None
     if settings.prefill or settings.decode:
+        if settings.discovery is not None and backend != "static":
+            raise ValueError("--prefill/--decode addresses are static discovery; "
+                             f"they cannot be combined with --discovery {settings.discovery}")
         return StaticDiscovery(settings.prefill, settings.decode)
-    return create_discovery(config.discovery)
+    if backend == "kubernetes":
+        update = {k: v for k, v in (("namespace", settings.namespace),
+                                    ("selector", settings.selector)) if v}
+        kubernetes = config.discovery.kubernetes.model_copy(update=update)
+        return create_discovery(DiscoveryConfig(backend="kubernetes", kubernetes=kubernetes))
+    return create_discovery(config.discovery.model_copy(update={"backend": backend}))
 
 
 class RouterCore:

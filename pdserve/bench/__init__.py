@@ -1,0 +1,1 @@
+"""Benchmark tooling shipped with pdserve: `pdserve bench` (loadgen)."""
