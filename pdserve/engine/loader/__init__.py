@@ -7,6 +7,7 @@ tokenizer.json). Loading never needs transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -96,12 +97,19 @@ def load_model(name: str | None, progress: Callable[[int, int], None] | None = N
 def _load_gguf(source: ModelSource, progress) -> LoadedModel:
     import gguf
 
-    from pdserve.engine.loader import gguf_loader
+    from pdserve.engine.loader import cache, gguf_loader
 
+    meta, weights = cache.read_meta(source.path), cache.read_weights(source.path)
+    if meta is not None and weights is not None:
+        config, tokenizer = meta
+        if progress:
+            progress(1, 1)
+        return LoadedModel(source, dataclasses.replace(config, name=source.name), tokenizer, weights)
     reader = gguf.GGUFReader(str(source.path))
     config = gguf_loader.read_config(reader, source.name)
     tokenizer = gguf_loader.read_tokenizer(reader)
     weights = gguf_loader.read_weights(reader, config, progress)
+    cache.write(source.path, config, tokenizer, weights)
     return LoadedModel(source, config, tokenizer, weights)
 
 
@@ -121,8 +129,11 @@ def load_model_meta(name: str | None) -> tuple[ModelSource, ModelConfig, TextTok
         if source.format == "gguf":
             import gguf
 
-            from pdserve.engine.loader import gguf_loader
+            from pdserve.engine.loader import cache, gguf_loader
 
+            meta = cache.read_meta(source.path)
+            if meta is not None:
+                return source, dataclasses.replace(meta[0], name=source.name), meta[1]
             reader = gguf.GGUFReader(str(source.path))
             return source, gguf_loader.read_config(reader, source.name), gguf_loader.read_tokenizer(reader)
         from pdserve.engine.loader import hf_loader
