@@ -65,11 +65,12 @@ class _TextState:
     def push(self, token_id: int) -> bool:
         """Add a token; True when a stop string appeared (text is cut before it)."""
         self.detok.push(token_id)
-        for stop in self.stops:
-            cut = self.detok.text.find(stop, max(0, self.emitted - len(stop)))
-            if cut >= 0:
-                self.detok.text = self.detok.text[:cut]
-                return True
+        text = self.detok.text
+        cuts = [text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stops]
+        cut = min((c for c in cuts if c >= 0), default=-1)  # the earliest stop wins
+        if cut >= 0:
+            self.detok.text = text[:cut]
+            return True
         return False
 
     def take(self, final: bool) -> str:

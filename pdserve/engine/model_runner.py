@@ -24,6 +24,8 @@ class ModelRunner:
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         # rotary tables stay fp32 (HF computes them in fp32)
         self.model.rotary.to(dtype=torch.float32)
+        if self.device.type == "cpu":
+            self.model.use_input_major_weights()
         self.pool = KVCachePool(KVCacheSpec(
             num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim, block_size=config.block_size,
@@ -53,9 +55,16 @@ class ModelRunner:
         for s in scheduled:
             r = s.request
             begin, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            input_ids += r.all_token_ids[begin:end]
-            positions += range(begin, end)
-            slots += [r.block_ids[p // bs] * bs + p % bs for p in range(begin, end)]
+            if s.num_new_tokens == 1:  # decode: skip slicing the whole token list
+                n_prompt = len(r.prompt_ids)
+                input_ids.append(r.prompt_ids[begin] if begin < n_prompt
+                                 else r.output_ids[begin - n_prompt])
+                positions.append(begin)
+                slots.append(r.block_ids[begin // bs] * bs + begin % bs)
+            else:
+                input_ids += r.all_token_ids[begin:end]
+                positions += range(begin, end)
+                slots += [r.block_ids[p // bs] * bs + p % bs for p in range(begin, end)]
             starts.append(starts[-1] + s.num_new_tokens)
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
@@ -83,8 +92,11 @@ class ModelRunner:
         result: list[int | None] = [None] * len(scheduled)
         if not sampling:
             return result
-        last_rows = torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)
-        logits = self.model.compute_logits(hidden[last_rows])
+        if len(sampling) == len(scheduled) and meta.is_decode_only:
+            last = hidden  # one row per request, all of them sample
+        else:
+            last = hidden[torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)]
+        logits = self.model.compute_logits(last)
         reqs = [scheduled[i].request for i in sampling]
         tokens = sample(logits, [r.params for r in reqs], [self.generator_for(r) for r in reqs])
         for i, t in zip(sampling, tokens):

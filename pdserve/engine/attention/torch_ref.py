@@ -33,11 +33,10 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(q)
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    starts = meta.query_start_loc.tolist()
+    s = 0  # start row of sequence i (host ints: no device sync)
     for i, (q_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if q_len == 0:
             continue
-        s = starts[i]
         keys = gather_context(k_cache, meta.block_tables[i], seq_len)
         values = gather_context(v_cache, meta.block_tables[i], seq_len)
         # [heads, len, d], KV heads repeated for GQA
@@ -49,35 +48,88 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
         out[s:s + q_len] = o.transpose(0, 1)
+        s += q_len
     return out
 
 
 def decode_attention_padded(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """All sequences have one query: gather contexts padded to the longest, one SDPA call."""
-    num_seqs, num_heads = q.shape[0], q.shape[1]
-    block_size, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    max_blocks = (meta.max_seq_len + block_size - 1) // block_size
-    table = meta.block_tables[:, :max_blocks].long()  # [B, nb]
-    keys = k_cache[table].reshape(num_seqs, -1, num_kv_heads, head_dim)  # [B, L, kvh, d]
-    values = v_cache[table].reshape(num_seqs, -1, num_kv_heads, head_dim)
-    group = num_heads // num_kv_heads
-    # [B, kvh, group, 1, d] x [B, kvh, 1, L, d]: GQA without repeating K/V
-    qg = q.view(num_seqs, num_kv_heads, group, 1, head_dim)
-    kg = keys.transpose(1, 2).unsqueeze(2).to(q.dtype)
-    vg = values.transpose(1, 2).unsqueeze(2).to(q.dtype)
-    positions = torch.arange(keys.shape[1], device=q.device)
-    mask = positions[None, :] < meta.seq_lens[:, None]  # [B, L]
-    mask = mask[:, None, None, None, :]
-    o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, scale=scale)
+    return decode_attention(q, k_cache, v_cache, DecodePlan(meta, k_cache.shape[1]), scale)
+
+
+class DecodePlan:
+    """What every layer of a decode-only step shares: block indexes and the padding mask,
+    built once per step instead of once per layer."""
+
+    def __init__(self, meta: AttentionMetadata, block_size: int) -> None:
+        self.num_seqs = meta.num_seqs
+        self.context = meta.max_seq_len
+        max_blocks = (meta.max_seq_len + block_size - 1) // block_size
+        self.table = meta.block_tables[:, :max_blocks].long()  # [B, nb]
+        self.mask = None  # [B, 1, 1, L]; None when every context is L long
+        if min(meta.seq_lens_cpu) < self.context:
+            positions = torch.arange(self.context, device=meta.seq_lens.device)
+            self.mask = (positions[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     plan: DecodePlan, scale: float) -> torch.Tensor:
+    """One query per sequence. GQA without repeating K/V: the query heads of one KV head
+    are that head's query rows, [B, kv_heads, group, d] x [B, kv_heads, L, d]."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    keys = _gather(k_cache, plan).to(q.dtype)  # [B, kvh, L, d]
+    values = _gather(v_cache, plan).to(q.dtype)
+    qg = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=plan.mask, scale=scale)
     return o.reshape(num_seqs, num_heads, head_dim)
 
 
+def _gather(cache: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    rows = cache[plan.table]  # [B, nb, bs, kvh, d]
+    rows = rows.reshape(plan.num_seqs, -1, *cache.shape[2:])[:, :plan.context]
+    return rows.transpose(1, 2)
+
+
+class StorePlan:
+    """Cache addresses of a step's new K/V rows (slot -1 skipped), once per step."""
+
+    def __init__(self, slot_mapping: torch.Tensor, block_size: int) -> None:
+        keep = slot_mapping >= 0
+        self.rows = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        slots = slot_mapping if self.rows is None else slot_mapping[self.rows]
+        self.blocks, self.offsets = slots // block_size, slots % block_size
+
+    def store(self, k, v, k_cache, v_cache) -> None:
+        if self.rows is not None:
+            k, v = k[self.rows], v[self.rows]
+        k_cache.index_put_((self.blocks, self.offsets), k.to(k_cache.dtype))
+        v_cache.index_put_((self.blocks, self.offsets), v.to(v_cache.dtype))
+
+
 class TorchAttentionBackend(AttentionBackend):
+    """Reference semantics; decode-only steps take a batched path whose per-step indexes
+    are built at the first layer and reused by the others (keyed by the metadata object,
+    which the model passes unchanged to every layer of one step)."""
+
     name = "torch"
 
+    def __init__(self) -> None:
+        self._meta: AttentionMetadata | None = None
+        self._store: StorePlan | None = None
+        self._decode: DecodePlan | None = None
+
+    def _plans(self, meta: AttentionMetadata, block_size: int):
+        if meta is not self._meta:
+            self._meta = meta
+            self._store = StorePlan(meta.slot_mapping, block_size)
+            self._decode = DecodePlan(meta, block_size) if meta.is_decode_only else None
+        return self._store, self._decode
+
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode_only and meta.num_seqs > 1:
-            return decode_attention_padded(q, k_cache, v_cache, meta, scale)
+        store, decode = self._plans(meta, k_cache.shape[1])
+        store.store(k, v, k_cache, v_cache)
+        if decode is not None:
+            return decode_attention(q, k_cache, v_cache, decode, scale)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale)
