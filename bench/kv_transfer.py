@@ -42,9 +42,15 @@ from pdserve.wire import kv_pb2  # noqa: E402
 FINGERPRINT = "bench-kv-transfer"
 
 
-def bench_spec(payload_bytes: int, dtype: str) -> KVCacheSpec:
-    """SmolLM2-135M-shaped blocks (30 layers, 3 KV heads, d=64, 16 tokens)."""
-    shape = dict(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16, dtype=dtype)
+BLOCK_SHAPES = {
+    "smollm2": dict(num_layers=30, num_kv_heads=3, head_dim=64, block_size=16),
+    "llama3-8b": dict(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16),
+}
+
+
+def bench_spec(payload_bytes: int, dtype: str, model: str = "smollm2") -> KVCacheSpec:
+    """Blocks shaped like the named model's KV (16 tokens per block)."""
+    shape = dict(BLOCK_SHAPES[model], dtype=dtype)
     per_block = KVCacheSpec(num_blocks=1, **shape).bytes_per_block
     return KVCacheSpec(num_blocks=max(2, payload_bytes // per_block), **shape)
 
@@ -236,6 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--payload-mb", type=float, default=512)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--model-shape", choices=sorted(BLOCK_SHAPES), default="smollm2")
     parser.add_argument("--chunks", type=int, default=8, help="send_chunk calls per transfer")
     parser.add_argument("--run-blocks", type=int, default=16,
                         help="destination blocks per contiguous run (scatter granularity)")
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype)
+    spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype, args.model_shape)
     results, server = [], None
     try:
         for name in [c.strip() for c in args.connectors.split(",") if c.strip()]:

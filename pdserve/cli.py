@@ -19,6 +19,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=0.5)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps as CUDA graphs (needs --attention-backend triton)")
 
 
 def _engine_config(args, **extra):
@@ -28,7 +30,8 @@ def _engine_config(args, **extra):
     return EngineConfig(device=args.device, dtype=dtype, attention_backend=args.attention_backend,
                         block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_batch_tokens, **extra)
+                        max_num_batched_tokens=args.max_batch_tokens,
+                        cuda_graphs=args.cuda_graphs, **extra)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -8,9 +8,25 @@ from pdserve.engine.attention import get_attention_backend
 from pdserve.engine.attention.base import AttentionMetadata
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec, torch_dtype
+from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.model.llama import LlamaForCausalLM
 from pdserve.engine.sampling import make_generator, sample
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
+
+
+def build_model(config: ModelConfig, max_model_len: int, device: torch.device,
+                dtype: torch.dtype) -> LlamaForCausalLM:
+    """Allocate the model directly on its device in its dtype (no fp32 host copy)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config, max_positions=max_model_len)
+    finally:
+        torch.set_default_dtype(previous)
+    # rotary tables stay fp32 (HF computes them in fp32)
+    model.rotary.to(dtype=torch.float32)
+    return model.eval()
 
 
 class ModelRunner:
@@ -19,18 +35,27 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = torch_dtype(config.dtype)
-        model = LlamaForCausalLM(model_config, max_positions=max_model_len)
-        model.load_hf_weights(weights)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        # rotary tables stay fp32 (HF computes them in fp32)
-        self.model.rotary.to(dtype=torch.float32)
+        self.model = build_model(model_config, max_model_len, self.device, self.dtype)
+        if weights:
+            self.model.load_hf_weights(weights)
+        else:  # a synthetic model of real shapes (pdserve.engine.synthetic)
+            self.model.init_random_(config.seed)
         if self.device.type == "cpu":
             self.model.use_input_major_weights()
         self.pool = KVCachePool(KVCacheSpec(
             num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim, block_size=config.block_size,
             num_blocks=num_blocks, dtype=config.dtype), self.device)
-        self.backend = get_attention_backend(config.attention_backend)
+        self.graphs = None
+        if config.cuda_graphs and self.device.type == "cuda":
+            if config.attention_backend != "triton":
+                raise ValueError("cuda_graphs needs attention_backend='triton'")
+            # decode launch shapes then depend on the batch size alone (graph-safe)
+            self.backend = get_attention_backend("triton", graph_max_seq_len=max_model_len)
+            self.graphs = DecodeGraphs(self.model, self.pool, self.backend, config.max_num_seqs,
+                                       max_model_len, config.block_size, self.device)
+        else:
+            self.backend = get_attention_backend(config.attention_backend)
         self._generators: dict[str, torch.Generator] = {}
         self._seed_rng = torch.Generator().manual_seed(config.seed)
 
@@ -87,16 +112,28 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
         """Run the step; returns the sampled token per scheduled request (None mid-prompt)."""
         ids, pos, meta, starts = self.build_batch(scheduled)
-        hidden = self.model(ids, pos, self.pool, self.backend, meta)
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
-        result: list[int | None] = [None] * len(scheduled)
+        if self._graphable(scheduled, meta):
+            logits = self.graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            return self._sample(scheduled, sampling, logits)
+        hidden = self.model(ids, pos, self.pool, self.backend, meta)
         if not sampling:
-            return result
+            return [None] * len(scheduled)
         if len(sampling) == len(scheduled) and meta.is_decode_only:
             last = hidden  # one row per request, all of them sample
         else:
             last = hidden[torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)]
-        logits = self.model.compute_logits(last)
+        return self._sample(scheduled, sampling, self.model.compute_logits(last))
+
+    def _graphable(self, scheduled: list[ScheduledRequest], meta: AttentionMetadata) -> bool:
+        """Pure decode steps (one token per request, all sampling) replay a CUDA graph."""
+        return (self.graphs is not None and meta.is_decode_only
+                and self.graphs.padded_size(len(scheduled)) is not None
+                and all(s.samples for s in scheduled))
+
+    def _sample(self, scheduled, sampling: list[int], logits: torch.Tensor) -> list[int | None]:
+        # logits: [len(sampling), vocab] fp32
+        result: list[int | None] = [None] * len(scheduled)
         reqs = [scheduled[i].request for i in sampling]
         tokens = sample(logits, [r.params for r in reqs], [self.generator_for(r) for r in reqs])
         for i, t in zip(sampling, tokens):

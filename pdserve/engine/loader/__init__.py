@@ -1,8 +1,9 @@
 """Model sources: resolve a name or path, read config, weights and tokenizer.
 
 A model is named by a built-in alias (the bundled SmolLM2-135M-Instruct GGUF), a path to
-a .gguf file, or a Hugging Face checkpoint folder (config.json + *.safetensors +
-tokenizer.json). Loading never needs transformers.
+a .gguf file, a Hugging Face checkpoint folder (config.json + *.safetensors +
+tokenizer.json), or `synthetic:<shape>` (random weights of a real model's shapes, for
+GPU benchmarks; see engine/synthetic.py). Loading never needs transformers.
 """
 
 from __future__ import annotations
@@ -81,8 +82,15 @@ def resolve_model(name: str | None) -> ModelSource:
                         f"a .gguf file or a folder with config.json")
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+
+
 def load_model(name: str | None, progress: Callable[[int, int], None] | None = None,
                ) -> LoadedModel:
+    if name and name.startswith(SYNTHETIC_PREFIX):
+        from pdserve.engine.synthetic import synthetic_model
+
+        return synthetic_model(name[len(SYNTHETIC_PREFIX):])
     source = resolve_model(name)
     try:
         if source.format == "gguf":
@@ -124,6 +132,9 @@ def _load_hf(source: ModelSource, progress) -> LoadedModel:
 
 def load_model_meta(name: str | None) -> tuple[ModelSource, ModelConfig, TextTokenizer]:
     """Config and tokenizer without the weights (what a router needs)."""
+    if name and name.startswith(SYNTHETIC_PREFIX):
+        m = load_model(name)
+        return m.source, m.config, m.tokenizer
     source = resolve_model(name)
     try:
         if source.format == "gguf":

@@ -162,6 +162,16 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, nn.Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
 
+    @torch.no_grad()
+    def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights in place (benchmarks of real shapes without a checkpoint)."""
+        gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight") or param.dim() == 1:
+                param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            else:
+                param.normal_(0.0, std, generator=gen)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> logits: [n, vocab] in fp32

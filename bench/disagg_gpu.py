@@ -1,0 +1,88 @@
+"""TTFT cost of disaggregation on one GPU: router + prefill + decode processes sharing
+one GPU, Llama-3-8B-shaped random weights (bf16), ucx KV connector (cuda_ipc).
+
+For each prompt length, the same router sends the request either through a prefill
+worker (mode ALWAYS: prefill computes, KV moves to decode, decode streams) or straight
+to the decode worker (mode NEVER: decode prefills locally, i.e. colocated). TTFT is
+measured at the client. The exposed transfer cost is disaggregated minus colocated
+TTFT (an upper bound: it also holds the extra gRPC hop).
+
+    python bench/disagg_gpu.py --out bench/results/disagg-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+from pdserve.client import make_request, stream
+from pdserve.engine.sampling import SamplingParams
+from pdserve.services.launcher import Cluster, ClusterSpec
+from pdserve.wire import generate_pb2
+
+
+def ttft(address: str, ids: list[int], mode: int) -> tuple[float, object]:
+    req = make_request(token_ids=ids, params=SamplingParams(max_tokens=2, ignore_eos=True))
+    req.mode = mode
+    start = time.perf_counter()
+    first, last = None, None
+    for chunk in stream(address, req, timeout=300):
+        if first is None and chunk.token_ids:
+            first = time.perf_counter() - start
+        last = chunk
+    return first, last
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--lengths", default="512,2048,8000")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    worker_args = ("--attention-backend", "triton", "--cuda-graphs", "--kv-cache-gb", "6",
+                   "--max-batch-tokens", "8192", "--max-num-seqs", "64", "--kv-lease-s", "120")
+    spec = ClusterSpec(connector="ucx", model=f"synthetic:{args.shape}", device="cuda",
+                       worker_args=worker_args)
+    results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "connector": "ucx",
+               "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
+               "command": "python bench/disagg_gpu.py " + " ".join(
+                   f"--{k}={v}" for k, v in vars(args).items() if v is not None),
+               "rows": []}
+    g = torch.Generator().manual_seed(0)
+    with Cluster(spec) as cluster:
+        address = cluster.start(timeout_s=400)
+        for warm in range(3):
+            ids = torch.randint(10, 120000, (600,), generator=g).tolist()
+            ttft(address, ids, generate_pb2.DISAGGREGATION_ALWAYS)
+            ttft(address, ids[::-1], generate_pb2.DISAGGREGATION_NEVER)
+        for n in map(int, args.lengths.split(",")):
+            dis, col = [], []
+            for r in range(args.repeats):
+                ids = torch.randint(10, 120000, (n,), generator=g).tolist()
+                t, last = ttft(address, ids, generate_pb2.DISAGGREGATION_ALWAYS)
+                assert last.prefill_worker, "request did not go through a prefill worker"
+                dis.append(t)
+                ids = torch.randint(10, 120000, (n,), generator=g).tolist()
+                col.append(ttft(address, ids, generate_pb2.DISAGGREGATION_NEVER)[0])
+            row = {"prompt_tokens": n, "ttft_disagg_ms": 1000 * statistics.median(dis),
+                   "ttft_colocated_ms": 1000 * statistics.median(col)}
+            row["exposed_ms"] = row["ttft_disagg_ms"] - row["ttft_colocated_ms"]
+            row["exposed_frac_of_ttft"] = row["exposed_ms"] / row["ttft_disagg_ms"]
+            print(json.dumps(row), flush=True)
+            results["rows"].append(row)
+    text = json.dumps(results, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Random-weight models of real shapes, for GPU benchmarks where no weights travel.
+
+`synthetic_model("llama3-8b")` describes Llama-3-8B's shapes with a placeholder
+tokenizer (token "<t{i}>" per id); the runner initializes the weights on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, models
+
+from pdserve.engine.config import ModelConfig, RopeScaling
+from pdserve.engine.loader import LoadedModel, ModelSource
+from pdserve.engine.loader.tokenizer import TextTokenizer
+
+SHAPES: dict[str, ModelConfig] = {
+    "llama3-8b": ModelConfig(
+        name="llama3-8b-random", architecture="llama", vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        max_position=8192, rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), rms_eps=1e-5,
+        bos_token_id=128000, eos_token_ids=(128001,)),
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m-random", architecture="llama", vocab_size=49152, hidden_size=576,
+        intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+        max_position=8192, rope_theta=100000.0, rms_eps=1e-5, tie_embeddings=True,
+        bos_token_id=1, eos_token_ids=(2,)),
+}
+
+
+def placeholder_tokenizer(vocab_size: int) -> TextTokenizer:
+    vocab = {f"<t{i}>": i for i in range(vocab_size)}
+    return TextTokenizer(tokenizer=Tokenizer(models.WordLevel(vocab, unk_token="<t0>")))
+
+
+def synthetic_model(shape: str, max_position: int | None = None) -> LoadedModel:
+    """A model with no weights: ModelRunner initializes it randomly on its device."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown synthetic shape {shape!r}; choose from {sorted(SHAPES)}")
+    config = SHAPES[shape]
+    if max_position:
+        import dataclasses
+
+        config = dataclasses.replace(config, max_position=max_position)
+    return LoadedModel(ModelSource(config.name, Path("/dev/null"), "synthetic"), config,
+                       placeholder_tokenizer(config.vocab_size), weights={})
