@@ -5,7 +5,8 @@ Measured in one process, same run:
   * decode time per token at batch 1 (512-token prompt, 128 new tokens);
   * throughput: 64 requests x 512 prompt x 128 output tokens, all submitted at once;
 for the torch reference backend (eager), the Triton backend (eager) and the Triton
-backend with CUDA graphs for decode; and the baseline transformers `generate_batch`
+backend with CUDA graphs for decode (token ids in, token ids out: detokenize=False, as
+vLLM's skip_tokenizer_init in the reference figures); and the baseline transformers `generate_batch`
 (paged sdpa) and `generate` (batch 1) on the same shapes with their own random weights.
 
     python bench/engine_gpu.py --shape llama3-8b --out bench/results/engine-h100.json
@@ -50,14 +51,14 @@ def measure_engine(shape: str, backend: str, graphs: bool, quick: bool) -> dict:
                                     cuda_graphs=graphs, kv_cache_memory_gb=20,
                                     max_num_batched_tokens=8192, max_num_seqs=128), model)
     res = {"backend": backend, "cuda_graphs": graphs}
-    warm = SamplingParams(max_tokens=4, ignore_eos=True)
+    warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
     engine.generate([random_prompt(512, vocab, 0)] * 2, warm)  # compile kernels
-    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
     for n in (512, 2048, 8000):
         times = [timed_generate(engine, [random_prompt(n, vocab, 100 + r)], one)[0]
                  for r in range(3)]
         res[f"ttft_ms_{n}"] = 1000 * statistics.median(times)
-    decode = SamplingParams(max_tokens=32 if quick else 128, ignore_eos=True)
+    decode = SamplingParams(max_tokens=32 if quick else 128, ignore_eos=True, detokenize=False)
     itls = []
     for r in range(3):
         _, [c] = timed_generate(engine, [random_prompt(512, vocab, 200 + r)], decode)
@@ -65,8 +66,8 @@ def measure_engine(shape: str, backend: str, graphs: bool, quick: bool) -> dict:
     res["decode_ms_per_token_batch1"] = 1000 * statistics.median(itls)
     n_req = 16 if quick else 64
     prompts = [random_prompt(512, vocab, 300 + i) for i in range(n_req)]
-    timed_generate(engine, prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True))
-    wall, outs = timed_generate(engine, prompts, SamplingParams(max_tokens=128, ignore_eos=True))
+    timed_generate(engine, prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False))
+    wall, outs = timed_generate(engine, prompts, SamplingParams(max_tokens=128, ignore_eos=True, detokenize=False))
     tokens = sum(len(c.token_ids) for c in outs)
     res.update(throughput_requests=n_req, throughput_wall_s=wall,
                throughput_output_tok_s=tokens / wall)

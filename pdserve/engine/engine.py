@@ -220,7 +220,8 @@ class LLMEngine:
         finished = request.is_finished
         out = RequestOutput(
             request_id=request.request_id, new_token_ids=[token],
-            text_delta=text.take(final=finished), finished=finished,
+            text_delta=text.take(final=finished) if request.params.detokenize else "",
+            finished=finished,
             finish_reason=reason.value if reason else None,
             num_prompt_tokens=len(request.prompt_ids),
             num_cached_tokens=request.num_cached_tokens,
@@ -237,7 +238,7 @@ class LLMEngine:
         text = self._texts[request.request_id]
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return FinishReason.STOP
-        if token not in self.tokenizer.special_ids and text.push(token):
+        if p.detokenize and token not in self.tokenizer.special_ids and text.push(token):
             return FinishReason.STOP
         if len(request.output_ids) >= p.max_tokens or request.num_tokens >= self.max_model_len:
             return FinishReason.LENGTH

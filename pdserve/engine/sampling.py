@@ -25,6 +25,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    detokenize: bool = True  # False: token ids only (no text, no stop strings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -37,6 +38,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        if self.stop and not self.detokenize:
+            raise InvalidRequest("stop strings need detokenize=True")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 

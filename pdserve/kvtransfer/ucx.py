@@ -74,7 +74,33 @@ class UcxSettings:
     connect_timeout_s: float = 5.0
     io_timeout_s: float = 30.0       # bound on each header/run/reply step of a chunk
     checksum: bool = False           # crc32 per run (costs a host pass over the bytes)
+    # ucxx waits on requests by polling the event loop, so an open endpoint keeps a
+    # receive posted and a core busy: close it after this long without chunks
+    idle_close_s: float = 1.0
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
+
+
+def _rearm_blocking_progress() -> None:
+    """Work around ucxx 0.52's blocking progress mode spinning a core once connected.
+
+    Its epoll reader callback progresses the worker but never re-arms it, so the
+    level-triggered descriptor stays readable and asyncio calls the callback in a busy
+    loop (a full core per process at idle, and GIL contention that slows the engine
+    thread next to it). Re-arming from the callback, as ucx-py did, lets the loop sleep.
+    """
+    from ucxx._lib_async import continuous_ucx_progress as progress
+
+    mode = progress.BlockingMode
+    if getattr(mode, "_pdserve_rearm", False):
+        return
+
+    def fd_reader_callback(self) -> None:
+        self.worker.progress()
+        if self.arm_task is None or self.arm_task.done():
+            self.arm_task = self.event_loop.create_task(self._arm_worker())
+
+    mode._fd_reader_callback = fd_reader_callback
+    mode._pdserve_rearm = True
 
 
 class UcxRuntime:
@@ -97,6 +123,7 @@ class UcxRuntime:
     def __init__(self) -> None:
         import ucxx  # noqa: F401  (imported after the environment is set)
 
+        _rearm_blocking_progress()
         self.ucxx = ucxx
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ucxx-loop",
@@ -223,6 +250,7 @@ class _Peer:
     data_address: str
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     endpoint: object = None
+    uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
 
 
 class UcxSender(ChunkedSender):
@@ -281,6 +309,19 @@ class UcxSender(ChunkedSender):
                 self._drop_endpoint(peer)
             finally:
                 self.table.unhold(chunk.transfer_id)
+                peer.uses += 1
+                self._close_when_idle(peer)
+
+    def _close_when_idle(self, peer: _Peer) -> None:
+        uses = peer.uses
+
+        async def close_if_unused() -> None:
+            async with peer.lock:
+                if peer.uses == uses:
+                    self._drop_endpoint(peer)
+
+        self.runtime.loop.call_later(self.settings.idle_close_s,
+                                     lambda: self.runtime.loop.create_task(close_if_unused()))
 
     async def _exchange_chunk(self, peer: _Peer, chunk: Chunk) -> None:
         timeout = self.settings.io_timeout_s

@@ -23,11 +23,13 @@ Tick = Callable[[LLMEngine, list[RequestOutput]], None]
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
-                 tick: Tick | None = None, idle_wait_s: float = 0.05) -> None:
+                 tick: Tick | None = None, idle_wait_s: float = 0.05,
+                 tick_interval_s: float = 0.001) -> None:
         self.engine = engine
         self._loop = loop
         self._tick = tick
         self._idle_wait_s = idle_wait_s
+        self._tick_interval_s = tick_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._stop = threading.Event()
@@ -68,7 +70,11 @@ class EngineLoop:
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._drain_commands(block=not self.engine.has_unfinished() and not self._busy_ticks)
+            if self.engine.has_unfinished():
+                wait_s = 0.0
+            else:  # only transfers to watch: poll every millisecond, not in a busy loop
+                wait_s = self._tick_interval_s if self._busy_ticks else self._idle_wait_s
+            self._drain_commands(wait_s)
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
                 try:
@@ -80,9 +86,9 @@ class EngineLoop:
             if self._tick is not None:
                 self._tick(self.engine, outputs)
 
-    def _drain_commands(self, block: bool) -> None:
+    def _drain_commands(self, wait_s: float) -> None:
         try:
-            item = self._commands.get(timeout=self._idle_wait_s) if block else \
+            item = self._commands.get(timeout=wait_s) if wait_s > 0 else \
                 self._commands.get_nowait()
         except queue.Empty:
             return
