@@ -49,7 +49,8 @@ def main() -> None:
     worker_args = ("--attention-backend", "triton", "--cuda-graphs", "--kv-cache-gb", "6",
                    "--max-batch-tokens", "8192", "--max-num-seqs", "64", "--kv-lease-s", "120")
     spec = ClusterSpec(connector="ucx", model=f"synthetic:{args.shape}", device="cuda",
-                       worker_args=worker_args)
+                       worker_args=worker_args,
+                       env={"PDSERVE_LOG_LEVEL": os.environ.get("PDSERVE_LOG_LEVEL", "INFO")})
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "connector": "ucx",
                "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
                "command": "python bench/disagg_gpu.py " + " ".join(
@@ -77,6 +78,10 @@ def main() -> None:
             row["exposed_frac_of_ttft"] = row["exposed_ms"] / row["ttft_disagg_ms"]
             print(json.dumps(row), flush=True)
             results["rows"].append(row)
+        if os.environ.get("PDSERVE_LOG_LEVEL", "").upper() == "DEBUG":
+            for name in ("prefill-0", "decode-0"):
+                lines = (cluster.log_dir / f"{name}.log").read_text().splitlines()
+                print(f"--- {name}", *[l for l in lines if "DEBUG pdserve" in l][-8:], sep="\n")
     text = json.dumps(results, indent=2)
     if args.out:
         with open(args.out, "w") as f:

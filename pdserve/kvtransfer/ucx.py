@@ -75,7 +75,7 @@ class UcxSettings:
     io_timeout_s: float = 30.0       # bound on each header/run/reply step of a chunk
     checksum: bool = False           # crc32 per run (costs a host pass over the bytes)
     # ucxx waits on requests by polling the event loop, so an open endpoint keeps a
-    # receive posted and a core busy: close it after this long without chunks
+    # receive posted and a core busy: close host-memory endpoints after this long idle
     idle_close_s: float = 1.0
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
 
@@ -313,6 +313,8 @@ class UcxSender(ChunkedSender):
                 self._close_when_idle(peer)
 
     def _close_when_idle(self, peer: _Peer) -> None:
+        if self.pool.device.type != "cpu":
+            return  # reopening re-maps the peer's GPU memory (cuda_ipc): keep it open
         uses = peer.uses
 
         async def close_if_unused() -> None:

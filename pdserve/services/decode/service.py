@@ -65,6 +65,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         try:
             params = sampling_from_proto(request.sampling)
             ids = list(request.token_ids)
+            log.debug("request %s: received (%d tokens, %s)", request_id, len(ids),
+                      request.WhichOneof("kv_source"))
             if request.WhichOneof("kv_source") == "remote_prefill":
                 await self._remote_prefill(request_id, ids, params, request, context)
             else:
@@ -73,6 +75,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 out: RequestOutput = await stream.get()
                 finished = out.finished
                 self._observe(out)
+                if out.num_output_tokens == 1:
+                    log.debug("request %s: first token out", request_id)
                 yield chunk_from_output(out, self.core.settings.worker_id)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -111,6 +115,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set))
         self._remote.add(request_id)
         address = request.remote_prefill.prefill_address
+        log.debug("request %s: reserved %d blocks (%d cached tokens), transfer %s from %s",
+                  request_id, len(reserved.block_ids), reserved.num_cached_tokens,
+                  transfer_id, address)
         try:
             first_token, error = await self._call_prefill(
                 address, request_id, ids, params, destination, transfer_id, lease_s)
@@ -119,6 +126,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             raise
         finally:
             self._remote.discard(request_id)
+        log.debug("request %s: prefill answered (%s)", request_id, error or "KV in place")
         if error is None:
             self.receiver.release(transfer_id)
             out = await loop.call(engine.remote_kv_arrived, request_id, first_token)
@@ -143,6 +151,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 destination=destination_to_proto(destination)), timeout=lease_s)
         except grpc.aio.AioRpcError as exc:
             return 0, f"prefill call failed: {exc.code().name}: {exc.details()}"
+        log.debug("request %s: prefill stats %s", request_id,
+                  str(response.stats).replace("\n", " "))
         if response.kv_state != kv_pb2.TRANSFER_DONE:
             return 0, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
         status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)

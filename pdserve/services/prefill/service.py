@@ -130,6 +130,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self._check_destination(engine, job, len(token_ids))
             self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s)
         self.jobs[job.request_id] = job
+        log.debug("request %s: prefill job started (%d tokens)", job.request_id, len(token_ids))
 
     def _check_destination(self, engine: LLMEngine, job: PrefillJob, num_tokens: int) -> None:
         bs = engine.config.block_size
@@ -199,11 +200,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if not job.send_started:
             job.send_started = time.monotonic()
         self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last)
+        log.debug("request %s: chunk %d queued (%d blocks, last=%s)", job.request_id,
+                  job.chunks, len(src), last)
         job.positions_sent, job.chunks = end, job.chunks + 1
         if last:
             job.state = JobState.SENDING
 
     def _finish(self, job: PrefillJob, state: JobState, error: str, status=None) -> None:
+        log.debug("request %s: prefill job %s %s", job.request_id, state.value, error)
         engine = self.core.engine
         self.jobs.pop(job.request_id, None)
         if engine.scheduler.get(job.request_id) is not None:
