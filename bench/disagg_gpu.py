@@ -44,12 +44,16 @@ def main() -> None:
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--lengths", default="512,2048,8000")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     worker_args = ("--attention-backend", "triton", "--cuda-graphs", "--kv-cache-gb", "6",
                    "--max-batch-tokens", "8192", "--max-num-seqs", "64", "--kv-lease-s", "120")
     spec = ClusterSpec(connector="ucx", model=f"synthetic:{args.shape}", device="cuda",
                        worker_args=worker_args,
+                       # the prefill worker computes long prompts in chunks so chunk i's
+                       # KV is on the wire while chunk i+1 computes
+                       prefill_args=("--max-batch-tokens", str(args.prefill_chunk)),
                        env={"PDSERVE_LOG_LEVEL": os.environ.get("PDSERVE_LOG_LEVEL", "INFO")})
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "connector": "ucx",
                "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),

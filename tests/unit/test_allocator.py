@@ -118,7 +118,16 @@ def test_free_releases_tail_blocks_first():
     seq = alloc.allocate(4)
     alloc.free(seq)
     # the tail of a sequence is the least likely to be shared: it goes first
-    assert alloc.allocate(4) == list(reversed(seq))
+    assert alloc.allocate(1) == [seq[-1]]
+    assert alloc.allocate(2) == sorted(seq[1:3])
+
+
+def test_allocation_hands_out_ascending_ids_so_runs_stay_contiguous():
+    alloc = BlockAllocator(8)
+    first = alloc.allocate(8)
+    alloc.free(first)  # the free queue now holds them in descending order
+    again = alloc.allocate(5)
+    assert again == sorted(again) and again == list(range(again[0], again[0] + 5))
 
 
 def test_cached_free_block_found_again_leaves_the_free_queue():

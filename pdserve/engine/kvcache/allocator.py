@@ -46,6 +46,9 @@ class BlockAllocator:
             self._forget(block)
             self._ref[block] = 1
             blocks.append(block)
+        # which blocks are taken is LRU; their order within the request is free, and
+        # ascending ids make contiguous runs (one bulk message per run on the KV wire)
+        blocks.sort()
         return blocks
 
     def free(self, blocks: list[int]) -> None:
