@@ -77,6 +77,7 @@ class UcxSettings:
     # ucxx waits on requests by polling the event loop, so an open endpoint keeps a
     # receive posted and a core busy: close host-memory endpoints after this long idle
     idle_close_s: float = 1.0
+    pack_above_runs: int = 4         # more runs than this: gather into one message
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
 
 
@@ -135,6 +136,11 @@ class UcxRuntime:
 
     def call(self, coro, timeout_s: float):
         return self.submit(coro).result(timeout_s)
+
+
+def _wait_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _wire_buffer(run: torch.Tensor):
@@ -209,9 +215,13 @@ class UcxReceiver(RegisteringReceiver):
         try:
             await _send_message(ep, reply, self.settings.io_timeout_s)
             started = time.perf_counter()
-            for run in header.runs:
-                target = self.pool.block_run_bytes(run.first, run.count)
-                await asyncio.wait_for(ep.recv(_wire_buffer(target)), self.settings.io_timeout_s)
+            if header.packed:
+                await self._receive_packed(ep, header)
+            else:
+                for run in header.runs:
+                    target = self.pool.block_run_bytes(run.first, run.count)
+                    await asyncio.wait_for(ep.recv(_wire_buffer(target)),
+                                           self.settings.io_timeout_s)
             seconds = time.perf_counter() - started
             corrupt = self._corrupt_runs(header)
             if corrupt:
@@ -224,6 +234,17 @@ class UcxReceiver(RegisteringReceiver):
         finally:
             self.table.unhold(header.transfer_id)
         await _send_message(ep, reply, self.settings.io_timeout_s)
+
+    async def _receive_packed(self, ep, header: kv_pb2.KVTransferHeader) -> None:
+        """One message holding every run's blocks back to back; scatter it into place."""
+        pool = self.pool
+        dst = [r.first + i for r in header.runs for i in range(r.count)]
+        staging = torch.empty(len(dst) * pool.spec.bytes_per_block, dtype=torch.uint8,
+                              device=pool.device)
+        await asyncio.wait_for(ep.recv(_wire_buffer(staging)), self.settings.io_timeout_s)
+        blocks = staging.view(pool.kv.dtype).view(len(dst), *pool.spec.block_shape)
+        pool.kv.index_copy_(0, torch.tensor(dst, dtype=torch.long, device=pool.device), blocks)
+        _wait_device(pool.device)  # STORED means readable by the engine
 
     def _corrupt_runs(self, header: kv_pb2.KVTransferHeader) -> list[int]:
         if header.checksum_kind == kv_pb2.CHECKSUM_NONE:
@@ -332,6 +353,8 @@ class UcxSender(ChunkedSender):
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
                               dst_runs=[(d, n) for _, d, n in chunk.runs], checksums=checksums)
+        payload = self._pack(chunk) if self._should_pack(chunk) else None
+        header.packed = payload is not None
         ep = await self._open(peer)
         started = time.perf_counter()
         await _send_message(ep, header, timeout)
@@ -339,7 +362,7 @@ class UcxSender(ChunkedSender):
         if reply.status != kv_pb2.KVChunkReply.ACCEPTED:
             self.fail(chunk.transfer_id, f"receiver refused chunk {chunk.index}: {reply.error}")
             return
-        for run in runs:
+        for run in ([payload] if payload is not None else runs):
             await asyncio.wait_for(ep.send(_wire_buffer(run)), timeout)
         reply = await _recv_reply(ep, timeout)
         if reply.status != kv_pb2.KVChunkReply.STORED:
@@ -352,6 +375,18 @@ class UcxSender(ChunkedSender):
                                 seconds=time.perf_counter() - started, sent=True)
         if chunk.last:
             self.table.finish(chunk.transfer_id, TransferState.DONE)
+
+    def _should_pack(self, chunk: Chunk) -> bool:
+        """Many short runs cost a message each; one gather copy on the device is cheaper."""
+        return len(chunk.runs) > self.settings.pack_above_runs and not self.settings.checksum
+
+    def _pack(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's source blocks gathered back to back: flat uint8 [n * block_bytes]."""
+        pool = self.pool
+        index = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=pool.device)
+        packed = pool.kv.index_select(0, index).reshape(-1).view(torch.uint8)
+        _wait_device(pool.device)  # the wire reads it next, outside the stream's order
+        return packed
 
     def _drop_endpoint(self, peer: _Peer) -> None:
         if peer.endpoint is not None:
