@@ -138,9 +138,23 @@ class UcxRuntime:
         return self.submit(coro).result(timeout_s)
 
 
-def _wait_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+class _CopyStream:
+    """A side CUDA stream for packing/unpacking, so the connector never waits behind
+    (or stalls) the engine's kernels on the default stream; on the CPU a no-op."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.stream is not None:
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self._ctx.__exit__(*exc)
+            self.stream.synchronize()  # done before the wire or the engine touches it
 
 
 def _wire_buffer(run: torch.Tensor):
@@ -165,6 +179,7 @@ class UcxReceiver(RegisteringReceiver):
         super().__init__(pool, hello, lease_s=settings.lease_s)
         self.settings = settings
         self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env)
+        self._copy_stream = _CopyStream(pool.device)
         self._endpoints: set = set()
         self._listener = self.runtime.call(self._listen(), settings.connect_timeout_s)
         self._side = SideChannelServer(hello, f"{settings.host}:{self._listener.port}",
@@ -242,9 +257,10 @@ class UcxReceiver(RegisteringReceiver):
         staging = torch.empty(len(dst) * pool.spec.bytes_per_block, dtype=torch.uint8,
                               device=pool.device)
         await asyncio.wait_for(ep.recv(_wire_buffer(staging)), self.settings.io_timeout_s)
-        blocks = staging.view(pool.kv.dtype).view(len(dst), *pool.spec.block_shape)
-        pool.kv.index_copy_(0, torch.tensor(dst, dtype=torch.long, device=pool.device), blocks)
-        _wait_device(pool.device)  # STORED means readable by the engine
+        with self._copy_stream:  # synced on exit: STORED means readable by the engine
+            blocks = staging.view(pool.kv.dtype).view(len(dst), *pool.spec.block_shape)
+            index = torch.tensor(dst, dtype=torch.long, device=pool.device)
+            pool.kv.index_copy_(0, index, blocks)
 
     def _corrupt_runs(self, header: kv_pb2.KVTransferHeader) -> list[int]:
         if header.checksum_kind == kv_pb2.CHECKSUM_NONE:
@@ -282,6 +298,7 @@ class UcxSender(ChunkedSender):
         super().__init__(pool, hello, lease_s=settings.lease_s)
         self.settings = settings
         self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env)
+        self._copy_stream = _CopyStream(pool.device)
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
 
@@ -383,9 +400,9 @@ class UcxSender(ChunkedSender):
     def _pack(self, chunk: Chunk) -> torch.Tensor:
         """The chunk's source blocks gathered back to back: flat uint8 [n * block_bytes]."""
         pool = self.pool
-        index = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=pool.device)
-        packed = pool.kv.index_select(0, index).reshape(-1).view(torch.uint8)
-        _wait_device(pool.device)  # the wire reads it next, outside the stream's order
+        with self._copy_stream:  # source blocks are final: the prefill worker synced
+            index = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=pool.device)
+            packed = pool.kv.index_select(0, index).reshape(-1).view(torch.uint8)
         return packed
 
     def _drop_endpoint(self, peer: _Peer) -> None:
