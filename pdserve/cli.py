@@ -127,6 +127,20 @@ def _report(args, request_id, text, tokens, finish_reason, ttft_s, itl_s, prompt
     return 0
 
 
+def _internal_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--internal-tls-cert", default=None,
+                   help="PEM certificate for traffic between pdserve services")
+    p.add_argument("--internal-tls-key", default=None, help="PEM key of --internal-tls-cert")
+    p.add_argument("--internal-tls-ca", default=None,
+                   help="PEM CA for services' certificates: peers must present one (mTLS)")
+
+
+def _internal_tls(args):
+    from pdserve.services.common import InternalTls
+
+    return InternalTls(args.internal_tls_cert, args.internal_tls_key, args.internal_tls_ca)
+
+
 def _worker_settings(args, role: str):
     from pdserve.services.worker import WorkerSettings
 
@@ -134,7 +148,8 @@ def _worker_settings(args, role: str):
     kw = dict(role=role, model=args.model, host=args.host, port=args.port,
               metrics_port=args.metrics_port, connector=args.connector, kv_host=args.kv_host,
               kv_port=args.kv_port, redis_url=args.redis_url, kv_lease_s=args.kv_lease_s,
-              fallback=args.fallback, engine=_engine_config(args, **extra))
+              fallback=args.fallback, engine=_engine_config(args, **extra),
+              tls=_internal_tls(args), health_port=args.health_port)
     if args.worker_id:
         kw["worker_id"] = args.worker_id
     return WorkerSettings(**kw)
@@ -156,7 +171,7 @@ def _router_settings(args):
         block_size=args.block_size, api_key=os.environ.get("PDSERVE_API_KEY") or args.api_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         health_port=args.health_port, discovery=args.discovery, namespace=args.namespace,
-        selector=args.selector)
+        selector=args.selector, worker_tls=_internal_tls(args))
 
 
 def cmd_router(args) -> int:
@@ -217,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--kv-lease-s", type=float, default=30.0)
         w.add_argument("--fallback", default="recompute", choices=["recompute", "fail"])
         w.add_argument("--worker-id", default=None)
+        w.add_argument("--health-port", type=int, default=0,
+                       help="plaintext gRPC health on this port (probes, with internal TLS)")
+        _internal_tls_args(w)
         w.set_defaults(func=cmd_worker)
 
     r = sub.add_parser("router", help="run the router (public gRPC + OpenAI HTTP)")
@@ -243,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tls-ca", default=None, help="PEM CA: require client certificates (mTLS)")
     r.add_argument("--health-port", type=int, default=0,
                    help="also serve plaintext gRPC health checks on this port (0 = off)")
+    _internal_tls_args(r)
     r.set_defaults(func=cmd_router)
 
     u = sub.add_parser("up", help="router + prefill + decode (+ Valkey) on this machine")

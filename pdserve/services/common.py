@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -120,3 +122,46 @@ async def set_serving(health_servicer, service_names: list[str], serving: bool) 
 def serve_metrics(registry, port: int, host: str = "0.0.0.0") -> None:
     if port:
         start_http_server(port, addr=host, registry=registry)
+
+
+@dataclass(frozen=True)
+class InternalTls:
+    """PEM files for traffic between pdserve services (router -> workers, decode ->
+    prefill). Servers present cert/key and, with a CA, require clients to present a
+    certificate it signed (mutual TLS); clients verify servers with the same CA and
+    present the same cert/key."""
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert or self.key or self.ca)
+
+    def _read(self) -> tuple[bytes, bytes, bytes | None]:
+        if not (self.cert and self.key):
+            raise ValueError("internal TLS needs both --internal-tls-cert and --internal-tls-key")
+        try:
+            return (Path(self.cert).read_bytes(), Path(self.key).read_bytes(),
+                    Path(self.ca).read_bytes() if self.ca else None)
+        except OSError as exc:
+            raise ValueError(f"cannot read internal TLS file: {exc}") from exc
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        cert, key, ca = self._read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                           require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        cert, key, ca = self._read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                            certificate_chain=cert)
+
+
+def internal_channel(address: str, tls: InternalTls | None, options=()) -> grpc.aio.Channel:
+    """A channel to another pdserve service, over TLS when internal TLS is configured."""
+    options = [*GRPC_OPTIONS, *options]
+    if tls is not None and tls.enabled:
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
+    return grpc.aio.insecure_channel(address, options=options)

@@ -49,6 +49,7 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
     from pdserve.engine.engine import LLMEngine
     from pdserve.wire import worker_pb2_grpc
 
+    credentials = settings.tls.server_credentials() if settings.tls.enabled else None
     engine = await asyncio.to_thread(LLMEngine, settings.engine, settings.model)
     loop = asyncio.get_running_loop()
     if settings.role == "prefill":
@@ -63,15 +64,20 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
         add = worker_pb2_grpc.add_DecodeServiceServicer_to_server
     server, health = new_server([SERVICE_NAME])
     add(servicer, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    bind = f"{settings.host}:{settings.port}"
+    port = (server.add_secure_port(bind, credentials) if credentials is not None
+            else server.add_insecure_port(bind))
     servicer.start()
     await server.start()
+    health_server = await start_health_server(health, settings.host, settings.health_port)
     serve_metrics(servicer.core.registry, settings.metrics_port, settings.host)
     await set_serving(health, [SERVICE_NAME], True)
 
     async def stop() -> None:
         await set_serving(health, [SERVICE_NAME], False)
         await server.stop(grace_s)
+        if health_server is not None:
+            await health_server.stop(None)
         servicer.stop()
 
     return Running(settings.role, f"{settings.host}:{port}", stop, servicer)

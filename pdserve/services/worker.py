@@ -16,6 +16,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.kvtransfer import make_receiver, make_sender, settings_class
 from pdserve.kvtransfer.messages import HandshakeInfo
+from pdserve.services.common import InternalTls
 from pdserve.metrics import engine_metrics, kv_transfer_metrics, latency_metrics, new_registry
 from pdserve.services.engine_loop import EngineLoop
 from pdserve.wire import kv_pb2, worker_pb2
@@ -38,6 +39,8 @@ class WorkerSettings:
     fallback: str = "recompute"  # recompute | fail (decode role)
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     engine: EngineConfig = field(default_factory=EngineConfig)
+    tls: InternalTls = field(default_factory=InternalTls)
+    health_port: int = 0  # plaintext health checks (probes) when tls is on
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):

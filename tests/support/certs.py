@@ -1,6 +1,7 @@
 """Throwaway PKI for TLS tests, made with the `openssl` command line tool (no Python
-dependency): a CA, a server certificate for localhost / 127.0.0.1 and a client
-certificate, all signed by that CA (EC P-256, valid for two days)."""
+dependency): a CA, a server certificate for localhost / 127.0.0.1, a client certificate
+and a service certificate good for both ends (service-to-service mTLS), all signed by
+that CA (EC P-256, valid for two days)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ class Certs:
     server_key: str
     client_cert: str
     client_key: str
+    service_cert: str = ""  # server and client at once: pdserve services among themselves
+    service_key: str = ""
 
     def read(self, name: str) -> bytes:
         return Path(getattr(self, name)).read_bytes()
@@ -54,5 +57,7 @@ def make_certs(directory: str | Path) -> Certs:
            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     _issue(d, "client", "pdserve-test-client", "basicConstraints=CA:FALSE\n"
            "extendedKeyUsage=clientAuth\n")
-    return Certs(*(str(d / f) for f in ("ca.crt", "server.crt", "server.key",
-                                         "client.crt", "client.key")))
+    _issue(d, "service", "pdserve-service", "basicConstraints=CA:FALSE\n"
+           "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    return Certs(*(str(d / f) for f in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                         "client.key", "service.crt", "service.key")))

@@ -29,7 +29,8 @@ from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
-from pdserve.services.common import chunk_from_output, sampling_from_proto, sampling_to_proto
+from pdserve.services.common import (chunk_from_output, internal_channel, sampling_from_proto,
+                                     sampling_to_proto)
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -194,7 +195,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = internal_channel(address, self.core.settings.tls)
         return channel
 
     # ---- engine thread / metrics -----------------------------------------------------

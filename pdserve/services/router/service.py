@@ -30,10 +30,10 @@ from pdserve.engine.loader import load_model_meta
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.engine.loader.tokenizer import ChatTemplateError
 from pdserve.metrics import latency_metrics, new_registry, router_metrics
-from pdserve.services.common import sampling_from_proto
+from pdserve.services.common import InternalTls, internal_channel, sampling_from_proto
 from pdserve.services.router.config import RouterConfig, ConfigWatcher, DiscoveryConfig
 from pdserve.services.router.discovery import Discovery, StaticDiscovery, create_discovery
-from pdserve.services.router.health import HealthChecker, HealthSettings
+from pdserve.services.router.health import HealthChecker, HealthSettings, insecure_channel
 from pdserve.services.router.policies import (NoWorkersError, PolicySet, Role, Route,
                                               StatsRecorder, WorkerView, build_policies,
                                               make_request_view)
@@ -75,6 +75,7 @@ class RouterSettings:
     tls_key: str | None = None       # its private key
     tls_ca: str | None = None        # client CA: set = mutual TLS, client certificates required
     health_port: int = 0             # plaintext gRPC health only (probes while TLS is on)
+    worker_tls: InternalTls = field(default_factory=InternalTls)  # router -> workers
     discovery: str | None = None     # static | k8s (kubernetes); None = the config file's
     namespace: str | None = None     # k8s discovery: overrides the config file's namespace
     selector: str | None = None      # k8s discovery: overrides the config file's selector
@@ -123,7 +124,8 @@ class RouterCore:
             config = RouterConfig()
         self._default_policies = build_policies(config)
         self.discovery = make_discovery(settings, config)
-        self.health = HealthChecker(self.discovery, settings.health)
+        self.health = HealthChecker(self.discovery, settings.health,
+                                    channel_factory=self._health_channel)
         self.recorders = {Role.PREFILL: StatsRecorder(), Role.DECODE: StatsRecorder()}
         self.worker_stats: dict[str, worker_pb2.WorkerStats] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -332,10 +334,17 @@ class RouterCore:
         self.latency.e2e_request_latency_seconds.observe(now - arrival)
 
     # ---- worker state ----------------------------------------------------------------
+    def _health_channel(self, address: str, settings: HealthSettings) -> grpc.aio.Channel:
+        if not self.settings.worker_tls.enabled:
+            return insecure_channel(address, settings)
+        cap_ms = int(max(settings.interval_seconds, 0.5) * 1000)  # as health.insecure_channel
+        return internal_channel(address, self.settings.worker_tls,
+                                options=[("grpc.max_reconnect_backoff_ms", cap_ms)])
+
     def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = internal_channel(address, self.settings.worker_tls)
         return channel
 
     def _on_health(self, event) -> None:
