@@ -104,7 +104,8 @@ class Cluster:
         popen = subprocess.Popen(cmd + extra, stdout=subprocess.PIPE, stderr=log, env=env,
                                  start_new_session=True)
         proc = Proc(name, popen, queue.Queue())
-        threading.Thread(target=_pump, args=(popen, proc.lines), daemon=True).start()
+        threading.Thread(target=_pump, args=(popen, proc.lines, self.log_dir / f"{name}.out"),
+                         daemon=True).start()
         self.procs.append(proc)
         return proc
 
@@ -154,9 +155,15 @@ class Cluster:
         self.stop()
 
 
-def _pump(popen: subprocess.Popen, lines: "queue.Queue[str]") -> None:
-    for raw in popen.stdout:
-        lines.put(raw.decode(errors="replace").strip())
+def _pump(popen: subprocess.Popen, lines: "queue.Queue[str]", log_path: Path) -> None:
+    """Hand stdout lines to the READY watcher and keep them (UCX prints its protocol
+    reports there) in <name>.out beside the stderr log."""
+    with open(log_path, "w") as log:
+        for raw in popen.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            log.write(line + "\n")
+            log.flush()
+            lines.put(line.strip())
 
 
 # ---- local connector: one process -------------------------------------------------------
