@@ -133,12 +133,15 @@ def _internal_tls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--internal-tls-key", default=None, help="PEM key of --internal-tls-cert")
     p.add_argument("--internal-tls-ca", default=None,
                    help="PEM CA for services' certificates: peers must present one (mTLS)")
+    p.add_argument("--internal-tls-server-name", default=None,
+                   help="name to check peers' certificates against (peers dialed by IP)")
 
 
 def _internal_tls(args):
     from pdserve.services.common import InternalTls
 
-    return InternalTls(args.internal_tls_cert, args.internal_tls_key, args.internal_tls_ca)
+    return InternalTls(args.internal_tls_cert, args.internal_tls_key, args.internal_tls_ca,
+                       args.internal_tls_server_name)
 
 
 def _worker_settings(args, role: str):

@@ -134,6 +134,9 @@ class InternalTls:
     cert: str | None = None
     key: str | None = None
     ca: str | None = None
+    # workers are dialed by pod IP, which no certificate made ahead of time can name:
+    # verify the peer's certificate against this fixed name instead
+    server_name: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -163,5 +166,7 @@ def internal_channel(address: str, tls: InternalTls | None, options=()) -> grpc.
     """A channel to another pdserve service, over TLS when internal TLS is configured."""
     options = [*GRPC_OPTIONS, *options]
     if tls is not None and tls.enabled:
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
         return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
     return grpc.aio.insecure_channel(address, options=options)

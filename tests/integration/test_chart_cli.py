@@ -98,6 +98,7 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
     docs = render(values)
     values_doc = yaml.safe_load(values.read_text()) or {}
     tls = bool(values_doc.get("tls", {}).get("enabled"))
+    internal = bool(values_doc.get("tls", {}).get("internal", {}).get("enabled"))
     by_component = containers(docs)
     assert {"router", "prefill", "decode"} <= set(by_component)
 
@@ -109,6 +110,9 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
     assert s.host == "0.0.0.0" and (s.port, s.http_port) == (ports(c)["grpc"], ports(c)["http"])
     assert s.discovery == "k8s" and s.namespace == NAMESPACE and not (s.prefill or s.decode)
     assert s.selector == f"app.kubernetes.io/name=pdserve,app.kubernetes.io/instance={RELEASE}"
+    assert s.worker_tls.enabled == internal  # mutual TLS towards the workers
+    if internal:
+        _check_internal_tls(s.worker_tls, c)
     if tls:
         assert s.tls_cert and s.tls_key and s.tls_ca
         assert s.health_port == ports(c)["health"] == c["readinessProbe"]["grpc"]["port"]
@@ -128,17 +132,25 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
     for role in ("prefill", "decode"):
         c = by_component[role]
         argv = command_line(c)
-        assert not [a for a in argv if a.startswith(("--tls-", "--health-port"))], argv  # no worker TLS
+        assert not [a for a in argv if a.startswith("--tls-")], argv  # the router's client TLS only
+        if not internal:  # plaintext workers: no TLS flags at all
+            assert not [a for a in argv if a.startswith(("--internal-tls-", "--health-port"))], argv
         args = parse(argv, capsys)
         assert args.command == role and args.func is cli.cmd_worker
         w = cli._worker_settings(args, role)
         p = ports(c)
+        assert w.tls.enabled == internal
         assert w.role == role and w.connector == connector
         assert w.host == "0.0.0.0" and w.port == p["grpc"] and w.metrics_port == p["metrics"]
         assert w.kv_host == POD_ENV["POD_IP"]
         assert w.kv_port == p["kv"] and p["kv-data"] == p["kv"] + 1
+        if internal:  # workers refuse plaintext: probes use the plaintext health port
+            _check_internal_tls(w.tls, c)
+            assert w.health_port == p["health"] and w.health_port not in (w.port, w.metrics_port)
+        else:
+            assert not w.health_port and "health" not in p
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # plaintext gRPC port
-            assert c[probe]["grpc"]["port"] == p["grpc"], (role, probe)
+            assert c[probe]["grpc"]["port"] == (p["health"] if internal else p["grpc"]), (role, probe)
         if connector == "ucx":
             cs = connector_settings(w)
             assert (cs.host, cs.side_channel_port, cs.data_port) == (POD_ENV["POD_IP"], p["kv"], p["kv-data"])
@@ -146,6 +158,15 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
     for component, c in by_component.items():  # anything else (valkey) expands cleanly too
         if component not in ("router", "prefill", "decode"):
             assert "$(" not in " ".join(command_line(c)).replace("$$(", "")
+
+
+def _check_internal_tls(tls, c: dict[str, Any]) -> None:
+    """All three --internal-tls-* files, each on the Secret volume the container mounts."""
+    assert tls.cert and tls.key and tls.ca
+    mounts = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == "internal-tls"]
+    assert len(mounts) == 1, c["volumeMounts"]
+    for path, name in ((tls.cert, "tls.crt"), (tls.key, "tls.key"), (tls.ca, "ca.crt")):
+        assert path == f"{mounts[0]}/{name}"
 
 
 # --- the router's discovery flags, without the chart -----------------------------------

@@ -98,7 +98,9 @@ def test_values_schema_rejects_bad_values(tmp_path):
                          ("redis: {maxmemoryPolicy: lru}", "maxmemoryPolicy"),
                          ("prefill: {grpcPort: 0}", "grpcPort"),
                          ("decode: {kvPort: 65535}", "kvPort"),  # the data port is kvPort + 1
-                         ("prefill: {kvPort: 9089}", "collides with grpcPort or metricsPort")]:
+                         ("prefill: {kvPort: 9089}", "collides with grpcPort or metricsPort"),
+                         ("tls: {internal: {secret: x}}", "additional properties 'secret' not allowed"),
+                         ("tls: {internal: {mountPath: etc}}", "mountPath")]:
         f = tmp_path / "v.yaml"
         f.write_text(bad)
         p = subprocess.run([HELM, "template", "x", str(CHART), "-f", str(f)], capture_output=True, text=True)
@@ -110,6 +112,13 @@ def test_values_schema_rejects_bad_values(tmp_path):
     p = subprocess.run([HELM, "template", "x", str(CHART), "--set", "tls.enabled=true"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "tls.existingSecret" in p.stderr
+    p = subprocess.run([HELM, "template", "x", str(CHART), "--set", "tls.internal.enabled=true"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "tls.internal.existingSecret" in p.stderr
+    p = subprocess.run([HELM, "template", "x", str(CHART), "--set", "tls.internal.enabled=true",
+                        "--set", "tls.internal.existingSecret=s", "--set", "tls.healthPort=9090"],
+                       capture_output=True, text=True)  # the workers' metricsPort
+    assert p.returncode != 0 and "tls.healthPort" in p.stderr and "collides" in p.stderr
 
 
 @needs_helm
@@ -176,6 +185,8 @@ def _check_router(docs, values_doc) -> None:
         assert cfg.prefill.policy == values_doc["router"]["config"]["prefill"]["policy"]
 
     tls = values_doc.get("tls", {}).get("enabled")
+    internal = values_doc.get("tls", {}).get("internal", {}).get("enabled")
+    assert _internal_tls_wired(router, "/etc/pdserve-internal-tls") == bool(internal)
     env = {e["name"] for e in pod_spec(router)["containers"][0].get("env", [])}
     assert ("PDSERVE_API_KEY" in env) == bool(values_doc.get("apiKey", {}).get("existingSecret"))
     assert any(a.startswith("--tls-cert=") for a in args) == bool(tls)
@@ -186,8 +197,27 @@ def _check_router(docs, values_doc) -> None:
         assert not any(a.startswith("--health-port") for a in args) and probe_port == 50051
 
 
+def _internal_tls_wired(dep: dict[str, Any], mount_path: str) -> bool:
+    """The --internal-tls-* flags, their files on the mounted Secret: all or nothing."""
+    spec = pod_spec(dep)
+    c = spec["containers"][0]
+    flags = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in c["args"] if a.startswith("--internal-tls-")}
+    mounts = [m for m in c.get("volumeMounts", []) if m["name"] == "internal-tls"]
+    volumes = [v for v in spec["volumes"] if v["name"] == "internal-tls"]
+    if not (flags or mounts or volumes):
+        return False
+    [mount], [volume] = mounts, volumes
+    assert mount["mountPath"] == mount_path and mount["readOnly"] is True
+    assert volume["secret"]["secretName"]
+    assert flags == {"--internal-tls-cert": f"{mount_path}/tls.crt", "--internal-tls-key": f"{mount_path}/tls.key",
+                     "--internal-tls-ca": f"{mount_path}/ca.crt",
+                     "--internal-tls-server-name": "pdserve-internal"}
+    return True
+
+
 def _check_workers(docs, values_doc) -> None:
     connector = values_doc.get("kvConnector", "ucx")
+    internal = bool(values_doc.get("tls", {}).get("internal", {}).get("enabled"))
     for role in ("prefill", "decode"):
         dep = named(docs, "Deployment", f"-{role}")
         spec = pod_spec(dep)
@@ -207,14 +237,22 @@ def _check_workers(docs, values_doc) -> None:
         headless = named(docs, "Service", f"-{role}")
         assert headless["spec"]["clusterIP"] == "None"
         assert headless["metadata"]["labels"]["pdserve.io/role"] == role  # copied to EndpointSlices
-        # workers do no TLS yet (the NetworkPolicy fences them): plaintext probes, no certs
-        assert c["readinessProbe"]["grpc"]["port"] == c["livenessProbe"]["grpc"]["port"] == 50051
-        assert not [a for a in args if a.startswith(("--tls-", "--health-port"))]
-        assert "health" not in ports and not [v for v in spec["volumes"] if "secret" in v]
-        assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "metrics"}
+        # never the router's client-API TLS; mutual TLS between services with tls.internal
+        assert not [a for a in args if a.startswith("--tls-")]
+        assert _internal_tls_wired(dep, "/etc/pdserve-internal-tls") == internal
+        probe_ports = {c[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")}
         policy = named(docs, "NetworkPolicy", f"-{role}")
-        assert {"grpc", "kv", "kv-data"} <= {p["port"] for rule in policy["spec"]["ingress"]
-                                             for p in rule.get("ports", [])}
+        allowed = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        if internal:  # workers refuse plaintext: kubelet probes use the plaintext health port
+            assert "--health-port=50052" in args and ports["health"] == 50052 and probe_ports == {50052}
+            [rule] = [r for r in policy["spec"]["ingress"] if {p["port"] for p in r["ports"]} == {"health"}]
+            assert "from" not in rule  # the kubelet probes from the node
+        else:  # plaintext probes on the API port, no certs
+            assert probe_ports == {50051} and not [a for a in args if a.startswith("--health-port")]
+            assert "health" not in ports and not [v for v in spec["volumes"] if "secret" in v]
+            assert "health" not in allowed
+        assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "metrics"}
+        assert {"grpc", "kv", "kv-data"} <= allowed
         if connector == "redis":
             redis_svc = named(docs, "Service", "-redis")
             assert f"--redis-url=redis://{redis_svc['metadata']['name']}:6379/0" in args
@@ -308,7 +346,7 @@ def _slice_from(svc: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, An
 
 
 @needs_helm
-@pytest.mark.parametrize("values", ["redis-values.yaml", "tls-values.yaml"])
+@pytest.mark.parametrize("values", ["redis-values.yaml", "tls-values.yaml", "internal-tls-values.yaml"])
 def test_chart_pods_are_discovered_on_emulated_cluster(values):
     pytest.importorskip("kmock")
     from kubernetes import client

@@ -8,7 +8,7 @@ import pytest
 
 from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import worker_pb2, worker_pb2_grpc
-from tests.support.certs import have_openssl, make_certs
+from tests.support.certs import _issue, have_openssl, make_certs
 from tests.support.cluster import run_request
 
 pytestmark = [pytest.mark.slow,
@@ -21,8 +21,12 @@ def stats(channel: grpc.Channel) -> worker_pb2.WorkerStats:
 
 def test_services_talk_over_mutual_tls(tmp_path):
     certs = make_certs(tmp_path)
-    tls = ("--internal-tls-cert", certs.service_cert, "--internal-tls-key", certs.service_key,
-           "--internal-tls-ca", certs.ca)
+    # as in a cluster: peers are dialed by IP, the certificate names only a fixed DNS name
+    _issue(tmp_path, "named", "pdserve-internal", "basicConstraints=CA:FALSE\n"
+           "subjectAltName=DNS:pdserve-internal\nextendedKeyUsage=serverAuth,clientAuth\n")
+    cert, key = str(tmp_path / "named.crt"), str(tmp_path / "named.key")
+    tls = ("--internal-tls-cert", cert, "--internal-tls-key", key, "--internal-tls-ca", certs.ca,
+           "--internal-tls-server-name", "pdserve-internal")
     with Cluster(ClusterSpec(worker_args=tls, router_args=tls)) as cluster:
         address = cluster.start()
         tokens, last = run_request(address, list(range(300, 340)))
@@ -35,8 +39,9 @@ def test_services_talk_over_mutual_tls(tmp_path):
         with grpc.secure_channel(decode, ca_only) as no_cert, pytest.raises(grpc.RpcError):
             stats(no_cert)
         mutual = grpc.ssl_channel_credentials(
-            root_certificates=certs.read("ca"), private_key=certs.read("service_key"),
-            certificate_chain=certs.read("service_cert"))
-        with grpc.secure_channel(decode, mutual) as good:
+            root_certificates=certs.read("ca"), private_key=(tmp_path / "named.key").read_bytes(),
+            certificate_chain=(tmp_path / "named.crt").read_bytes())
+        name = [("grpc.ssl_target_name_override", "pdserve-internal")]
+        with grpc.secure_channel(decode, mutual, options=name) as good:
             s = stats(good)
         assert s.num_free_blocks == s.num_total_blocks  # and the request left nothing behind

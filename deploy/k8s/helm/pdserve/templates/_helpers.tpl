@@ -87,6 +87,35 @@ pdserve.io/role: {{ .component }}
 {{- end }}
 {{- end -}}
 
+{{/* Mutual TLS between pdserve services (router -> workers, decode -> prefill). */}}
+{{- define "pdserve.internalTlsArgs" -}}
+{{- with .Values.tls.internal }}
+{{- if .enabled }}
+- --internal-tls-cert={{ .mountPath }}/tls.crt
+- --internal-tls-key={{ .mountPath }}/tls.key
+- --internal-tls-ca={{ .mountPath }}/ca.crt
+- --internal-tls-server-name={{ .serverName }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.internalTlsVolume" -}}
+{{- if .Values.tls.internal.enabled }}
+- name: internal-tls
+  secret:
+    secretName: {{ required "tls.internal.enabled needs tls.internal.existingSecret" .Values.tls.internal.existingSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.internalTlsMount" -}}
+{{- if .Values.tls.internal.enabled }}
+- name: internal-tls
+  mountPath: {{ .Values.tls.internal.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
 {{- define "pdserve.podSecurityContext" -}}
 runAsNonRoot: true
 runAsUser: 10001
