@@ -22,9 +22,10 @@ class SideChannelServer:
     """Answers handshakes for one receiver until close()."""
 
     def __init__(self, hello: HandshakeInfo, data_address: str, host: str = "127.0.0.1",
-                 port: int = 0) -> None:
+                 port: int = 0, export: dict | None = None) -> None:
         self.hello = hello
         self.data_address = data_address
+        self.export = export or {}  # extra HandshakeReply fields (e.g. the pool's IPC handle)
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -54,7 +55,7 @@ class SideChannelServer:
 
     def _answer(self, payload: bytes) -> bytes:
         reply = kv_pb2.HandshakeReply(hello=self.hello.to_proto(),
-                                      data_address=self.data_address)
+                                      data_address=self.data_address, **self.export)
         try:
             remote = HandshakeInfo.from_proto(kv_pb2.HandshakeRequest.FromString(payload).hello)
         except Exception as exc:  # malformed request: refuse, keep serving

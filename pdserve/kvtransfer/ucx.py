@@ -48,6 +48,7 @@ from pdserve.kvtransfer.handshake import SideChannelServer, request_handshake
 from pdserve.kvtransfer.messages import (HandshakeInfo, abort_header, chunk_header,
                                          run_checksum)
 from pdserve.kvtransfer.receiving import RegisteringReceiver
+from pdserve.kvtransfer.cuda_ipc import export_pool, open_pool
 from pdserve.kvtransfer.sending import Chunk, ChunkedSender
 from pdserve.kvtransfer.transfers import ChunkRejected, admit_chunk, store_chunk
 from pdserve.wire import kv_pb2
@@ -78,6 +79,7 @@ class UcxSettings:
     # receive posted and a core busy: close host-memory endpoints after this long idle
     idle_close_s: float = 1.0
     pack_above_runs: int = 4         # more runs than this: gather into one message
+    direct_gpu: bool = True          # same-host GPU peers: write into the mapped pool
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
 
 
@@ -183,7 +185,8 @@ class UcxReceiver(RegisteringReceiver):
         self._endpoints: set = set()
         self._listener = self.runtime.call(self._listen(), settings.connect_timeout_s)
         self._side = SideChannelServer(hello, f"{settings.host}:{self._listener.port}",
-                                       host=settings.host, port=settings.side_channel_port)
+                                       host=settings.host, port=settings.side_channel_port,
+                                       export=export_pool(pool) if settings.direct_gpu else {})
 
     @property
     def address(self) -> str:
@@ -230,7 +233,9 @@ class UcxReceiver(RegisteringReceiver):
         try:
             await _send_message(ep, reply, self.settings.io_timeout_s)
             started = time.perf_counter()
-            if header.packed:
+            if header.written_in_place:  # the sender copied into our pool itself
+                await _recv_reply(ep, self.settings.io_timeout_s)
+            elif header.packed:
                 await self._receive_packed(ep, header)
             else:
                 for run in header.runs:
@@ -288,6 +293,7 @@ class _Peer:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     endpoint: object = None
     uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
+    remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
 
 
 class UcxSender(ChunkedSender):
@@ -314,6 +320,8 @@ class UcxSender(ChunkedSender):
         except Exception as exc:
             raise ConnectorError(f"ucx endpoint to {reply.data_address} (side channel "
                                  f"{address}) failed: {type(exc).__name__}: {exc}") from exc
+        if self.settings.direct_gpu:
+            peer.remote_pool = open_pool(reply, self.pool)
         with self._peers_lock:
             self._peers.setdefault(address, peer)
 
@@ -370,8 +378,10 @@ class UcxSender(ChunkedSender):
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
                               dst_runs=[(d, n) for _, d, n in chunk.runs], checksums=checksums)
-        payload = self._pack(chunk) if self._should_pack(chunk) else None
+        direct = peer.remote_pool is not None and not self.settings.checksum
+        payload = self._pack(chunk) if not direct and self._should_pack(chunk) else None
         header.packed = payload is not None
+        header.written_in_place = direct
         ep = await self._open(peer)
         started = time.perf_counter()
         await _send_message(ep, header, timeout)
@@ -379,8 +389,15 @@ class UcxSender(ChunkedSender):
         if reply.status != kv_pb2.KVChunkReply.ACCEPTED:
             self.fail(chunk.transfer_id, f"receiver refused chunk {chunk.index}: {reply.error}")
             return
-        for run in ([payload] if payload is not None else runs):
-            await asyncio.wait_for(ep.send(_wire_buffer(run)), timeout)
+        if direct:
+            self._write_in_place(peer.remote_pool, chunk)
+            await _send_message(ep, kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id,
+                                                        chunk_index=chunk.index,
+                                                        status=kv_pb2.KVChunkReply.STORED),
+                                timeout)
+        else:
+            for run in ([payload] if payload is not None else runs):
+                await asyncio.wait_for(ep.send(_wire_buffer(run)), timeout)
         reply = await _recv_reply(ep, timeout)
         if reply.status != kv_pb2.KVChunkReply.STORED:
             self.fail(chunk.transfer_id, f"receiver did not store chunk {chunk.index}: "
@@ -392,6 +409,14 @@ class UcxSender(ChunkedSender):
                                 seconds=time.perf_counter() - started, sent=True)
         if chunk.last:
             self.table.finish(chunk.transfer_id, TransferState.DONE)
+
+    def _write_in_place(self, remote, chunk: Chunk) -> None:
+        """Device copy of the chunk's blocks into the receiver's mapped pool."""
+        device = self.pool.device
+        with self._copy_stream:  # synced on exit: done before the receiver is told
+            src = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=device)
+            dst = torch.tensor(chunk.dst_block_ids, dtype=torch.long, device=device)
+            remote.kv.index_copy_(0, dst, self.pool.kv.index_select(0, src))
 
     def _should_pack(self, chunk: Chunk) -> bool:
         """Many short runs cost a message each; one gather copy on the device is cheaper."""

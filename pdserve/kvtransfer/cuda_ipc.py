@@ -1,0 +1,69 @@
+"""Same-host GPU peers: the receiver exports its pool as a CUDA IPC handle in the
+handshake reply; a sender on the same machine maps it once and writes chunks straight
+into the destination blocks with a device copy (the ucx connector then only carries the
+small control messages). Falls back silently to the wire when anything is missing: a
+host-memory pool, another machine, no CuPy, or a handle that will not open."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import torch
+
+from pdserve.engine.kvcache.pool import KVCachePool
+
+log = logging.getLogger(__name__)
+
+
+def host_id() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def export_pool(pool: KVCachePool) -> dict:
+    """HandshakeReply fields that let a same-host peer map this pool; {} if not a GPU pool."""
+    if pool.device.type != "cuda":
+        return {}
+    try:
+        # (device, handle, storage bytes, storage offset, ...): handle names the allocation
+        share = pool.kv.untyped_storage()._share_cuda_()
+    except Exception as exc:  # not exportable (e.g. expandable segments)
+        log.info("KV pool not exported over CUDA IPC: %s", exc)
+        return {}
+    offset = share[3] + pool.kv.storage_offset() * pool.kv.element_size()
+    return dict(pool_ipc_handle=bytes(share[1]), pool_ipc_offset=offset,
+                pool_bytes=pool.kv.numel() * pool.kv.element_size(), host_id=host_id())
+
+
+class RemotePool:
+    """A peer's pool mapped into this process: [num_blocks, *block_shape] like ours."""
+
+    def __init__(self, tensor: torch.Tensor, keepalive) -> None:
+        self.kv = tensor
+        self._keepalive = keepalive
+
+
+def open_pool(reply, local: KVCachePool) -> RemotePool | None:
+    if local.device.type != "cuda" or not reply.pool_ipc_handle or reply.host_id != host_id():
+        return None
+    if reply.pool_bytes != local.kv.numel() * local.kv.element_size():
+        return None  # a different pool size: block ids would not line up with our view
+    try:
+        import cupy
+
+        with cupy.cuda.Device(local.device.index or 0):
+            base = cupy.cuda.runtime.ipcOpenMemHandle(reply.pool_ipc_handle)
+            memory = cupy.cuda.UnownedMemory(base + reply.pool_ipc_offset, reply.pool_bytes,
+                                             owner=None)
+            array = cupy.ndarray((reply.pool_bytes,), dtype=cupy.uint8,
+                                 memptr=cupy.cuda.MemoryPointer(memory, 0))
+        flat = torch.as_tensor(array, device=local.device)
+        return RemotePool(flat.view(local.kv.dtype).view(local.kv.shape), array)
+    except Exception as exc:
+        log.info("peer pool not mapped over CUDA IPC (%s); KV goes over the wire", exc)
+        return None
