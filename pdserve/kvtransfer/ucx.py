@@ -359,8 +359,8 @@ class UcxSender(ChunkedSender):
                 self._close_when_idle(peer)
 
     def _close_when_idle(self, peer: _Peer) -> None:
-        if self.pool.device.type != "cpu":
-            return  # reopening re-maps the peer's GPU memory (cuda_ipc): keep it open
+        if self.pool.device.type != "cpu" and peer.remote_pool is None:
+            return  # payload over UCX's cuda_ipc: reopening re-maps GPU memory, keep it
         uses = peer.uses
 
         async def close_if_unused() -> None:
