@@ -40,6 +40,16 @@ def export_pool(pool: KVCachePool) -> dict:
                 pool_bytes=pool.kv.numel() * pool.kv.element_size(), host_id=host_id())
 
 
+CUDA_IPC_HANDLE_BYTES = 64
+
+
+def _cuda_ipc_handle(shared: bytes) -> bytes:
+    """torch >= 2.5 prefixes the cudaIpcMemHandle_t with a version and a type byte."""
+    if len(shared) < CUDA_IPC_HANDLE_BYTES:
+        raise ValueError(f"IPC handle of {len(shared)} bytes")
+    return shared[-CUDA_IPC_HANDLE_BYTES:]
+
+
 class RemotePool:
     """A peer's pool mapped into this process: [num_blocks, *block_shape] like ours."""
 
@@ -57,7 +67,7 @@ def open_pool(reply, local: KVCachePool) -> RemotePool | None:
         import cupy
 
         with cupy.cuda.Device(local.device.index or 0):
-            base = cupy.cuda.runtime.ipcOpenMemHandle(reply.pool_ipc_handle)
+            base = cupy.cuda.runtime.ipcOpenMemHandle(_cuda_ipc_handle(reply.pool_ipc_handle))
             memory = cupy.cuda.UnownedMemory(base + reply.pool_ipc_offset, reply.pool_bytes,
                                              owner=None)
             array = cupy.ndarray((reply.pool_bytes,), dtype=cupy.uint8,
