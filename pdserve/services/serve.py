@@ -45,9 +45,17 @@ async def wait_for_signal() -> None:
     await stop.wait()
 
 
+# The engine thread, the gRPC loop and the KV connector's loop share one GIL; with the
+# default 5 ms switch interval each hand-off of a KV chunk's control messages waits
+# behind a busy engine thread. A short interval keeps transfers moving during compute.
+WORKER_SWITCH_INTERVAL_S = float(os.environ.get("PDSERVE_SWITCH_INTERVAL_S", "0.0002"))
+
+
 async def start_worker(settings, grace_s: float = 5.0) -> Running:
     from pdserve.engine.engine import LLMEngine
     from pdserve.wire import worker_pb2_grpc
+
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
 
     credentials = settings.tls.server_credentials() if settings.tls.enabled else None
     engine = await asyncio.to_thread(LLMEngine, settings.engine, settings.model)
