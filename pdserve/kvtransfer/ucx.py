@@ -335,12 +335,16 @@ class UcxSender(ChunkedSender):
                 host, int(port), connect_timeout=self.settings.connect_timeout_s)
         return peer.endpoint
 
-    def _peer(self, address: str) -> _Peer:
+    def _peer(self, address: str) -> _Peer | None:
         with self._peers_lock:
-            return self._peers[address]
+            return self._peers.get(address)
 
     def _submit(self, chunk: Chunk) -> None:
-        self.runtime.submit(self._send_chunk(self._peer(chunk.address), chunk))
+        peer = self._peer(chunk.address)
+        if peer is None:  # the connection broke earlier in this transfer
+            self.fail(chunk.transfer_id, f"no connection to {chunk.address}")
+            return
+        self.runtime.submit(self._send_chunk(peer, chunk))
 
     async def _send_chunk(self, peer: _Peer, chunk: Chunk) -> None:
         async with peer.lock:
@@ -353,6 +357,7 @@ class UcxSender(ChunkedSender):
                 self.fail(chunk.transfer_id, f"ucx send to {peer.data_address} failed: "
                                              f"{type(exc).__name__}: {exc}")
                 self._drop_endpoint(peer)
+                self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
             finally:
                 self.table.unhold(chunk.transfer_id)
                 peer.uses += 1
@@ -430,6 +435,11 @@ class UcxSender(ChunkedSender):
             packed = pool.kv.index_select(0, index).reshape(-1).view(torch.uint8)
         return packed
 
+    def _forget_peer(self, peer: _Peer) -> None:
+        with self._peers_lock:
+            if self._peers.get(peer.side_channel) is peer:
+                del self._peers[peer.side_channel]
+
     def _drop_endpoint(self, peer: _Peer) -> None:
         if peer.endpoint is not None:
             try:
@@ -440,8 +450,9 @@ class UcxSender(ChunkedSender):
 
     def _submit_abort(self, address: str, transfer_id: str, chunk_index: int,
                       reason: str) -> None:
-        self.runtime.submit(self._send_abort(self._peer(address), transfer_id, chunk_index,
-                                             reason))
+        peer = self._peer(address)
+        if peer is not None:
+            self.runtime.submit(self._send_abort(peer, transfer_id, chunk_index, reason))
 
     async def _send_abort(self, peer: _Peer, transfer_id: str, chunk_index: int,
                           reason: str) -> None:

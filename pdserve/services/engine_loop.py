@@ -84,7 +84,10 @@ class EngineLoop:
                     self._fail_all("internal error in the engine step")
             self._deliver(outputs)
             if self._tick is not None:
-                self._tick(self.engine, outputs)
+                try:
+                    self._tick(self.engine, outputs)
+                except Exception:  # pragma: no cover - a bug; keep the loop serving
+                    log.exception("engine tick failed")
 
     def _drain_commands(self, wait_s: float) -> None:
         try:

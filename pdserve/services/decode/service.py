@@ -152,8 +152,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 destination=destination_to_proto(destination)), timeout=lease_s)
         except grpc.aio.AioRpcError as exc:
             return 0, f"prefill call failed: {exc.code().name}: {exc.details()}"
-        log.debug("request %s: prefill stats %s", request_id,
-                  str(response.stats).replace("\n", " "))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s: prefill stats %s", request_id,
+                      str(response.stats).replace("\n", " "))
         if response.kv_state != kv_pb2.TRANSFER_DONE:
             return 0, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
         status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)
