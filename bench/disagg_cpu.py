@@ -19,7 +19,6 @@ Writes bench/results/disagg-cpu.json (--out) and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pdserve.bench import loadgen as lg  # noqa: E402
 from pdserve.services.launcher import ClusterSpec  # noqa: E402
-from routing import policy_yaml, run_system  # noqa: E402
+from routing import policy_yaml, run_system, settings_from_cli  # noqa: E402
 
 MODES = ("always", "never")
 
@@ -99,17 +98,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = DisaggBench()
-    for f, default in asdict(d).items():
-        if f == "modes":
-            p.add_argument("--modes", default=",".join(default))
-        else:
-            p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
-    p.add_argument("--out", default=str(REPO / "bench/results/disagg-cpu.json"))
-    args = p.parse_args(argv)
-    settings = DisaggBench(**{f: (tuple(args.modes.split(",")) if f == "modes"
-                                  else getattr(args, f)) for f in asdict(d)})
+    settings, out = settings_from_cli(DisaggBench, "modes", __doc__.split("\n\n")[0],
+                                      "bench/results/disagg-cpu.json", argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="pdserve-disagg-") as tmp:
         for rep in range(settings.repeats):
@@ -126,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
              for m in settings.modes}
     payload = {"benchmark": "disagg-cpu", "settings": asdict(settings),
                "environment": lg.environment(), "table": rows, "means": means, "runs": runs}
-    lg.write_json(args.out, payload)
+    lg.write_json(out, payload)
     print(markdown(rows))
     print("\nmeans:", means)
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

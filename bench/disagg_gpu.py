@@ -28,8 +28,8 @@ from pdserve.wire import generate_pb2
 
 
 def ttft(address: str, ids: list[int], mode: int) -> tuple[float, object]:
-    req = make_request(token_ids=ids, params=SamplingParams(max_tokens=2, ignore_eos=True))
-    req.mode = mode
+    req = make_request(token_ids=ids, params=SamplingParams(max_tokens=2, ignore_eos=True),
+                       mode=mode)
     start = time.perf_counter()
     first, last = None, None
     for chunk in stream(address, req, timeout=300):

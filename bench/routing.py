@@ -178,18 +178,26 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    d = RoutingBench()
-    for f, default in asdict(d).items():
-        if f == "policies":
-            p.add_argument("--policies", default=",".join(default))
+def settings_from_cli(cls, list_field: str, description: str, default_out: str,
+                      argv: list[str] | None):
+    """A frozen settings dataclass filled from --flags (list_field comma-separated)."""
+    p = argparse.ArgumentParser(description=description)
+    defaults = asdict(cls())
+    for f, default in defaults.items():
+        if f == list_field:
+            p.add_argument("--" + f.replace("_", "-"), default=",".join(default))
         else:
             p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
-    p.add_argument("--out", default=str(REPO / "bench/results/routing-cpu.json"))
+    p.add_argument("--out", default=str(REPO / default_out))
     args = p.parse_args(argv)
-    settings = RoutingBench(**{f: (tuple(args.policies.split(",")) if f == "policies"
-                                   else getattr(args, f)) for f in asdict(d)})
+    values = {f: (tuple(getattr(args, f).split(",")) if f == list_field else getattr(args, f))
+              for f in defaults}
+    return cls(**values), args.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, out = settings_from_cli(RoutingBench, "policies", __doc__.split("\n\n")[0],
+                                      "bench/results/routing-cpu.json", argv)
     runs = []
     with tempfile.TemporaryDirectory(prefix="pdserve-routing-") as tmp:
         for rep in range(settings.repeats):
@@ -207,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
              for pol in settings.policies}
     payload = {"benchmark": "routing-cpu", "settings": asdict(settings),
                "environment": lg.environment(), "table": rows, "means": means, "runs": runs}
-    lg.write_json(args.out, payload)
+    lg.write_json(out, payload)
     print(markdown(rows))
     print("\nmeans:", means)
-    print(f"wrote {args.out}", file=sys.stderr)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

@@ -23,8 +23,10 @@ FINISH_NAMES = {v: k for k, v in {
 def make_request(*, prompt: str | None = None, chat: list[dict] | None = None,
                  token_ids: list[int] | None = None, params: SamplingParams | None = None,
                  request_id: str | None = None, session_id: str | None = None,
+                 mode: int = generate_pb2.DISAGGREGATION_MODE_UNSPECIFIED,
                  ) -> generate_pb2.GenerateRequest:
-    req = generate_pb2.GenerateRequest(sampling=sampling_to_proto(params or SamplingParams()))
+    req = generate_pb2.GenerateRequest(sampling=sampling_to_proto(params or SamplingParams()),
+                                       mode=mode)
     if prompt is not None:
         req.text = prompt
     elif chat is not None:

@@ -73,7 +73,8 @@ class ModelRunner:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def build_batch(self, scheduled: list[ScheduledRequest]):
+    def build_batch(self, scheduled: list[ScheduledRequest], device: torch.device | None = None):
+        """Flattened step inputs; tensors on `device` (default: the model's)."""
         bs = self.config.block_size
         input_ids, positions, slots, starts = [], [], [], [0]
         seq_lens, query_lens, tables = [], [], []
@@ -96,7 +97,7 @@ class ModelRunner:
             tables.append(r.block_ids)
         width = max(len(t) for t in tables)
         table = [t + [0] * (width - len(t)) for t in tables]
-        dev = self.device
+        dev = device or self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
@@ -111,11 +112,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
         """Run the step; returns the sampled token per scheduled request (None mid-prompt)."""
-        ids, pos, meta, starts = self.build_batch(scheduled)
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
-        if self._graphable(scheduled, meta):
+        if self._graphable(scheduled, len(sampling)):
+            # host tensors: the graph's static device buffers take them in one copy each
+            ids, pos, meta, _ = self.build_batch(scheduled, torch.device("cpu"))
             logits = self.graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables)
             return self._sample(scheduled, sampling, logits)
+        ids, pos, meta, starts = self.build_batch(scheduled)
         hidden = self.model(ids, pos, self.pool, self.backend, meta)
         if not sampling:
             return [None] * len(scheduled)
@@ -125,11 +128,11 @@ class ModelRunner:
             last = hidden[torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)]
         return self._sample(scheduled, sampling, self.model.compute_logits(last))
 
-    def _graphable(self, scheduled: list[ScheduledRequest], meta: AttentionMetadata) -> bool:
+    def _graphable(self, scheduled: list[ScheduledRequest], num_sampling: int) -> bool:
         """Pure decode steps (one token per request, all sampling) replay a CUDA graph."""
-        return (self.graphs is not None and meta.is_decode_only
-                and self.graphs.padded_size(len(scheduled)) is not None
-                and all(s.samples for s in scheduled))
+        return (self.graphs is not None and num_sampling == len(scheduled)
+                and all(s.num_new_tokens == 1 for s in scheduled)
+                and self.graphs.padded_size(len(scheduled)) is not None)
 
     def _sample(self, scheduled, sampling: list[int], logits: torch.Tensor) -> list[int | None]:
         # logits: [len(sampling), vocab] fp32

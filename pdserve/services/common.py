@@ -31,13 +31,10 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20),
                 ("grpc.max_receive_message_length", 64 << 20)]
 
 
-def sampling_from_proto(msg: generate_pb2.SamplingParams, *, default_temperature: float = 1.0,
-                        max_tokens_cap: int | None = None) -> SamplingParams:
+def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
     """Proto params with documented defaults; raises InvalidRequest on bad values."""
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-    if max_tokens_cap is not None and not msg.HasField("max_tokens"):
-        max_tokens = min(max_tokens, max_tokens_cap)
-    temperature = msg.temperature if msg.HasField("temperature") else default_temperature
+    temperature = msg.temperature if msg.HasField("temperature") else 1.0
     if math.isnan(temperature) or (msg.HasField("top_p") and math.isnan(msg.top_p)):
         raise InvalidRequest("temperature and top_p must be numbers")
     return SamplingParams(
@@ -170,3 +167,22 @@ def internal_channel(address: str, tls: InternalTls | None, options=()) -> grpc.
             options.append(("grpc.ssl_target_name_override", tls.server_name))
         return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
     return grpc.aio.insecure_channel(address, options=options)
+
+
+class ChannelPool:
+    """One cached channel per peer address (internal TLS applied when configured)."""
+
+    def __init__(self, tls: InternalTls | None) -> None:
+        self._tls = tls
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = internal_channel(address, self._tls)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

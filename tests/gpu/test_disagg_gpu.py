@@ -29,18 +29,7 @@ def test_ucx_on_gpu_equals_colocated():
         for prompt in prompts:
             disagg, last = run_request(address, prompt, params)
             assert last.prefill_worker
-            local, _ = run_request_mode(address, prompt, params, generate_pb2.DISAGGREGATION_NEVER)
+            local, _ = run_request(address, prompt, params, mode=generate_pb2.DISAGGREGATION_NEVER)
             assert disagg == local
         wait_pools_free(cluster)
 
-
-def run_request_mode(address, prompt, params, mode):
-    from pdserve.client import make_request, stream
-
-    req = make_request(token_ids=prompt, params=params)
-    req.mode = mode
-    tokens, last = [], None
-    for chunk in stream(address, req, timeout=120):
-        tokens += chunk.token_ids
-        last = chunk
-    return tokens, last

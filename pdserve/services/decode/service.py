@@ -29,7 +29,7 @@ from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
-from pdserve.services.common import (chunk_from_output, internal_channel, sampling_from_proto,
+from pdserve.services.common import (ChannelPool, chunk_from_output, sampling_from_proto,
                                      sampling_to_proto)
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
@@ -48,7 +48,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                  loop: asyncio.AbstractEventLoop) -> None:
         self.core = WorkerCore(settings, engine, loop, tick=self._tick)
         self.receiver = self.core.connector
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool(settings.tls)
         self._remote: set[str] = set()
 
     def start(self) -> None:
@@ -194,10 +194,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                                    self.core.engine.fingerprint)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = internal_channel(address, self.core.settings.tls)
-        return channel
+        return self._channels.get(address)
 
     # ---- engine thread / metrics -----------------------------------------------------
     def _tick(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:

@@ -30,7 +30,8 @@ from pdserve.engine.loader import load_model_meta
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.engine.loader.tokenizer import ChatTemplateError
 from pdserve.metrics import latency_metrics, new_registry, router_metrics
-from pdserve.services.common import InternalTls, internal_channel, sampling_from_proto
+from pdserve.services.common import (ChannelPool, InternalTls, internal_channel,
+                                     sampling_from_proto)
 from pdserve.services.router.config import RouterConfig, ConfigWatcher, DiscoveryConfig
 from pdserve.services.router.discovery import Discovery, StaticDiscovery, create_discovery
 from pdserve.services.router.health import HealthChecker, HealthSettings, insecure_channel
@@ -128,7 +129,7 @@ class RouterCore:
                                     channel_factory=self._health_channel)
         self.recorders = {Role.PREFILL: StatsRecorder(), Role.DECODE: StatsRecorder()}
         self.worker_stats: dict[str, worker_pb2.WorkerStats] = {}
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = ChannelPool(settings.worker_tls)
         self.registry = new_registry()
         self.metrics = router_metrics(self.registry)
         self.latency = latency_metrics(self.registry, self.source.name, "router")
@@ -150,8 +151,7 @@ class RouterCore:
             await self.watcher.stop()
         await self.health.stop()
         await self.discovery.stop()
-        for channel in self._channels.values():
-            await channel.close()
+        await self._channels.close()
 
     async def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """True once at least one decode worker is healthy."""
@@ -342,10 +342,7 @@ class RouterCore:
                                 options=[("grpc.max_reconnect_backoff_ms", cap_ms)])
 
     def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = internal_channel(address, self.settings.worker_tls)
-        return channel
+        return self._channels.get(address)
 
     def _on_health(self, event) -> None:
         if not event.healthy:
