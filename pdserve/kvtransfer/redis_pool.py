@@ -306,7 +306,14 @@ class RedisReceiver(RegisteringReceiver):
             return False
         dst = record.destination
         position = record.blocks_done
-        self.table.hold(transfer_id)
+        try:
+            # the marker is read BEFORE the fetch: "done" then still-missing blocks means
+            # they are gone, not that they landed between a fetch and a later marker read
+            marker = self.store.get_marker(transfer_id)
+        except ConnectorError as exc:
+            self.table.finish(transfer_id, TransferState.FAILED, str(exc))
+            return False
+        self.table.hold(transfer_id)  # the fetch writes into the destination blocks
         try:
             started = time.perf_counter()
             got = self.store.fetch(dst.block_keys[position:], dst.block_ids[position:])
@@ -318,7 +325,7 @@ class RedisReceiver(RegisteringReceiver):
             if position + got == len(dst.block_ids):
                 self.table.finish(transfer_id, TransferState.DONE)
             elif not got:
-                self._check_marker(transfer_id)
+                self._apply_marker(transfer_id, marker)
             return got > 0
         except ConnectorError as exc:
             self.table.finish(transfer_id, TransferState.FAILED, str(exc))
@@ -326,8 +333,7 @@ class RedisReceiver(RegisteringReceiver):
         finally:
             self.table.unhold(transfer_id)
 
-    def _check_marker(self, transfer_id: str) -> None:
-        marker = self.store.get_marker(transfer_id)
+    def _apply_marker(self, transfer_id: str, marker: str) -> None:
         if marker == "done":
             self.table.finish(transfer_id, TransferState.FAILED,
                               "sender finished but a block is missing from the store "

@@ -370,7 +370,9 @@ class UcxSender(ChunkedSender):
 
         async def close_if_unused() -> None:
             async with peer.lock:
-                if peer.uses == uses:
+                # a transfer between chunks (prefill still computing) keeps its endpoint:
+                # closing it would make the receiver fail that transfer
+                if peer.uses == uses and not self._active_to(peer.side_channel):
                     self._drop_endpoint(peer)
 
         self.runtime.loop.call_later(self.settings.idle_close_s,
@@ -434,6 +436,15 @@ class UcxSender(ChunkedSender):
             index = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=pool.device)
             packed = pool.kv.index_select(0, index).reshape(-1).view(torch.uint8)
         return packed
+
+    def _active_to(self, address: str) -> bool:
+        for transfer_id in self.table.active_ids():
+            try:
+                if self.table.get(transfer_id).destination.address == address:
+                    return True
+            except KeyError:  # released meanwhile
+                continue
+        return False
 
     def _forget_peer(self, peer: _Peer) -> None:
         with self._peers_lock:

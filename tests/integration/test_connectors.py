@@ -127,6 +127,10 @@ def test_lease_expiry_frees_destination_blocks(pair):
     assert allocator.num_free == SPEC.num_blocks - 4
     time.sleep(0.1)
     assert receiver.poll()["t3"].state is TransferState.EXPIRED
+    # a fetch in flight defers the release until it stops writing into the blocks
+    deadline = time.monotonic() + 2.0
+    while allocator.num_free != SPEC.num_blocks and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert allocator.num_free == SPEC.num_blocks
     destination_late = kv_pb2.KVDestination(connector=name, address=receiver.address,
                                             transfer_id="t3", block_ids=blocks,
