@@ -63,11 +63,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     with Cluster(spec) as cluster:
         address = cluster.start(timeout_s=400)
-        for warm in range(3):
-            ids = torch.randint(10, 120000, (600,), generator=g).tolist()
+        lengths = list(map(int, args.lengths.split(",")))
+        for n in [600, 600] + lengths:  # kernels compile and the allocator grows here
+            ids = torch.randint(10, 120000, (n,), generator=g).tolist()
             ttft(address, ids, generate_pb2.DISAGGREGATION_ALWAYS)
             ttft(address, ids[::-1], generate_pb2.DISAGGREGATION_NEVER)
-        for n in map(int, args.lengths.split(",")):
+        for n in lengths:
             dis, col = [], []
             for r in range(args.repeats):
                 ids = torch.randint(10, 120000, (n,), generator=g).tolist()

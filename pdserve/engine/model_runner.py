@@ -143,7 +143,11 @@ class ModelRunner:
             result[i] = t
         return result
 
-    def synchronize(self) -> None:
-        """Wait for queued device work, e.g. before a connector reads KV blocks."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
+    def ready_event(self) -> torch.cuda.Event | None:
+        """An event marking the device work queued so far (None on the CPU, where a
+        step's results are written when it returns)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event

@@ -37,7 +37,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 PROTOCOL_VERSION = 1
 POOL_LAYOUT = "block_major_v1"   # pdserve.engine.kvcache.pool: [blocks, layers, 2, bs, h, d]
@@ -99,6 +99,12 @@ class KVDestination:
 ReleaseCallback = Callable[[TransferStatus, tuple[int, ...]], None]
 
 
+class ReadyEvent(Protocol):
+    """Marks queued device work (torch.cuda.Event fits): synchronize() blocks until done."""
+
+    def synchronize(self) -> None: ...
+
+
 @dataclass
 class ConnectorMetrics:
     """Plain counters per connector instance; services export them to Prometheus."""
@@ -149,10 +155,13 @@ class KVSender(ABC):
 
     @abstractmethod
     def send_chunk(self, transfer_id: str, src_block_ids: Sequence[int], *, start: int,
-                   last: bool) -> None:
+                   last: bool, ready: ReadyEvent | None = None) -> None:
         """Queue local blocks src_block_ids for destination positions
         start .. start+len-1 of the transfer (positions index destination.block_ids).
-        Chunks go out in call order; `last` completes the transfer. Non-blocking."""
+        Chunks go out in call order; `last` completes the transfer. Non-blocking.
+        `ready` marks the device work that writes those blocks (a CUDA event recorded
+        after the step): the sender waits for it on its own thread before reading them,
+        so the caller never stalls the device queue; None = the blocks are readable."""
 
     @abstractmethod
     def abort(self, transfer_id: str, reason: str = "") -> None:

@@ -123,6 +123,7 @@ class LocalSender(ChunkedSender):
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
                               dst_runs=[(d, n) for _, d, n in chunk.runs])
+        chunk.wait_ready()
         sources = [self.pool.block_run_bytes(s, n) for s, _, n in chunk.runs]
         try:
             reply_bytes = _lookup(chunk.address).receive_chunk(header.SerializeToString(),

@@ -236,6 +236,7 @@ class RedisSender(ChunkedSender):
         self.table.hold(chunk.transfer_id)
         try:
             started = time.perf_counter()
+            chunk.wait_ready()
             nbytes = self.store.store(keys, chunk.src_block_ids)
             self.table.record_chunk(chunk.transfer_id, blocks=chunk.dst_block_ids,
                                     nbytes=nbytes, seconds=time.perf_counter() - started,

@@ -3,7 +3,8 @@
 A sender's transfer: begin() handshakes with the receiver (once per address) and
 registers the transfer PENDING; each send_chunk() pairs source and destination blocks
 into contiguous runs and hands a Chunk to the backend's _submit(), which must deliver
-chunks of one transfer in order and report through the table (record_chunk / finish).
+chunks of one transfer in order, call chunk.wait_ready() on its own thread before reading
+the source blocks, and report through the table (record_chunk / finish).
 The first delivered chunk moves the transfer to IN_FLIGHT, the last one to DONE.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pdserve.engine.kvcache.pool import KVCachePool
-from pdserve.kvtransfer.base import (ConnectorMetrics, KVDestination, KVSender,
+from pdserve.kvtransfer.base import (ConnectorMetrics, KVDestination, KVSender, ReadyEvent,
                                      ReleaseCallback, TransferState, TransferStatus)
 from pdserve.kvtransfer.messages import HandshakeInfo
 from pdserve.kvtransfer.transfers import TransferTable, chunk_destination, paired_runs
@@ -28,6 +29,12 @@ class Chunk:
     runs: tuple[tuple[int, int, int], ...]   # (src_first, dst_first, count)
     last: bool
     start: int = 0                           # transfer position of the first block
+    ready: ReadyEvent | None = None          # device work that writes the source blocks
+
+    def wait_ready(self) -> None:
+        """Block (on the sender's thread) until the source blocks are written."""
+        if self.ready is not None:
+            self.ready.synchronize()
 
     @property
     def src_block_ids(self) -> list[int]:
@@ -56,12 +63,13 @@ class ChunkedSender(KVSender):
         self.table.add(destination, (), lease_s=lease_s, on_release=on_release)
 
     def send_chunk(self, transfer_id: str, src_block_ids: Sequence[int], *, start: int,
-                   last: bool) -> None:
+                   last: bool, ready: ReadyEvent | None = None) -> None:
         destination = self.table.get(transfer_id).destination
         dst_block_ids = chunk_destination(destination, src_block_ids, start)
         runs = paired_runs(list(src_block_ids), dst_block_ids)
         index = self.table.mark_queued(transfer_id, last, src_block_ids)
-        self._submit(Chunk(transfer_id, destination.address, index, tuple(runs), last, start))
+        self._submit(Chunk(transfer_id, destination.address, index, tuple(runs), last, start,
+                           ready))
 
     def abort(self, transfer_id: str, reason: str = "") -> None:
         record = self.table.get(transfer_id)

@@ -24,8 +24,13 @@ blocks while their bytes are moving (TransferTable.hold).
 Threads. ucxx is asyncio-based: one process-wide UcxRuntime runs its event loop in a
 daemon thread; public methods only submit coroutines to it and return.
 
-Transport settings. UCX reads its environment when ucxx first initializes. For host
-(CPU) pools the runtime sets, unless already set, UCXPY_PROGRESS_MODE=blocking,
+Transport settings. UCX reads its environment when ucxx first initializes. The runtime
+sets, unless already set, UCXPY_PROGRESS_MODE=thread with UCXPY_ENABLE_PYTHON_FUTURE=1:
+a C++ thread progresses the worker and completed requests resolve asyncio futures. In
+the other modes ucxx waits for each request by yielding to the event loop in a loop, so
+a posted receive (any open endpoint) keeps a core busy and takes the GIL from the engine
+thread thousands of times a second (measured: a full core at idle, and a 512-token
+prefill 2-3x slower on the decode worker next to it). For host (CPU) pools it also sets
 UCX_TLS=tcp and 1 MiB TCP segments (NOTES.md: ~4 GB/s vs ~0.5 GB/s by default on
 loopback; UCX_TLS=sm,self alone times out). For CUDA pools it leaves UCX_TLS alone so
 cuda_ipc / RDMA are picked; GPU buffers are passed as CUDA tensors.
@@ -53,15 +58,19 @@ from pdserve.kvtransfer.sending import Chunk, ChunkedSender
 from pdserve.kvtransfer.transfers import ChunkRejected, admit_chunk, store_chunk
 from pdserve.wire import kv_pb2
 
+PROGRESS_ENV = {
+    "UCXPY_PROGRESS_MODE": "thread",
+    "UCXPY_ENABLE_PYTHON_FUTURE": "1",
+}
 HOST_TRANSPORT_ENV = {
-    "UCXPY_PROGRESS_MODE": "blocking",
+    **PROGRESS_ENV,
     "UCX_TLS": "tcp",
     "UCX_TCP_TX_SEG_SIZE": "1M",
     "UCX_TCP_RX_SEG_SIZE": "1M",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
 DEVICE_TRANSPORT_ENV = {
-    "UCXPY_PROGRESS_MODE": "blocking",
+    **PROGRESS_ENV,
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
 
@@ -75,16 +84,17 @@ class UcxSettings:
     connect_timeout_s: float = 5.0
     io_timeout_s: float = 30.0       # bound on each header/run/reply step of a chunk
     checksum: bool = False           # crc32 per run (costs a host pass over the bytes)
-    # ucxx waits on requests by polling the event loop, so an open endpoint keeps a
-    # receive posted and a core busy: close host-memory endpoints after this long idle
-    idle_close_s: float = 1.0
+    # endpoints to a receiver that went quiet are closed after this long (an open
+    # endpoint keeps a receive posted there; costless in thread progress mode)
+    idle_close_s: float = 30.0
     pack_above_runs: int = 4         # more runs than this: gather into one message
     direct_gpu: bool = True          # same-host GPU peers: write into the mapped pool
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
 
 
 def _rearm_blocking_progress() -> None:
-    """Work around ucxx 0.52's blocking progress mode spinning a core once connected.
+    """Work around ucxx 0.52's blocking progress mode (UCXPY_PROGRESS_MODE=blocking set
+    by the user) spinning a core once connected.
 
     Its epoll reader callback progresses the worker but never re-arms it, so the
     level-triggered descriptor stays readable and asyncio calls the callback in a busy
@@ -171,6 +181,12 @@ async def _send_message(ep, message, timeout_s: float) -> None:
 async def _recv_reply(ep, timeout_s: float) -> kv_pb2.KVChunkReply:
     return kv_pb2.KVChunkReply.FromString(bytes(await asyncio.wait_for(ep.recv_obj(),
                                                                        timeout_s)))
+
+
+async def _wait_ready(chunk: Chunk) -> None:
+    """The chunk's source blocks are written; waits off the event loop's thread."""
+    if chunk.ready is not None:
+        await asyncio.get_running_loop().run_in_executor(None, chunk.wait_ready)
 
 
 class UcxReceiver(RegisteringReceiver):
@@ -381,11 +397,15 @@ class UcxSender(ChunkedSender):
     async def _exchange_chunk(self, peer: _Peer, chunk: Chunk) -> None:
         timeout = self.settings.io_timeout_s
         runs = [self.pool.block_run_bytes(s, n) for s, _, n in chunk.runs]
+        if self.settings.checksum:
+            await _wait_ready(chunk)
         checksums = [run_checksum(r) for r in runs] if self.settings.checksum else None
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
                               dst_runs=[(d, n) for _, d, n in chunk.runs], checksums=checksums)
         direct = peer.remote_pool is not None and not self.settings.checksum
+        if not direct:
+            await _wait_ready(chunk)
         payload = self._pack(chunk) if not direct and self._should_pack(chunk) else None
         header.packed = payload is not None
         header.written_in_place = direct
@@ -397,6 +417,7 @@ class UcxSender(ChunkedSender):
             self.fail(chunk.transfer_id, f"receiver refused chunk {chunk.index}: {reply.error}")
             return
         if direct:
+            await _wait_ready(chunk)  # the header round trip above overlapped the compute
             self._write_in_place(peer.remote_pool, chunk)
             await _send_message(ep, kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id,
                                                         chunk_index=chunk.index,

@@ -105,6 +105,34 @@ def test_chunked_send_as_prefill_progresses(pair):
     assert torch.equal(dst_pool.read_blocks(DST), src_pool.read_blocks(SRC))
 
 
+class _WritesOnSync:
+    """A ready event standing in for a CUDA event: the blocks get their final bytes
+    only when the sender synchronizes, as a still-running prefill step would write them."""
+
+    def __init__(self, pool, blocks, seed):
+        self.pool, self.blocks, self.seed = pool, blocks, seed
+        self.synced = 0
+
+    def synchronize(self):
+        self.synced += 1
+        final = random_pool(seed=self.seed)
+        for b in self.blocks:
+            self.pool.kv[b].copy_(final.kv[b])
+
+
+def test_sender_reads_blocks_only_after_ready(pair):
+    name, sender, receiver, src_pool, dst_pool, _ = pair
+    ready = _WritesOnSync(src_pool, SRC, seed=11)
+    destination = receiver.expect("t-ready", DST, **keys_if(name, len(DST)))
+    sender.begin(destination)
+    sender.send_chunk("t-ready", SRC, start=0, last=True, ready=ready)
+    assert sender.wait("t-ready", 10).state is TransferState.DONE
+    assert receiver.wait("t-ready", 10).state is TransferState.DONE
+    assert ready.synced >= 1
+    final = random_pool(seed=11)
+    assert torch.equal(dst_pool.read_blocks(DST), final.read_blocks(SRC))
+
+
 def test_block_size_mismatch_refused_at_connect(pair):
     name, _, receiver, _, _, settings = pair
     other = KVCacheSpec(**{**SPEC.__dict__, "block_size": 32})
@@ -268,6 +296,52 @@ def _ucx_big_receiver(conn):
     destination = receiver.expect("big", list(range(64))[:60])
     conn.send_bytes(destination_to_proto(destination).SerializeToString())
     time.sleep(60)
+
+
+def _ucx_idle_receiver(conn):
+    """Child: receive one transfer, then report the CPU time this process uses over
+    1.5 s of idle with the sender's endpoint still open (a receive stays posted)."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    receiver = make_receiver("ucx", KVCachePool(SPEC), hello("ucx", "decode"),
+                             UcxSettings(io_timeout_s=5))
+    destination = receiver.expect("idle", DST[:2])
+    conn.send_bytes(destination_to_proto(destination).SerializeToString())
+    state = receiver.wait("idle", 30).state.name
+    time.sleep(0.3)
+    cpu = time.process_time()
+    time.sleep(1.5)
+    conn.send_bytes(f"{state} {time.process_time() - cpu:.3f}".encode())
+    conn.recv_bytes()
+    receiver.close()
+
+
+@pytest.mark.slow
+def test_ucx_open_idle_endpoint_does_not_spin():
+    """An endpoint kept open between transfers must not keep the receiver's CPU (and
+    GIL) busy: that slowed the decode worker's engine thread next to it."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_ucx_idle_receiver, args=(child,), daemon=True)
+    process.start()
+    try:
+        assert parent.poll(60), "receiver process did not start"
+        destination = destination_from_proto(
+            kv_pb2.KVDestination.FromString(parent.recv_bytes()))
+        with make_sender("ucx", random_pool(seed=5), hello("ucx", "prefill"),
+                         UcxSettings(io_timeout_s=5)) as sender:
+            sender.begin(destination)
+            sender.send_chunk("idle", SRC[:2], start=0, last=True)
+            assert sender.wait("idle", 20).state is TransferState.DONE
+            assert parent.poll(30)
+            state, cpu_s = parent.recv_bytes().decode().split()
+            parent.send_bytes(b"exit")
+        assert state == "DONE"
+        assert float(cpu_s) < 0.4, f"idle receiver used {cpu_s} s of CPU in 1.5 s"
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(5)
 
 
 # -- redis specifics ---------------------------------------------------------------------

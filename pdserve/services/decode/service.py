@@ -198,8 +198,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
 
     # ---- engine thread / metrics -----------------------------------------------------
     def _tick(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        self.receiver.poll()  # expires overdue leases
-        self.core.loop.keep_ticking(bool(self._remote))
+        self.receiver.poll()  # expires overdue leases (every step, or every idle wait)
         self.core.update_gauges()
 
     def _observe(self, out: RequestOutput) -> None:

@@ -195,11 +195,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         end = full_blocks - dst.first_block_index
         if end <= job.positions_sent and not last:
             return
-        engine.runner.synchronize()  # the connector reads blocks the device just wrote
+        # the sender waits for the device to write these blocks on its own thread; the
+        # engine thread goes on queueing the next prefill chunk meanwhile
+        ready = engine.runner.ready_event()
         src = request.block_ids[dst.first_block_index + job.positions_sent:dst.first_block_index + end]
         if not job.send_started:
             job.send_started = time.monotonic()
-        self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last)
+        self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last,
+                               ready=ready)
         log.debug("request %s: chunk %d queued (%d blocks, last=%s)", job.request_id,
                   job.chunks, len(src), last)
         job.positions_sent, job.chunks = end, job.chunks + 1
