@@ -37,6 +37,10 @@ class RequestOutput:
     num_output_tokens: int = 0
     ttft_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
+    # on the last output: arrival -> first scheduled step, and from there to the first
+    # token (None when the prompt was computed elsewhere)
+    queue_s: float | None = None
+    prefill_s: float | None = None
 
 
 @dataclass
@@ -230,6 +234,9 @@ class LLMEngine:
         if finished:
             times = request.token_times
             out.itl_s = [b - a for a, b in zip(times, times[1:])]
+            if request.first_scheduled_time is not None:
+                out.queue_s = request.first_scheduled_time - request.arrival_time
+                out.prefill_s = request.first_token_time - request.first_scheduled_time
             self._forget(request.request_id)
         return out
 

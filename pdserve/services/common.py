@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from pdserve.engine.engine import RequestOutput
 from pdserve.engine.sampling import InvalidRequest, SamplingParams
-from pdserve.wire import generate_pb2
+from pdserve.wire import generate_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,19 @@ def chunk_from_output(out: RequestOutput, worker_id: str = "") -> generate_pb2.G
             prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
             cached_tokens=out.num_cached_tokens))
         chunk.timing.CopyFrom(timing_proto(out.ttft_s or 0.0, out.itl_s))
+        chunk.timing.queue_seconds = out.queue_s or 0.0
+        chunk.timing.prefill_seconds = out.prefill_s or 0.0
         chunk.decode_worker = worker_id
         if out.finish_reason and out.finish_reason.startswith("error"):
             chunk.error = out.finish_reason.partition(":")[2].strip() or "failed"
     return chunk
+
+
+def remote_timing(timing: generate_pb2.Timing, stats: worker_pb2.PrefillStats) -> None:
+    """A remotely prefilled request's stages, as its prefill worker measured them."""
+    timing.queue_seconds = stats.queue_seconds
+    timing.prefill_seconds = stats.compute_seconds
+    timing.kv_transfer_seconds = stats.transfer_seconds
 
 
 def timing_proto(ttft_s: float, itl_s: list[float]) -> generate_pb2.Timing:

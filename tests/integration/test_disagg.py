@@ -68,6 +68,7 @@ def check_equal_to_colocated(cluster, prompts, reference):
     tokens, last = run_request(address, prompts[0])
     assert tokens == reference[0]
     assert last.prefill_worker and last.decode_worker  # really went through both
+    check_stage_timing(last.timing, remote=True)
     assert run_concurrently(address, prompts) == reference
     # the shared prefix was reused: by the decode worker's cache or the prefill's
     _, again = run_request(address, prompts[3])
@@ -77,6 +78,22 @@ def check_equal_to_colocated(cluster, prompts, reference):
     assert prefill.prefix_cache_hits > 0
     assert prefill.kv_transfer.bytes_sent > 0 and prefill.kv_transfer.transfers_done >= 17
     assert stats["decode-0"].kv_transfer.transfers_failed == 0
+
+
+def check_stage_timing(timing, remote: bool) -> None:
+    """The last chunk breaks TTFT down into stages measured where they happened."""
+    assert timing.prefill_seconds > 0 and timing.queue_seconds >= 0
+    # router-side TTFT covers the prefill engine's queue + compute (+ hops, transfer)
+    assert timing.queue_seconds + timing.prefill_seconds < timing.ttft_seconds
+    assert (timing.kv_transfer_seconds > 0) == remote
+
+
+def test_decode_only_route_reports_local_stages(ucx_cluster, prompts):
+    req = make_request(token_ids=prompts[1], params=GREEDY,
+                       mode=generate_pb2.DISAGGREGATION_NEVER)
+    last = list(stream(ucx_cluster.router_address, req, timeout=60))[-1]
+    assert not last.prefill_worker
+    check_stage_timing(last.timing, remote=False)
 
 
 def test_ucx_disaggregated_equals_colocated(ucx_cluster, prompts, reference):

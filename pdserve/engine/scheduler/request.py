@@ -49,6 +49,7 @@ class Request:
     finish_reason: FinishReason | None = None
     hold_blocks: bool = False  # keep KV after finishing (a prefill worker ships it)
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # first step that computed any of it
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
 

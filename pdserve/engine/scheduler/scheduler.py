@@ -10,6 +10,8 @@ Pure CPU logic: no torch.
 
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -151,6 +153,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.state = RequestState.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, n))
             budget -= n

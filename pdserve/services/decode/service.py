@@ -29,8 +29,8 @@ from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
-from pdserve.services.common import (ChannelPool, chunk_from_output, sampling_from_proto,
-                                     sampling_to_proto)
+from pdserve.services.common import (ChannelPool, chunk_from_output, remote_timing,
+                                     sampling_from_proto, sampling_to_proto)
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -68,8 +68,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             ids = list(request.token_ids)
             log.debug("request %s: received (%d tokens, %s)", request_id, len(ids),
                       request.WhichOneof("kv_source"))
+            remote_stats = None
             if request.WhichOneof("kv_source") == "remote_prefill":
-                await self._remote_prefill(request_id, ids, params, request, context)
+                remote_stats = await self._remote_prefill(request_id, ids, params, request,
+                                                          context)
             else:
                 await self.core.loop.call(self.core.engine.add_request, ids, params, request_id)
             while not finished:
@@ -78,7 +80,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 self._observe(out)
                 if out.num_output_tokens == 1:
                     log.debug("request %s: first token out", request_id)
-                yield chunk_from_output(out, self.core.settings.worker_id)
+                chunk = chunk_from_output(out, self.core.settings.worker_id)
+                if finished and remote_stats is not None:
+                    remote_timing(chunk.timing, remote_stats)
+                yield chunk
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except TransferFailed as exc:
@@ -101,7 +106,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return self.core.describe()
 
     # ---- remote prefill --------------------------------------------------------------
-    async def _remote_prefill(self, request_id, ids, params, request, context) -> None:
+    async def _remote_prefill(self, request_id, ids, params, request, context
+                              ) -> worker_pb2.PrefillStats | None:
+        """The prefill worker's stats once its KV is here; None if this worker recomputes."""
         engine, loop = self.core.engine, self.core.loop
         reserved = await loop.call(engine.reserve_remote, ids, params, request_id)
         bs = engine.config.block_size
@@ -120,7 +127,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                   request_id, len(reserved.block_ids), reserved.num_cached_tokens,
                   transfer_id, address)
         try:
-            first_token, error = await self._call_prefill(
+            first_token, stats, error = await self._call_prefill(
                 address, request_id, ids, params, destination, transfer_id, lease_s)
         except asyncio.CancelledError:
             await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
@@ -132,7 +139,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self.receiver.release(transfer_id)
             out = await loop.call(engine.remote_kv_arrived, request_id, first_token)
             loop.deliver(out)
-            return
+            return stats
         await self._cancel_transfer(transfer_id, released, address, request_id)
         self.core.kv_metrics.failed("transfer")
         if self._fallback(request) == "fail":
@@ -141,9 +148,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         log.warning("request %s: KV transfer from %s failed (%s); recomputing the prompt here",
                     request_id, address, error)
         await loop.call(engine.remote_kv_failed, request_id)
+        return None
 
     async def _call_prefill(self, address, request_id, ids, params, destination, transfer_id,
-                            lease_s) -> tuple[int, str | None]:
+                            lease_s) -> tuple[int, worker_pb2.PrefillStats | None, str | None]:
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(address))
         started = time.monotonic()
         try:
@@ -151,17 +159,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 request_id=request_id, token_ids=ids, sampling=sampling_to_proto(params),
                 destination=destination_to_proto(destination)), timeout=lease_s)
         except grpc.aio.AioRpcError as exc:
-            return 0, f"prefill call failed: {exc.code().name}: {exc.details()}"
+            return 0, None, f"prefill call failed: {exc.code().name}: {exc.details()}"
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s: prefill stats %s", request_id,
                       str(response.stats).replace("\n", " "))
         if response.kv_state != kv_pb2.TRANSFER_DONE:
-            return 0, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
-        status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)
+            return 0, None, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
+        status = self.receiver.poll().get(transfer_id)
+        if status is None or not status.state.terminal:  # the last reply may still be landing
+            status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)
         if status.state is not TransferState.DONE:
-            return 0, f"receiver saw {status.state.name}: {status.error}"
+            return 0, None, f"receiver saw {status.state.name}: {status.error}"
         self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
-        return response.first_token_id, None
+        return response.first_token_id, response.stats, None
 
     async def _cancel_transfer(self, transfer_id, released, address, request_id) -> None:
         """Stop taking data; wait until no write into our blocks can still land."""

@@ -59,6 +59,8 @@ class PrefillJob:
     finish_reason: str | None = None
     aborting: str = ""
     compute_done: float = 0.0
+    queue_s: float = 0.0      # waited in the engine before its first step
+    compute_s: float = 0.0    # first step -> first token
     send_started: float = 0.0
 
     @property
@@ -160,6 +162,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 job.first_token = out.new_token_ids[0]
                 job.finish_reason = out.finish_reason
                 job.compute_done = time.monotonic()
+                job.queue_s, job.compute_s = out.queue_s or 0.0, out.prefill_s or 0.0
         statuses = self.sender.poll() if any(j.positions_sent for j in self.jobs.values()) else {}
         for job in list(self.jobs.values()):
             self._advance(engine, job, statuses.get(job.transfer_id))
@@ -231,7 +234,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         stats = worker_pb2.PrefillStats(
             num_chunks=job.chunks, blocks_sent=status.blocks_done if status else 0,
             bytes_sent=status.bytes_moved if status else 0,
-            compute_seconds=(job.compute_done - job.arrival) if job.compute_done else 0.0,
+            queue_seconds=job.queue_s, compute_seconds=job.compute_s,
             transfer_seconds=status.seconds if status else 0.0)
         return worker_pb2.PrefillResponse(
             request_id=job.request_id, first_token_id=job.first_token or 0,
