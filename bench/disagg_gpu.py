@@ -39,6 +39,13 @@ def ttft(address: str, ids: list[int], mode: int) -> tuple[float, object]:
     return first, last
 
 
+def stage_medians(timings) -> dict:
+    """Median per stage (last-chunk Timing): where the TTFT went, in ms."""
+    fields = ("ttft_seconds", "queue_seconds", "prefill_seconds", "kv_transfer_seconds")
+    return {f.removesuffix("_seconds"): round(1000 * statistics.median(getattr(t, f) for t in timings), 2)
+            for f in fields}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama3-8b")
@@ -69,16 +76,21 @@ def main() -> None:
             ttft(address, ids, generate_pb2.DISAGGREGATION_ALWAYS)
             ttft(address, ids[::-1], generate_pb2.DISAGGREGATION_NEVER)
         for n in lengths:
-            dis, col = [], []
+            dis, col, stages = [], [], {"disagg": [], "colocated": []}
             for r in range(args.repeats):
                 ids = torch.randint(10, 120000, (n,), generator=g).tolist()
                 t, last = ttft(address, ids, generate_pb2.DISAGGREGATION_ALWAYS)
                 assert last.prefill_worker, "request did not go through a prefill worker"
                 dis.append(t)
+                stages["disagg"].append(last.timing)
                 ids = torch.randint(10, 120000, (n,), generator=g).tolist()
-                col.append(ttft(address, ids, generate_pb2.DISAGGREGATION_NEVER)[0])
+                t, last = ttft(address, ids, generate_pb2.DISAGGREGATION_NEVER)
+                col.append(t)
+                stages["colocated"].append(last.timing)
             row = {"prompt_tokens": n, "ttft_disagg_ms": 1000 * statistics.median(dis),
                    "ttft_colocated_ms": 1000 * statistics.median(col)}
+            for route, timings in stages.items():
+                row[f"stages_{route}_ms"] = stage_medians(timings)
             row["exposed_ms"] = row["ttft_disagg_ms"] - row["ttft_colocated_ms"]
             row["exposed_frac_of_ttft"] = row["exposed_ms"] / row["ttft_disagg_ms"]
             print(json.dumps(row), flush=True)
