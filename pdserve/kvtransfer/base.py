@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: side-channel envelope, in-place chunks committed over it
 POOL_LAYOUT = "block_major_v1"   # pdserve.engine.kvcache.pool: [blocks, layers, 2, bs, h, d]
 
 

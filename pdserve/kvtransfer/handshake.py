@@ -1,15 +1,22 @@
-"""First contact between two workers over a ZeroMQ side channel.
+"""A receiver's ZeroMQ side channel: first contact, and control of in-place chunks.
 
 The receiving side (decode) runs a SideChannelServer: a ROUTER socket served by one
-thread. A sender (prefill) calls `request_handshake(address, hello)` once per peer: it
-sends HandshakeRequest{hello}, the server compares both KVHandshakes and answers
-HandshakeReply{accepted, error, hello, data_address}. Both sides check, so a mismatch is
-refused at connect time with an error naming both values. Messages are protobuf only.
+thread. Every request is a SideChannelRequest envelope, answered by a SideChannelReply:
+  handshake      a sender (prefill) calls `request_handshake(address, hello)` once per
+                 peer; the server compares both KVHandshakes and answers
+                 HandshakeReply{accepted, error, hello, data_address, ...}. Both sides
+                 check, so a mismatch is refused at connect time naming both values.
+  chunk_header,  same-host GPU senders that write into the receiver's mapped pool admit
+  chunk_written  and commit each chunk here (a SideChannelClient per peer); the server
+                 hands these to the receiver's `on_chunk` handler.
+Messages are protobuf only; a malformed request is answered with an error and the server
+keeps serving.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import zmq
 
@@ -17,15 +24,22 @@ from pdserve.kvtransfer.base import ConnectorError, HandshakeError
 from pdserve.kvtransfer.messages import HandshakeInfo, check_handshake, handshake_mismatches
 from pdserve.wire import kv_pb2
 
+ChunkHandler = Callable[[kv_pb2.SideChannelRequest], kv_pb2.KVChunkReply]
+IDLE_POLL_MS = 50
+
 
 class SideChannelServer:
-    """Answers handshakes for one receiver until close()."""
+    """Answers side-channel requests for one receiver until close()."""
 
     def __init__(self, hello: HandshakeInfo, data_address: str, host: str = "127.0.0.1",
-                 port: int = 0, export: dict | None = None) -> None:
+                 port: int = 0, export: dict | None = None,
+                 on_chunk: ChunkHandler | None = None,
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.hello = hello
         self.data_address = data_address
         self.export = export or {}  # extra HandshakeReply fields (e.g. the pool's IPC handle)
+        self._on_chunk = on_chunk
+        self._on_idle = on_idle or (lambda: None)  # called at least every IDLE_POLL_MS
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -43,53 +57,103 @@ class SideChannelServer:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(50):
-                continue
-            identity, payload = self._recv_request()
-            self._socket.send_multipart([identity, b"", self._answer(payload)])
+            if poller.poll(IDLE_POLL_MS):
+                frames = self._socket.recv_multipart()
+                identity, payload = frames[0], frames[-1]  # [empty delimiter] between
+                self._socket.send_multipart([identity, b"", self._answer(payload)])
+            self._on_idle()
         self._socket.close(0)
 
-    def _recv_request(self) -> tuple[bytes, bytes]:
-        frames = self._socket.recv_multipart()
-        return frames[0], frames[-1]   # identity, [empty delimiter,] request
-
     def _answer(self, payload: bytes) -> bytes:
+        try:
+            request = kv_pb2.SideChannelRequest.FromString(payload)
+        except Exception as exc:
+            return _chunk_error(f"malformed side-channel request: {exc}")
+        kind = request.WhichOneof("kind")
+        if kind == "handshake":
+            reply = kv_pb2.SideChannelReply(handshake=self._handshake(request.handshake))
+        elif kind is not None and self._on_chunk is not None:
+            reply = kv_pb2.SideChannelReply(chunk=self._on_chunk(request))
+        else:
+            return _chunk_error(f"side-channel request {kind!r} is not served here")
+        return reply.SerializeToString()
+
+    def _handshake(self, request: kv_pb2.HandshakeRequest) -> kv_pb2.HandshakeReply:
         reply = kv_pb2.HandshakeReply(hello=self.hello.to_proto(),
                                       data_address=self.data_address, **self.export)
         try:
-            remote = HandshakeInfo.from_proto(kv_pb2.HandshakeRequest.FromString(payload).hello)
-        except Exception as exc:  # malformed request: refuse, keep serving
+            remote = HandshakeInfo.from_proto(request.hello)
+        except Exception as exc:  # malformed hello: refuse, keep serving
             reply.error = f"malformed handshake request: {exc}"
-            return reply.SerializeToString()
+            return reply
         problems = handshake_mismatches(self.hello, remote)
         reply.accepted = not problems
         if problems:
             reply.error = "KV handshake refused: " + "; ".join(problems)
             self.refused.append(reply.error)
-        return reply.SerializeToString()
+        return reply
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
 
 
+def _chunk_error(message: str) -> bytes:
+    return kv_pb2.SideChannelReply(chunk=kv_pb2.KVChunkReply(
+        status=kv_pb2.KVChunkReply.REJECTED, error=message)).SerializeToString()
+
+
+class SideChannelClient:
+    """A REQ socket to one receiver's side channel. Not thread-safe: one thread uses it.
+    A request that times out leaves REQ unusable, so the socket is then replaced."""
+
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._socket = None
+
+    def call(self, request: kv_pb2.SideChannelRequest) -> kv_pb2.SideChannelReply:
+        socket = self._socket or self._connect()
+        try:
+            socket.send(request.SerializeToString())
+            return kv_pb2.SideChannelReply.FromString(socket.recv())
+        except zmq.Again as exc:
+            self.close()
+            raise ConnectorError(f"KV side channel {self.address} did not answer within "
+                                 f"{self.timeout_s:g}s") from exc
+
+    def _connect(self):
+        socket = zmq.Context.instance().socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVTIMEO, int(self.timeout_s * 1000))
+        socket.setsockopt(zmq.SNDTIMEO, int(self.timeout_s * 1000))
+        socket.connect(self.address)
+        self._socket = socket
+        return socket
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(0)
+            self._socket = None
+
+
 def request_handshake(address: str, hello: HandshakeInfo,
                       timeout_s: float = 5.0) -> kv_pb2.HandshakeReply:
     """Handshake with the SideChannelServer at address. Returns the accepted reply;
     raises HandshakeError on refusal, ConnectorError when nobody answers."""
-    socket = zmq.Context.instance().socket(zmq.REQ)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
-    socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    client = SideChannelClient(address, timeout_s)
     try:
-        socket.connect(address)
-        socket.send(kv_pb2.HandshakeRequest(hello=hello.to_proto()).SerializeToString())
-        reply = kv_pb2.HandshakeReply.FromString(socket.recv())
-    except zmq.Again as exc:
+        answer = client.call(kv_pb2.SideChannelRequest(
+            handshake=kv_pb2.HandshakeRequest(hello=hello.to_proto())))
+    except ConnectorError as exc:
         raise ConnectorError(f"KV side channel {address} did not answer the handshake "
                              f"within {timeout_s:g}s") from exc
     finally:
-        socket.close(0)
+        client.close()
+    if answer.WhichOneof("kind") != "handshake":
+        raise HandshakeError(f"KV side channel {address} refused the handshake: "
+                             f"{answer.chunk.error}")
+    reply = answer.handshake
     if not reply.accepted:
         raise HandshakeError(reply.error or f"KV handshake refused by {address}")
     check_handshake(hello, HandshakeInfo.from_proto(reply.hello))

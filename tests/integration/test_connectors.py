@@ -192,6 +192,84 @@ def test_local_receiver_gone_fails_sender():
     assert status.state is TransferState.FAILED and "gone" in status.error
 
 
+# -- ucx in-place chunks (same-host GPU peers), protocol on the side channel -----------
+def _in_place(transfer_id, index, runs, last=True):
+    from pdserve.kvtransfer.messages import chunk_header
+    header = chunk_header(SPEC, transfer_id=transfer_id, chunk_index=index, last=last,
+                          dst_runs=runs)
+    header.written_in_place = True
+    return kv_pb2.SideChannelRequest(chunk_header=header)
+
+
+def _written(transfer_id, index):
+    return kv_pb2.SideChannelRequest(chunk_written=kv_pb2.KVChunkReply(
+        transfer_id=transfer_id, chunk_index=index, status=kv_pb2.KVChunkReply.STORED))
+
+
+@pytest.fixture
+def ucx_receiver():
+    from pdserve.kvtransfer.handshake import SideChannelClient
+    from pdserve.kvtransfer.ucx import UcxSettings
+    pool = KVCachePool(SPEC)
+    receiver = make_receiver("ucx", pool, hello("ucx", "decode"), UcxSettings(io_timeout_s=0.5))
+    client = SideChannelClient(receiver.address, timeout_s=5)
+    yield receiver, pool, client
+    client.close()
+    receiver.close()
+
+
+def test_in_place_chunks_admitted_then_committed(ucx_receiver):
+    receiver, pool, client = ucx_receiver
+    source = random_pool(seed=7)
+    receiver.expect("ip", DST[:4])
+    status = kv_pb2.KVChunkReply
+    assert client.call(_written("ip", 0)).chunk.status == status.REJECTED  # not admitted
+    assert client.call(_in_place("ip", 0, [(10, 2)], last=False)).chunk.status == status.ACCEPTED
+    pool.kv[10:12].copy_(source.kv[3:5])            # the peer's device copy
+    assert client.call(_written("ip", 0)).chunk.status == status.STORED
+    assert receiver.poll()["ip"].state is TransferState.IN_FLIGHT
+    assert client.call(_in_place("ip", 1, [(40, 2)])).chunk.status == status.ACCEPTED
+    pool.kv[40:42].copy_(source.kv[5:7])
+    assert client.call(_written("ip", 1)).chunk.status == status.STORED
+    assert receiver.wait("ip", 5).state is TransferState.DONE
+    assert torch.equal(pool.read_blocks(DST[:4]), source.read_blocks([3, 4, 5, 6]))
+    # blocks outside the transfer are refused
+    receiver.expect("ip2", [1, 2])
+    reply = client.call(_in_place("ip2", 0, [(50, 2)])).chunk
+    assert reply.status == status.REJECTED and "not destinations" in reply.error
+
+
+def test_in_place_admission_never_committed_fails_and_frees(ucx_receiver):
+    receiver, _, client = ucx_receiver
+    released = []
+    receiver.expect("stuck", [10, 11], on_release=lambda st, blocks: released.append(blocks))
+    reply = client.call(_in_place("stuck", 0, [(10, 2)])).chunk
+    assert reply.status == kv_pb2.KVChunkReply.ACCEPTED
+    status = receiver.wait("stuck", 5)  # io_timeout_s=0.5: the admission expires
+    assert status.state is TransferState.FAILED and "did not commit" in status.error
+    deadline = time.monotonic() + 5
+    while not released and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert released == [(10, 11)]
+    late = client.call(_written("stuck", 0)).chunk
+    assert late.status == kv_pb2.KVChunkReply.REJECTED
+
+
+def test_side_channel_survives_garbage(ucx_receiver):
+    import zmq
+    receiver, _, client = ucx_receiver
+    socket = zmq.Context.instance().socket(zmq.REQ)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.connect(receiver.address)
+    socket.send(b"\xff\x00 not a protobuf")
+    reply = kv_pb2.SideChannelReply.FromString(socket.recv())
+    socket.close(0)
+    assert reply.chunk.status == kv_pb2.KVChunkReply.REJECTED and "malformed" in reply.chunk.error
+    receiver.expect("after", [1])
+    assert client.call(_in_place("after", 0, [(1, 1)])).chunk.status == \
+        kv_pb2.KVChunkReply.ACCEPTED
+
+
 # -- ucx across two processes ----------------------------------------------------------
 def _ucx_receiver_process(conn, num_blocks_to_expect):
     """Child: a decode worker with a ucx receiver. Sends back the destination (protobuf),
