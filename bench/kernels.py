@@ -9,8 +9,12 @@
 4. prefill: causal TFLOP/s at 1k/4k/16k tokens vs torch SDPA (flash backend and the
    default, cuDNN), and with half the context already cached (prefix hit), plus a
    config sweep.
+5. --elementwise (only this, with copy bandwidth and tests/gpu/test_fused_gpu.py): the
+   fused Triton norms/rotary/SiLU vs the model's unfused torch ops at 1/64/512/8000
+   tokens, eager and CUDA-graph replay (the decode step runs as a graph).
 Timer: triton.testing.do_bench (median; it flushes L2 before every run). Prints a table
-and writes DIR/kernels.json (DIR defaults to $OUT, else bench/out).
+and writes DIR/kernels.json, or DIR/kernels_elementwise.json with --elementwise (DIR
+defaults to $OUT, else bench/out).
 
 FLOPs: causal attention of a sequence with n queries at the end of a seq_len context
 counts 4 * heads * d * (visible query-key pairs), pairs = n*(seq_len-n) + n^2/2; with no
@@ -41,6 +45,7 @@ from pdserve.engine.kernels._common import device_sms  # noqa: E402
 from pdserve.engine.kernels.decode import default_decode_config  # noqa: E402
 from pdserve.engine.kernels.prefill import default_prefill_config  # noqa: E402
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec  # noqa: E402
+from pdserve.engine.synthetic import SHAPES  # noqa: E402
 
 H, KVH, D, BS = 32, 8, 128, 16  # Llama-3-8B attention, 16-token pages
 DT = torch.bfloat16
@@ -383,12 +388,73 @@ def compiled_kernels(results: dict) -> None:
     results["compiled"] = out
 
 
+# ---- fused elementwise ------------------------------------------------------------------
+
+ELEMENTWISE_TOKENS = [1, 64, 512, 8000]
+
+
+def elementwise_ops(t: int) -> dict:
+    """(unfused, fused, bytes moved by the fused kernel) per op of one decoder layer at
+    Llama-3-8B shapes over t tokens. Unfused = the model's torch code (llama.py)."""
+    from pdserve.engine.kernels import fused_add_rms_norm, rms_norm, rotary_, silu_and_mul
+    from pdserve.engine.model.llama import RMSNorm, Rotary
+    cfg = SHAPES["llama3-8b"]
+    hid, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    norm = RMSNorm(hid, cfg.rms_eps).to(DEV, DT)
+    rotary = Rotary(cfg, cfg.max_position).to(DEV)
+    x = torch.randn(t, hid, device=DEV, dtype=DT)
+    res = torch.randn(t, hid, device=DEV, dtype=DT)
+    qkv = torch.randn(t, (cfg.num_heads + 2 * cfg.num_kv_heads) * d, device=DEV, dtype=DT)
+    qk = qkv[:, :(cfg.num_heads + cfg.num_kv_heads) * d].view(t, -1, d)
+    pos = torch.randint(0, cfg.max_position, (t,), device=DEV)
+    tables = rotary.tables(pos)  # per step in the model, not per layer: left out
+    gate_up = torch.randn(t, 2 * inter, device=DEV, dtype=DT)
+    w, eps, b = norm.weight, norm.eps, DT.itemsize
+    return {
+        "rms_norm": (lambda: norm(x), lambda: rms_norm(x, w, eps), 2 * t * hid * b),
+        "add_rms_norm": (lambda: norm(x + res), lambda: fused_add_rms_norm(x, res, w, eps),
+                         4 * t * hid * b),
+        "rotary": (lambda: Rotary.apply(qk, tables),
+                   lambda: rotary_(qk, pos, rotary.cos, rotary.sin_signed), 2 * qk.numel() * b),
+        "silu_and_mul": (lambda: F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]),
+                         lambda: silu_and_mul(gate_up), 3 * t * inter * b),
+    }
+
+
+def elementwise_bench(results: dict) -> None:
+    """Per op and per layer (2 add+norms, rotary, silu: what one decoder layer runs; the
+    first layer's plain norm is left out), milliseconds eager and graphed."""
+    rows = []
+    for t in ELEMENTWISE_TOKENS:
+        ops = elementwise_ops(t)
+        row = {"tokens": t}
+        for name, (unfused, fused, nbytes) in ops.items():
+            for tag, fn in (("unfused", unfused), ("fused", fused)):
+                row[f"{name}_{tag}_eager_ms"] = bench_ms(fn)
+                row[f"{name}_{tag}_ms"] = bench_ms(graphed(fn))
+            row[f"{name}_fused_GBps"] = nbytes / row[f"{name}_fused_ms"] / 1e6
+            row[f"{name}_speedup"] = row[f"{name}_unfused_ms"] / row[f"{name}_fused_ms"]
+        for tag in ("unfused", "fused"):
+            layer = [ops["add_rms_norm"][tag == "fused"]] * 2 + [
+                ops["rotary"][tag == "fused"], ops["silu_and_mul"][tag == "fused"]]
+            row[f"layer_{tag}_ms"] = bench_ms(graphed(lambda fns=layer: [f() for f in fns]))
+        row["layer_speedup"] = row["layer_unfused_ms"] / row["layer_fused_ms"]
+        rows.append(row)
+        log(f"elementwise {t} tokens: layer unfused {row['layer_unfused_ms'] * 1e3:.1f} us, "
+            f"fused {row['layer_fused_ms'] * 1e3:.1f} us (x{row['layer_speedup']:.2f}); "
+            + ", ".join(f"{k}={v:.3g}" for k, v in row.items()
+                        if k.endswith(("_speedup", "_GBps"))))
+        del ops
+        torch.cuda.empty_cache()
+    results["elementwise"] = rows
+
+
 # ---- driver -----------------------------------------------------------------------------
 
-def run_tests() -> dict:
+def run_tests(path: str = "tests/gpu/test_kernels_gpu.py") -> dict:
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "tests/gpu/test_kernels_gpu.py"], cwd=ROOT,
+                           path], cwd=ROOT,
                           capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr)[-3000:]
     log(tail)
@@ -423,6 +489,13 @@ def print_tables(res: dict) -> None:
         log(f"{r['tokens']:>6} {r['ours_TFLOPs']:>6.0f} {r['flash_TFLOPs']:>6.0f} "
             f"{r['default_TFLOPs']:>6.0f} {r['ours_vs_flash']:>7.2f} {r['prefix_TFLOPs']:>6.0f} "
             f"{r['rel_err']:>8.1e}")
+    if res.get("elementwise"):
+        log("elementwise ops of one Llama-3-8B layer, graphed us: unfused / fused (speedup)")
+        for r in res["elementwise"]:
+            log(f"{r['tokens']:>6} tokens: " + ", ".join(
+                f"{op} {r[f'{op}_unfused_ms'] * 1e3:.1f}/{r[f'{op}_fused_ms'] * 1e3:.1f} "
+                f"(x{r[f'{op}_unfused_ms'] / r[f'{op}_fused_ms']:.2f})"
+                for op in ("rms_norm", "add_rms_norm", "rotary", "silu_and_mul", "layer")))
     for r in res.get("decode_sweep", {}).get("shapes", []):
         log(f"decode sweep {r['shape']:>9}: best {r['best']:>7} {r['best_GBps']:>5.0f} GB/s, "
             f"default c0/s{r['policy_splits']} {r['policy_default_cfg_GBps'] or 0:>5.0f}")
@@ -433,9 +506,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "bench", "out")))
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--elementwise", action="store_true",
+                    help="only the fused elementwise kernels (and their tests)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "kernels.json")
+    path = os.path.join(args.out, "kernels_elementwise.json" if args.elementwise
+                        else "kernels.json")
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "commit": os.environ.get("GIT_COMMIT", "unknown"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
@@ -443,16 +519,20 @@ def main() -> None:
            "default_prefill_config": default_prefill_config(D, DT),
            "default_decode_config": default_decode_config(D, DT)}
     steps = []
+    tests = "tests/gpu/test_fused_gpu.py" if args.elementwise else "tests/gpu/test_kernels_gpu.py"
     if not args.skip_tests:
-        steps.append(("tests", lambda: res.__setitem__("tests", run_tests())))
+        steps.append(("tests", lambda: res.__setitem__("tests", run_tests(tests))))
     steps.append(("copy", lambda: res.__setitem__("copy", copy_bandwidth())))
-    steps.append(("store", lambda: store_bench(res)))
-    steps.append(("decode", lambda: decode_table(res, res["copy"]["GBps"])))
-    steps.append(("prefill", lambda: prefill_table(res)))
-    if not args.no_sweep:
-        steps.append(("decode_sweep", lambda: decode_sweep(res)))
-        steps.append(("prefill_sweep", lambda: prefill_sweep(res)))
-    steps.append(("compiled", lambda: compiled_kernels(res)))
+    if args.elementwise:
+        steps.append(("elementwise", lambda: elementwise_bench(res)))
+    else:
+        steps.append(("store", lambda: store_bench(res)))
+        steps.append(("decode", lambda: decode_table(res, res["copy"]["GBps"])))
+        steps.append(("prefill", lambda: prefill_table(res)))
+        if not args.no_sweep:
+            steps.append(("decode_sweep", lambda: decode_sweep(res)))
+            steps.append(("prefill_sweep", lambda: prefill_sweep(res)))
+        steps.append(("compiled", lambda: compiled_kernels(res)))
     for name, step in steps:
         t0 = time.time()
         try:

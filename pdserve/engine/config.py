@@ -62,6 +62,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's own context length
     enable_prefix_caching: bool = True
     cuda_graphs: bool = False
+    fused_kernels: bool = True  # Triton-fused norms/rotary/SiLU/residual adds; CUDA only
     allocate_whole_prompt: bool = False  # prefill role: see SchedulerConfig
     seed: int = 0
 

@@ -42,6 +42,7 @@ class ModelRunner:
             self.model.init_random_(config.seed)
         if self.device.type == "cpu":
             self.model.use_input_major_weights()
+        self.model.fused_elementwise = config.fused_kernels and self.device.type == "cuda"
         self.pool = KVCachePool(KVCacheSpec(
             num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim, block_size=config.block_size,

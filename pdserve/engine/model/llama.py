@@ -2,10 +2,17 @@
 
 The batch is flattened: input_ids/positions are [num_tokens] for all sequences of a step;
 attention goes through an AttentionBackend (torch reference or Triton kernels).
+
+Two ways through the elementwise ops (norms, rotary, SiLU, residual adds), same rounding:
+- plain PyTorch ops (`forward`): the CPU path, and the reference on CUDA;
+- Triton kernels (kernels/elementwise.py) when `fused_elementwise` is set (ModelRunner
+  sets it on CUDA): each residual add is folded into the next RMSNorm, so the residual
+  stream is carried between layers and updated in place.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -82,6 +89,15 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
+    def forward_fused(self, update: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        """Triton path: residual += update in place, then the norm of the new residual;
+        with no update (the first layer), only the norm."""
+        from pdserve.engine.kernels.elementwise import fused_add_rms_norm, rms_norm
+
+        if update is None:
+            return rms_norm(residual, self.weight, self.eps)
+        return fused_add_rms_norm(update, residual, self.weight, self.eps)[0]
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -95,12 +111,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, x, rope_tables, backend: AttentionBackend, k_cache, v_cache,
+    def forward(self, x, rope, backend: AttentionBackend, k_cache, v_cache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        # x: [num_tokens, hidden]; q and k are rotated together (adjacent in qkv)
+        # x: [num_tokens, hidden]; q and k are rotated together (adjacent in qkv) by
+        # rope: [num_tokens, heads, head_dim] -> same (a new tensor, or rotated in place)
         qkv = self.qkv_proj(x)
         t, qk_size = qkv.shape[0], self.q_size + self.kv_size
-        qk = Rotary.apply(qkv[:, :qk_size].view(t, -1, self.head_dim), rope_tables)
+        qk = rope(qkv[:, :qk_size].view(t, -1, self.head_dim))
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
@@ -117,6 +134,11 @@ class MLP(nn.Module):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate).mul_(up))
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        from pdserve.engine.kernels.elementwise import silu_and_mul
+
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -126,10 +148,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope_tables, backend, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope_tables, backend,
-                               k_cache, v_cache, meta)
+    def forward(self, x, rope, backend, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), rope, backend, k_cache, v_cache, meta)
         return x.add_(self.mlp(self.post_attention_layernorm(x)))
+
+    def forward_fused(self, update, residual, rope, backend, k_cache, v_cache, meta):
+        """Triton path. update: the previous layer's MLP output, not yet added to residual
+        (None in the first layer); residual: [num_tokens, hidden], updated in place.
+        Returns this layer's MLP output, for the next norm to add."""
+        h = self.input_layernorm.forward_fused(update, residual)
+        attn = self.self_attn(h, rope, backend, k_cache, v_cache, meta)
+        return self.mlp.forward_fused(self.post_attention_layernorm.forward_fused(attn, residual))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -141,17 +170,36 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config, max_positions)
+        # Triton kernels for norms/rotary/SiLU/residual adds (needs triton; on CPU only
+        # under its interpreter). ModelRunner turns it on for CUDA.
+        self.fused_elementwise = False
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVCachePool,
                 backend: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
+        if self.fused_elementwise:
+            return self._forward_fused(input_ids, positions, pool, backend, meta)
         x = self.embed_tokens(input_ids)
-        rope_tables = self.rotary.tables(positions)  # once per step, shared by all layers
+        # cos/sin rows once per step, shared by all layers
+        rope = functools.partial(Rotary.apply, tables=self.rotary.tables(positions))
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = pool.layer_caches(i)
-            x = layer(x, rope_tables, backend, k_cache, v_cache, meta)
+            x = layer(x, rope, backend, k_cache, v_cache, meta)
         return self.norm(x)
+
+    def _forward_fused(self, input_ids, positions, pool, backend, meta) -> torch.Tensor:
+        from pdserve.engine.kernels.elementwise import rotary_
+
+        # the kernel gathers each token's cos/sin row from the full tables
+        rope = functools.partial(rotary_, positions=positions, cos=self.rotary.cos,
+                                 sin_signed=self.rotary.sin_signed)
+        residual = self.embed_tokens(input_ids)  # [num_tokens, hidden], updated in place
+        update = None
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = pool.layer_caches(i)
+            update = layer.forward_fused(update, residual, rope, backend, k_cache, v_cache, meta)
+        return self.norm.forward_fused(update, residual)
 
     def use_input_major_weights(self) -> None:
         """Store every Linear weight [out, in] as the transpose of an [in, out] contiguous
