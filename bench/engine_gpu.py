@@ -8,6 +8,8 @@ for the torch reference backend (eager), the Triton backend (eager) and the Trit
 backend with CUDA graphs for decode (token ids in, token ids out: detokenize=False, as
 vLLM's skip_tokenizer_init in the reference figures); and the baseline transformers `generate_batch`
 (paged sdpa) and `generate` (batch 1) on the same shapes with their own random weights.
+Configs are backend[+graphs][+unfused]: fused Triton elementwise kernels are on unless
+`+unfused` (e.g. --configs triton+graphs,triton+graphs+unfused).
 
     python bench/engine_gpu.py --shape llama3-8b --out bench/results/engine-h100.json
 """
@@ -44,18 +46,20 @@ def timed_generate(engine: LLMEngine, prompts, params):
     return time.perf_counter() - start, out
 
 
-def measure_engine(shape: str, backend: str, graphs: bool, quick: bool) -> dict:
+def measure_engine(shape: str, backend: str, graphs: bool, fused: bool, quick: bool) -> dict:
     model = synthetic_model(shape)
     vocab = model.config.vocab_size
     engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", attention_backend=backend,
-                                    cuda_graphs=graphs, kv_cache_memory_gb=20,
-                                    max_num_batched_tokens=8192, max_num_seqs=128), model)
-    res = {"backend": backend, "cuda_graphs": graphs}
+                                    cuda_graphs=graphs, fused_kernels=fused,
+                                    kv_cache_memory_gb=20, max_num_batched_tokens=8192,
+                                    max_num_seqs=128), model)
+    res = {"backend": backend, "cuda_graphs": graphs, "fused_kernels": fused}
     warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
     engine.generate([random_prompt(512, vocab, 0)] * 2, warm)  # compile kernels
     one = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
     for n in (512, 2048, 8000):
-        times = [timed_generate(engine, [random_prompt(n, vocab, 100 + r)], one)[0]
+        # seeds differ per length: equal seeds would make the shorter prompt a cached prefix
+        times = [timed_generate(engine, [random_prompt(n, vocab, 100 * n + r)], one)[0]
                  for r in range(3)]
         res[f"ttft_ms_{n}"] = 1000 * statistics.median(times)
     decode = SamplingParams(max_tokens=32 if quick else 128, ignore_eos=True, detokenize=False)
@@ -160,8 +164,9 @@ def main() -> None:
         "engine": [],
     }
     for name in args.configs.split(","):
-        backend, _, extra = name.partition("+")
-        r = measure_engine(args.shape, backend, extra == "graphs", args.quick)
+        backend, *extras = name.split("+")
+        r = measure_engine(args.shape, backend, "graphs" in extras, "unfused" not in extras,
+                           args.quick)
         print(json.dumps(r), flush=True)
         result["engine"].append(r)
     if args.baseline:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import platform
@@ -237,6 +238,8 @@ def git_commit() -> str:
 
 
 def main(argv=None) -> int:
+    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connectors", default="local,ucx,redis")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -46,6 +46,7 @@ cuda_ipc / RDMA are picked; GPU buffers are passed as CUDA tensors.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -69,6 +70,8 @@ PROGRESS_ENV = {
     "UCXPY_PROGRESS_MODE": "thread",
     "UCXPY_ENABLE_PYTHON_FUTURE": "1",
 }
+log = logging.getLogger(__name__)
+
 HOST_TRANSPORT_ENV = {
     **PROGRESS_ENV,
     "UCX_TLS": "tcp",
@@ -441,21 +444,28 @@ class UcxSender(ChunkedSender):
         self.table.hold(chunk.transfer_id)
         try:
             chunk.wait_ready()
-            started = time.perf_counter()
+            marks = [time.perf_counter()]
             header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                                   chunk_index=chunk.index, last=chunk.last,
                                   dst_runs=[(d, n) for _, d, n in chunk.runs])
             header.written_in_place = True
             if self._control(peer, kv_pb2.SideChannelRequest(chunk_header=header),
                              kv_pb2.KVChunkReply.ACCEPTED, chunk):
+                marks.append(time.perf_counter())
                 self._write_in_place(peer.remote_pool, chunk)
+                marks.append(time.perf_counter())
                 written = kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id,
                                               chunk_index=chunk.index,
                                               status=kv_pb2.KVChunkReply.STORED)
                 if self._control(peer, kv_pb2.SideChannelRequest(chunk_written=written),
                                  kv_pb2.KVChunkReply.STORED, chunk):
-                    self._chunk_done(chunk, header.payload_bytes,
-                                     time.perf_counter() - started)
+                    marks.append(time.perf_counter())
+                    self._chunk_done(chunk, header.payload_bytes, marks[-1] - marks[0])
+                    if log.isEnabledFor(logging.DEBUG):
+                        log.debug("in-place chunk %s/%d (%d blocks, %d runs): admit %.2f ms, "
+                                  "copy %.2f ms, commit %.2f ms", chunk.transfer_id,
+                                  chunk.index, chunk.num_blocks, len(chunk.runs),
+                                  *(1000 * (b - a) for a, b in zip(marks, marks[1:])))
         except ConnectorError as exc:
             self.fail(chunk.transfer_id, str(exc))
             peer.control.close()
