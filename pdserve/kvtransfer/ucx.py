@@ -98,6 +98,7 @@ class UcxSettings:
     # endpoint keeps a receive posted there; costless in thread progress mode)
     idle_close_s: float = 30.0
     pack_above_runs: int = 4         # more runs than this: gather into one message
+    copy_runs_max: int = 32          # in-place writes: a memcpy per run up to this many
     direct_gpu: bool = True          # same-host GPU peers: write into the mapped pool
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
 
@@ -560,6 +561,11 @@ class UcxSender(ChunkedSender):
         """Device copy of the chunk's blocks into the receiver's mapped pool."""
         device = self.pool.device
         with self._copy_stream:  # synced on exit: done before the receiver is told
+            if len(chunk.runs) <= self.settings.copy_runs_max:
+                # one device memcpy per contiguous run: no staging buffer, copy bandwidth
+                for s, d, n in chunk.runs:
+                    remote.kv[d:d + n].copy_(self.pool.kv[s:s + n], non_blocking=True)
+                return
             src = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=device)
             dst = torch.tensor(chunk.dst_block_ids, dtype=torch.long, device=device)
             remote.kv.index_copy_(0, dst, self.pool.kv.index_select(0, src))
