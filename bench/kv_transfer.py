@@ -227,6 +227,8 @@ def machine_info(device: str) -> dict:
 
 
 def git_commit() -> str:
+    if os.environ.get("PDSERVE_COMMIT"):  # a copied tree may carry stale git metadata
+        return os.environ["PDSERVE_COMMIT"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()

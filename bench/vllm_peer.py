@@ -1,0 +1,94 @@
+"""vLLM on the same GPU, same shapes, same measurements as bench/engine_gpu.py.
+
+Llama-3-8B-shaped random weights (vLLM's load_format="dummy"), bf16, token-id prompts
+(skip_tokenizer_init), prefix caching on with distinct prompts, offline `LLM`:
+  * TTFT: one request, max_tokens=1, at 512 / 2k / 8k prompt tokens (median of 3);
+  * decode ms/token at batch 1: (time for 128 tokens - time for 1) / 127, 512-token prompt;
+  * throughput: 64 requests x 512 prompt x 128 output tokens submitted at once, after a
+    warm-up of the same shape on other prompts.
+vLLM is not a dependency of pdserve: this runs where `../shared/tools/vllm-peer` was
+unpacked (see its header).
+
+    python bench/vllm_peer.py --out bench/results/vllm-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "bos_token_id": 128000, "eos_token_id": 128001,
+}
+
+
+def random_prompt(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 120000, (n,), generator=g).tolist()
+
+
+def timed(llm, prompts, params) -> float:
+    from vllm.inputs import TokensPrompt
+
+    start = time.perf_counter()
+    llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    import vllm
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    folder = tempfile.mkdtemp(prefix="llama3-8b-dummy-")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(LLAMA3_8B, f)
+    llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=8192 + 256, enable_prefix_caching=True, seed=0)
+
+    def params(n: int):
+        return SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False, temperature=0)
+
+    res = {"gpu": torch.cuda.get_device_name(), "vllm": vllm.__version__,
+           "torch": torch.__version__, "shape": "llama3-8b", "dtype": "bfloat16",
+           "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
+           "command": "python bench/vllm_peer.py"}
+    for n in (512, 2048, 8000):  # warm every shape once
+        timed(llm, [random_prompt(n, 7 * n)], params(4))
+    for n in (512, 2048, 8000):
+        res[f"ttft_ms_{n}"] = 1000 * statistics.median(
+            timed(llm, [random_prompt(n, 100 * n + r)], params(1)) for r in range(3))
+    per_token = []
+    for r in range(3):
+        one = timed(llm, [random_prompt(512, 300 + r)], params(1))
+        full = timed(llm, [random_prompt(512, 400 + r)], params(128))
+        per_token.append((full - one) / 127)
+    res["decode_ms_per_token_batch1"] = 1000 * statistics.median(per_token)
+    timed(llm, [random_prompt(512, 700 + i) for i in range(64)], params(8))
+    wall = timed(llm, [random_prompt(512, 900 + i) for i in range(64)], params(128))
+    res.update(throughput_requests=64, throughput_wall_s=wall,
+               throughput_output_tok_s=64 * 128 / wall)
+    text = json.dumps(res, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
