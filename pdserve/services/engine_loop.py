@@ -23,17 +23,14 @@ Tick = Callable[[LLMEngine, list[RequestOutput]], None]
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
-                 tick: Tick | None = None, idle_wait_s: float = 0.05,
-                 tick_interval_s: float = 0.001) -> None:
+                 tick: Tick | None = None, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
         self._loop = loop
         self._tick = tick
         self._idle_wait_s = idle_wait_s
-        self._tick_interval_s = tick_interval_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._stop = threading.Event()
-        self._busy_ticks = False  # a tick asked to be called again soon (transfers)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -44,9 +41,9 @@ class EngineLoop:
         self._commands.put(None)
         self._thread.join(timeout=10)
 
-    def keep_ticking(self, busy: bool) -> None:
-        """Called from a tick: poll again soon even when the engine has nothing to run."""
-        self._busy_ticks = busy
+    def wake(self) -> None:
+        """Run a tick now even if the engine is idle (e.g. a transfer ended); any thread."""
+        self._commands.put((_noop, (), None))
 
     # ---- asyncio side ----------------------------------------------------------------
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -70,11 +67,8 @@ class EngineLoop:
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            if self.engine.has_unfinished():
-                wait_s = 0.0
-            else:  # only transfers to watch: poll every millisecond, not in a busy loop
-                wait_s = self._tick_interval_s if self._busy_ticks else self._idle_wait_s
-            self._drain_commands(wait_s)
+            # idle: sleep until a command or wake(), ticking every idle_wait_s (leases)
+            self._drain_commands(0.0 if self.engine.has_unfinished() else self._idle_wait_s)
             outputs: list[RequestOutput] = []
             if self.engine.has_unfinished():
                 try:
@@ -128,6 +122,10 @@ class EngineLoop:
             self.engine.abort(request_id)
             self.deliver(RequestOutput(request_id, [], "", finished=True,
                                        finish_reason=f"error: {message}"))
+
+
+def _noop() -> None:
+    pass
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

@@ -9,8 +9,9 @@ Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAI
   3. After every engine step, blocks that became full since the last step go out as a
      chunk (chunk i travels while chunk i+1 computes). When the first token is sampled
      the rest, including the partial tail block, goes out as the last chunk.
-  4. When the connector reports a terminal state the held blocks are freed (they stay
-     in the prefix cache) and the call answers with the first token and transfer state.
+  4. When the connector reports a terminal state (its release callback wakes the engine
+     thread) the held blocks are freed (they stay in the prefix cache) and the call
+     answers with the first token and transfer state.
   Abort or a cancelled call: the transfer is aborted, and blocks are freed only once the
   connector no longer reads them.
 """
@@ -130,7 +131,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         engine.add_request(token_ids, params, job.request_id, hold_blocks=job.destination is not None)
         if job.destination is not None:
             self._check_destination(engine, job, len(token_ids))
-            self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s)
+            # a terminal transfer wakes the engine thread, whose tick then answers the call
+            self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
+                              on_release=lambda *_: self.core.loop.wake())
         self.jobs[job.request_id] = job
         log.debug("request %s: prefill job started (%d tokens)", job.request_id, len(token_ids))
 
@@ -166,7 +169,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         statuses = self.sender.poll() if any(j.positions_sent for j in self.jobs.values()) else {}
         for job in list(self.jobs.values()):
             self._advance(engine, job, statuses.get(job.transfer_id))
-        self.core.loop.keep_ticking(any(j.state is JobState.SENDING for j in self.jobs.values()))
         self.core.update_gauges()
 
     def _advance(self, engine: LLMEngine, job: PrefillJob, status) -> None:
