@@ -445,34 +445,37 @@ class UcxSender(ChunkedSender):
         self.table.hold(chunk.transfer_id)
         try:
             chunk.wait_ready()
-            marks = [time.perf_counter()]
-            header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
-                                  chunk_index=chunk.index, last=chunk.last,
-                                  dst_runs=[(d, n) for _, d, n in chunk.runs])
-            header.written_in_place = True
-            if self._control(peer, kv_pb2.SideChannelRequest(chunk_header=header),
-                             kv_pb2.KVChunkReply.ACCEPTED, chunk):
-                marks.append(time.perf_counter())
-                self._write_in_place(peer.remote_pool, chunk)
-                marks.append(time.perf_counter())
-                written = kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id,
-                                              chunk_index=chunk.index,
-                                              status=kv_pb2.KVChunkReply.STORED)
-                if self._control(peer, kv_pb2.SideChannelRequest(chunk_written=written),
-                                 kv_pb2.KVChunkReply.STORED, chunk):
-                    marks.append(time.perf_counter())
-                    self._chunk_done(chunk, header.payload_bytes, marks[-1] - marks[0])
-                    if log.isEnabledFor(logging.DEBUG):
-                        log.debug("in-place chunk %s/%d (%d blocks, %d runs): admit %.2f ms, "
-                                  "copy %.2f ms, commit %.2f ms", chunk.transfer_id,
-                                  chunk.index, chunk.num_blocks, len(chunk.runs),
-                                  *(1000 * (b - a) for a, b in zip(marks, marks[1:])))
+            self._admit_copy_commit(peer, chunk)
         except ConnectorError as exc:
             self.fail(chunk.transfer_id, str(exc))
             peer.control.close()
             self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
         finally:
             self.table.unhold(chunk.transfer_id)
+
+    def _admit_copy_commit(self, peer: _Peer, chunk: Chunk) -> None:
+        started = time.perf_counter()
+        header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
+                              chunk_index=chunk.index, last=chunk.last,
+                              dst_runs=[(d, n) for _, d, n in chunk.runs])
+        header.written_in_place = True
+        if not self._control(peer, kv_pb2.SideChannelRequest(chunk_header=header),
+                             kv_pb2.KVChunkReply.ACCEPTED, chunk):
+            return
+        admitted = time.perf_counter()
+        self._write_in_place(peer.remote_pool, chunk)
+        copied = time.perf_counter()
+        written = kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id, chunk_index=chunk.index,
+                                      status=kv_pb2.KVChunkReply.STORED)
+        if not self._control(peer, kv_pb2.SideChannelRequest(chunk_written=written),
+                             kv_pb2.KVChunkReply.STORED, chunk):
+            return
+        done = time.perf_counter()
+        self._chunk_done(chunk, header.payload_bytes, done - started)
+        log.debug("in-place chunk %s/%d (%d blocks, %d runs): admit %.2f ms, copy %.2f ms, "
+                  "commit %.2f ms", chunk.transfer_id, chunk.index, chunk.num_blocks,
+                  len(chunk.runs), 1000 * (admitted - started), 1000 * (copied - admitted),
+                  1000 * (done - copied))
 
     def _control(self, peer: _Peer, request, expected, chunk: Chunk) -> bool:
         """One side-channel round trip; False (transfer failed) unless `expected`."""
