@@ -21,6 +21,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps as CUDA graphs (needs --attention-backend triton)")
+    p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                   help="on CUDA, run norms/rotary/SiLU as plain PyTorch ops instead of the "
+                        "fused Triton kernels")
 
 
 def _engine_config(args, **extra):
@@ -31,7 +34,8 @@ def _engine_config(args, **extra):
                         block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_batch_tokens,
-                        cuda_graphs=args.cuda_graphs, **extra)
+                        cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
+                        **extra)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

@@ -240,3 +240,12 @@ def test_kustomize_base_command_lines_parse(capsys):
         assert settings.host == "0.0.0.0"
         if component != "router":
             assert settings.kv_port == ports(by_component[component])["kv"]
+
+
+def test_worker_engine_flags_reach_the_engine_config():
+    on = cli._worker_settings(cli.build_parser().parse_args(
+        ["decode", "--device", "cuda", "--attention-backend", "triton", "--cuda-graphs"]), "decode")
+    assert on.engine.fused_kernels and on.engine.cuda_graphs and on.engine.dtype == "bfloat16"
+    off = cli._worker_settings(cli.build_parser().parse_args(
+        ["prefill", "--no-fused-kernels"]), "prefill")
+    assert not off.engine.fused_kernels and not off.engine.cuda_graphs
