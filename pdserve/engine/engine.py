@@ -198,6 +198,11 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def has_runnable(self) -> bool:
+        """A step would compute something now (requests waiting for remote KV do not
+        count: nothing runs for them until it arrives)."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
     # ---- stepping --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()

@@ -67,10 +67,12 @@ class EngineLoop:
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            # idle: sleep until a command or wake(), ticking every idle_wait_s (leases)
-            self._drain_commands(0.0 if self.engine.has_unfinished() else self._idle_wait_s)
+            # nothing to compute (requests waiting for their KV included): sleep until a
+            # command or wake(), ticking every idle_wait_s (leases); never spin on the GIL
+            runnable = self.engine.has_runnable()
+            self._drain_commands(0.0 if runnable else self._idle_wait_s)
             outputs: list[RequestOutput] = []
-            if self.engine.has_unfinished():
+            if self.engine.has_runnable():
                 try:
                     outputs = self.engine.step()
                 except Exception:  # pragma: no cover - a bug; fail loudly, keep serving
