@@ -378,7 +378,20 @@ class _Peer:
     endpoint: object = None
     uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
     remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
-    control: SideChannelClient | None = None  # in-place chunks: used by the direct thread
+    control: SideChannelClient | None = None  # in-place chunks: used by `direct` only
+    # one sender thread per same-host peer: a receiver that stops answering stalls only
+    # the chunks bound for it (each waits up to io_timeout_s), not every peer's
+    direct: ThreadPoolExecutor | None = None
+
+
+def _run_on(peer: _Peer, fn, *args) -> bool:
+    """Queue fn on the peer's sender thread; False once that thread was shut down (the
+    peer failed and was forgotten between lookup and submit)."""
+    try:
+        peer.direct.submit(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 class UcxSender(ChunkedSender):
@@ -392,7 +405,6 @@ class UcxSender(ChunkedSender):
         self._copy_stream = _CopyStream(pool.device)
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
-        self._direct = ThreadPoolExecutor(1, thread_name_prefix="kv-direct-send")
 
     def connect(self, address: str) -> None:
         with self._peers_lock:
@@ -405,6 +417,7 @@ class UcxSender(ChunkedSender):
             peer.remote_pool = open_pool(reply, self.pool)
         if peer.remote_pool is not None:
             peer.control = SideChannelClient(address, self.settings.io_timeout_s)
+            peer.direct = ThreadPoolExecutor(1, thread_name_prefix="kv-in-place")
         else:
             try:
                 self.runtime.call(self._open(peer), self.settings.connect_timeout_s + 1)
@@ -412,7 +425,9 @@ class UcxSender(ChunkedSender):
                 raise ConnectorError(f"ucx endpoint to {reply.data_address} (side channel "
                                      f"{address}) failed: {type(exc).__name__}: {exc}") from exc
         with self._peers_lock:
-            self._peers.setdefault(address, peer)
+            kept = self._peers.setdefault(address, peer)
+        if kept is not peer and peer.direct is not None:  # a concurrent connect won
+            peer.direct.shutdown(wait=False)
 
     async def _new_peer(self, address: str, data_address: str) -> _Peer:
         return _Peer(address, data_address)   # created on the loop: its Lock binds there
@@ -433,23 +448,28 @@ class UcxSender(ChunkedSender):
         if peer is None:  # the connection broke earlier in this transfer
             self.fail(chunk.transfer_id, f"no connection to {chunk.address}")
             return
-        if peer.remote_pool is not None:
-            self._direct.submit(self._send_in_place, peer, chunk)
-        else:
+        if peer.remote_pool is None:
             self.runtime.submit(self._send_chunk(peer, chunk))
+        elif not _run_on(peer, self._send_in_place, peer, chunk):
+            self.fail(chunk.transfer_id, f"connection to {chunk.address} was dropped")
 
     # ---- same-host GPU peers: copy into the mapped pool, control on the side channel ----
     def _send_in_place(self, peer: _Peer, chunk: Chunk) -> None:
-        if self.table.get(chunk.transfer_id).state.terminal:
+        try:
+            if self.table.get(chunk.transfer_id).state.terminal:
+                return
+        except KeyError:  # released meanwhile
             return
         self.table.hold(chunk.transfer_id)
         try:
             chunk.wait_ready()
             self._admit_copy_commit(peer, chunk)
-        except ConnectorError as exc:
-            self.fail(chunk.transfer_id, str(exc))
+        except Exception as exc:  # side channel silent, device copy failed: this peer is done
+            self.fail(chunk.transfer_id, f"in-place send to {peer.side_channel} failed: "
+                                         f"{type(exc).__name__}: {exc}")
             peer.control.close()
             self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
+            peer.direct.shutdown(wait=False)  # chunks already queued still end (FAILED)
         finally:
             self.table.unhold(chunk.transfer_id)
 
@@ -611,7 +631,7 @@ class UcxSender(ChunkedSender):
                       reason: str) -> None:
         peer = self._peer(address)
         if peer is not None and peer.remote_pool is not None:
-            self._direct.submit(self._abort_in_place, peer, transfer_id, chunk_index, reason)
+            _run_on(peer, self._abort_in_place, peer, transfer_id, chunk_index, reason)
         elif peer is not None:
             self.runtime.submit(self._send_abort(peer, transfer_id, chunk_index, reason))
 
@@ -626,12 +646,10 @@ class UcxSender(ChunkedSender):
                 self._drop_endpoint(peer)
 
     def _shutdown(self) -> None:
-        def close_controls() -> None:  # on the thread that uses them
-            for peer in list(self._peers.values()):
-                if peer.control is not None:
-                    peer.control.close()
-        self._direct.submit(close_controls)
-        self._direct.shutdown(wait=True)
+        for peer in list(self._peers.values()):
+            if peer.direct is not None:
+                peer.direct.submit(peer.control.close)  # on the thread that uses it
+                peer.direct.shutdown(wait=True)
 
         async def stop() -> None:
             for peer in list(self._peers.values()):
