@@ -255,6 +255,49 @@ def test_in_place_admission_never_committed_fails_and_frees(ucx_receiver):
     assert late.status == kv_pb2.KVChunkReply.REJECTED
 
 
+def _in_place_peer(sender, receiver):
+    """The sender's peer for `receiver`, switched to the in-place path with the
+    receiver's pool mapped in-process (what CUDA IPC gives two processes on one GPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pdserve.kvtransfer.cuda_ipc import RemotePool
+    from pdserve.kvtransfer.handshake import SideChannelClient
+
+    sender.connect(receiver.address)
+    peer = sender._peer(receiver.address)
+    peer.remote_pool = RemotePool(receiver.pool.kv, None)
+    peer.control = SideChannelClient(receiver.address, 5)
+    peer.direct = ThreadPoolExecutor(1)
+    return peer
+
+
+def test_in_place_sender_path_end_to_end(ucx_receiver):
+    """The sender side of in-place chunks (wait ready, admit, copy per run, commit) on
+    the CPU; the GPU test covers the same path over a real CUDA IPC mapping."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    receiver, pool, _ = ucx_receiver
+    source = random_pool(seed=9)
+    with make_sender("ucx", source, hello("ucx", "prefill"), UcxSettings(io_timeout_s=2)) as sender:
+        _in_place_peer(sender, receiver)
+        destination = receiver.expect("ips", DST)
+        sender.begin(destination)
+        ready = _WritesOnSync(source, SRC[:4], seed=13)
+        sender.send_chunk("ips", SRC[:4], start=0, last=False, ready=ready)
+        sender.send_chunk("ips", SRC[4:], start=4, last=True)
+        assert sender.wait("ips", 10).state is TransferState.DONE
+        assert receiver.wait("ips", 10).state is TransferState.DONE
+        assert torch.equal(pool.read_blocks(DST), source.read_blocks(SRC))
+        assert ready.synced == 1
+        # the receiver goes away: the next transfer fails within the io timeout, no hang
+        receiver.close()
+        destination2 = destination.__class__(**{**destination.__dict__, "transfer_id": "ips2"})
+        sender.begin(destination2)
+        sender.send_chunk("ips2", SRC, start=0, last=True)
+        status = sender.wait("ips2", 10)
+        assert status.state is TransferState.FAILED and "in-place send" in status.error
+        assert sender._peer(receiver.address) is None  # forgotten: re-handshake next time
+
+
 def test_side_channel_survives_garbage(ucx_receiver):
     import zmq
     receiver, _, client = ucx_receiver
