@@ -75,6 +75,15 @@ class Rotary(nn.Module):
         return self.apply(x, self.tables(positions))
 
 
+@functools.cache
+def _fused_ops():
+    """The Triton elementwise kernels, imported once on first use: CPU-only installs
+    have no triton, and an import statement per call would sit on the step's hot path."""
+    from pdserve.engine.kernels import elementwise
+
+    return elementwise
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -92,11 +101,10 @@ class RMSNorm(nn.Module):
     def forward_fused(self, update: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
         """Triton path: residual += update in place, then the norm of the new residual;
         with no update (the first layer), only the norm."""
-        from pdserve.engine.kernels.elementwise import fused_add_rms_norm, rms_norm
-
+        ops = _fused_ops()
         if update is None:
-            return rms_norm(residual, self.weight, self.eps)
-        return fused_add_rms_norm(update, residual, self.weight, self.eps)[0]
+            return ops.rms_norm(residual, self.weight, self.eps)
+        return ops.fused_add_rms_norm(update, residual, self.weight, self.eps)[0]
 
 
 class Attention(nn.Module):
@@ -135,9 +143,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate).mul_(up))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        from pdserve.engine.kernels.elementwise import silu_and_mul
-
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(_fused_ops().silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -189,11 +195,9 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def _forward_fused(self, input_ids, positions, pool, backend, meta) -> torch.Tensor:
-        from pdserve.engine.kernels.elementwise import rotary_
-
         # the kernel gathers each token's cos/sin row from the full tables
-        rope = functools.partial(rotary_, positions=positions, cos=self.rotary.cos,
-                                 sin_signed=self.rotary.sin_signed)
+        rope = functools.partial(_fused_ops().rotary_, positions=positions,
+                                 cos=self.rotary.cos, sin_signed=self.rotary.sin_signed)
         residual = self.embed_tokens(input_ids)  # [num_tokens, hidden], updated in place
         update = None
         for i, layer in enumerate(self.layers):
