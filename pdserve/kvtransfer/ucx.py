@@ -248,23 +248,32 @@ class UcxReceiver(RegisteringReceiver):
         finally:
             self._endpoints.discard(ep)
 
-    async def _receive_chunk(self, ep, header: kv_pb2.KVTransferHeader) -> None:
+    def _admit(self, header: kv_pb2.KVTransferHeader, in_place: bool
+               ) -> tuple[kv_pb2.KVChunkReply, list[int] | None]:
+        """The reply to a chunk header: REJECTED, STORED for an abort notice, or ACCEPTED
+        with the destination blocks, then held until the chunk is stored or given up."""
         reply = kv_pb2.KVChunkReply(transfer_id=header.transfer_id,
                                     chunk_index=header.chunk_index)
         try:
-            if header.written_in_place:
-                raise ChunkRejected("in-place chunks are admitted on the side channel")
+            if header.written_in_place != in_place and not header.abort_reason:
+                raise ChunkRejected("in-place chunks are admitted on the side channel, "
+                                    "payload chunks on the data endpoint")
             blocks = admit_chunk(self.table, header, self.pool.spec)
         except ChunkRejected as exc:
             reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, str(exc)
-            await _send_message(ep, reply, self.settings.io_timeout_s)
-            return
+            return reply, None
         if blocks is None:   # abort notice
             reply.status = kv_pb2.KVChunkReply.STORED
-            await _send_message(ep, reply, self.settings.io_timeout_s)
-            return
+            return reply, None
         reply.status = kv_pb2.KVChunkReply.ACCEPTED
         self.table.hold(header.transfer_id)
+        return reply, blocks
+
+    async def _receive_chunk(self, ep, header: kv_pb2.KVTransferHeader) -> None:
+        reply, blocks = self._admit(header, in_place=False)
+        if blocks is None:
+            await _send_message(ep, reply, self.settings.io_timeout_s)
+            return
         try:
             await _send_message(ep, reply, self.settings.io_timeout_s)
             started = time.perf_counter()
@@ -307,20 +316,10 @@ class UcxReceiver(RegisteringReceiver):
         return self._commit_in_place(request.chunk_written)
 
     def _admit_in_place(self, header: kv_pb2.KVTransferHeader) -> kv_pb2.KVChunkReply:
-        reply = kv_pb2.KVChunkReply(transfer_id=header.transfer_id,
-                                    chunk_index=header.chunk_index)
-        try:
-            blocks = admit_chunk(self.table, header, self.pool.spec)
-        except ChunkRejected as exc:
-            reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, str(exc)
-            return reply
-        if blocks is None:   # abort notice
-            reply.status = kv_pb2.KVChunkReply.STORED
-            return reply
-        self.table.hold(header.transfer_id)
-        self._admitted[(header.transfer_id, header.chunk_index)] = (header, blocks,
-                                                                     time.monotonic())
-        reply.status = kv_pb2.KVChunkReply.ACCEPTED
+        reply, blocks = self._admit(header, in_place=True)
+        if blocks is not None:
+            self._admitted[(header.transfer_id, header.chunk_index)] = (header, blocks,
+                                                                         time.monotonic())
         return reply
 
     def _commit_in_place(self, written: kv_pb2.KVChunkReply) -> kv_pb2.KVChunkReply:
