@@ -15,6 +15,7 @@ keeps serving.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
@@ -24,6 +25,7 @@ from pdserve.kvtransfer.base import ConnectorError, HandshakeError
 from pdserve.kvtransfer.messages import HandshakeInfo, check_handshake, handshake_mismatches
 from pdserve.wire import kv_pb2
 
+log = logging.getLogger(__name__)
 ChunkHandler = Callable[[kv_pb2.SideChannelRequest], kv_pb2.KVChunkReply]
 IDLE_POLL_MS = 50
 
@@ -73,7 +75,11 @@ class SideChannelServer:
         if kind == "handshake":
             reply = kv_pb2.SideChannelReply(handshake=self._handshake(request.handshake))
         elif kind is not None and self._on_chunk is not None:
-            reply = kv_pb2.SideChannelReply(chunk=self._on_chunk(request))
+            try:
+                reply = kv_pb2.SideChannelReply(chunk=self._on_chunk(request))
+            except Exception as exc:  # one bad chunk must not stop the side channel
+                log.exception("side-channel %s request failed", kind)
+                return _chunk_error(f"{kind} failed on the receiver: {type(exc).__name__}: {exc}")
         else:
             return _chunk_error(f"side-channel request {kind!r} is not served here")
         return reply.SerializeToString()
