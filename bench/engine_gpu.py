@@ -8,8 +8,9 @@ for the torch reference backend (eager), the Triton backend (eager) and the Trit
 backend with CUDA graphs for decode (token ids in, token ids out: detokenize=False, as
 vLLM's skip_tokenizer_init in the reference figures); and the baseline transformers `generate_batch`
 (paged sdpa) and `generate` (batch 1) on the same shapes with their own random weights.
-Configs are backend[+graphs][+unfused]: fused Triton elementwise kernels are on unless
-`+unfused` (e.g. --configs triton+graphs,triton+graphs+unfused).
+Configs are backend[+graphs][+unfused][+sync]: fused Triton elementwise kernels are on
+unless `+unfused`; with graphs, decode steps are scheduled asynchronously unless `+sync`
+(e.g. --configs triton+graphs,triton+graphs+sync).
 
     python bench/engine_gpu.py --shape llama3-8b --out bench/results/engine-h100.json
 """
@@ -46,14 +47,17 @@ def timed_generate(engine: LLMEngine, prompts, params):
     return time.perf_counter() - start, out
 
 
-def measure_engine(shape: str, backend: str, graphs: bool, fused: bool, quick: bool) -> dict:
+def measure_engine(shape: str, backend: str, graphs: bool, fused: bool, quick: bool,
+                   sync: bool = False) -> dict:
     model = synthetic_model(shape)
     vocab = model.config.vocab_size
     engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", attention_backend=backend,
                                     cuda_graphs=graphs, fused_kernels=fused,
+                                    async_scheduling=False if sync else None,
                                     kv_cache_memory_gb=20, max_num_batched_tokens=8192,
                                     max_num_seqs=128), model)
-    res = {"backend": backend, "cuda_graphs": graphs, "fused_kernels": fused}
+    res = {"backend": backend, "cuda_graphs": graphs, "fused_kernels": fused,
+           "async_scheduling": engine.runner.async_scheduling}
     warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
     engine.generate([random_prompt(512, vocab, 0)] * 2, warm)  # compile kernels
     one = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
@@ -166,7 +170,7 @@ def main() -> None:
     for name in args.configs.split(","):
         backend, *extras = name.split("+")
         r = measure_engine(args.shape, backend, "graphs" in extras, "unfused" not in extras,
-                           args.quick)
+                           args.quick, sync="sync" in extras)
         print(json.dumps(r), flush=True)
         result["engine"].append(r)
     if args.baseline:

@@ -24,6 +24,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="on CUDA, run norms/rotary/SiLU as plain PyTorch ops instead of the "
                         "fused Triton kernels")
+    p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const",
+                   const=False, default=None,
+                   help="read each decode step's tokens before scheduling the next (by "
+                        "default, with --cuda-graphs, the next step is queued first)")
 
 
 def _engine_config(args, **extra):
@@ -35,7 +39,7 @@ def _engine_config(args, **extra):
                         kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_batch_tokens,
                         cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
-                        **extra)
+                        async_scheduling=args.async_scheduling, **extra)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

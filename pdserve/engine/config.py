@@ -64,6 +64,9 @@ class EngineConfig:
     cuda_graphs: bool = False
     fused_kernels: bool = True  # Triton-fused norms/rotary/SiLU/residual adds; CUDA only
     allocate_whole_prompt: bool = False  # prefill role: see SchedulerConfig
+    # queue decode step N+1 before reading step N's tokens (hides the host's work behind
+    # the device's); None: on with CUDA graphs, where queuing a step never waits
+    async_scheduling: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

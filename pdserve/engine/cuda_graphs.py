@@ -41,11 +41,15 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            seq_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """One decode step for n sequences; returns logits [n, vocab] (fp32)."""
+            seq_lens: torch.Tensor, block_tables: torch.Tensor,
+            carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One decode step for n sequences; returns logits [n, vocab] (fp32). carry:
+        (rows, token ids) already on the device that replace those rows' input ids."""
         n = ids.shape[0]
         size = self.padded_size(n)
         self._stage(ids, positions, slots, seq_lens, block_tables, size)
+        if carry is not None:
+            self.input_ids.index_copy_(0, *carry)
         if size not in self.graphs:
             self.graphs[size] = self._capture(size)
         graph, logits = self.graphs[size]

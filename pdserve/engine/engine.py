@@ -6,6 +6,16 @@ running and waiting requests, runs the model once, samples, detokenizes incremen
 and checks stops; finished or aborted requests free their KV blocks at once (or hold
 them for a KV transfer when asked to). step() returns one RequestOutput per request
 that produced something.
+
+Asynchronous scheduling (config.async_scheduling; on with CUDA graphs): a decode step
+is queued and its requests advance with a placeholder token at once; the next call
+schedules and queues the following step (its input tokens come from the device) before
+it reads the tokens of the queued one, so the host's scheduling, batch building and
+output processing overlap the device's work. Outputs then come one call later. A step
+runs ahead only when the unread tokens cannot change what it contains: nothing waits
+for admission, every running request decodes, no block shortage, and no request is
+sure to stop by length; otherwise the tokens are read first. A request that stops on
+a token read late has already been queued once more: that row is dropped.
 """
 
 from __future__ import annotations
@@ -19,10 +29,10 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.kvcache.allocator import BlockAllocator
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.loader.tokenizer import IncrementalDetokenizer
-from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.model_runner import ModelRunner, PendingTokens
 from pdserve.engine.sampling import InvalidRequest, SamplingParams
 from pdserve.engine.scheduler.request import FinishReason, Request
-from pdserve.engine.scheduler.scheduler import Scheduler, SchedulerConfig
+from pdserve.engine.scheduler.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 
 
 @dataclass
@@ -55,6 +65,22 @@ class Completion:
     num_cached_tokens: int
     ttft_s: float
     itl_s: list[float]
+
+
+PLACEHOLDER = -1  # an output token sampled on the device and not read yet
+
+
+@dataclass
+class _InFlight:
+    """A queued decode step whose tokens the host has not read."""
+
+    tokens: PendingTokens
+    # per live row: the request, its placeholder's index in output_ids, its row in tokens
+    rows: list[tuple[Request, int, int]]
+
+    def live_rows(self) -> dict[int, int]:
+        """id(request) -> its row, for requests still running (ids can be reused)."""
+        return {id(r): row for r, _, row in self.rows if not r.is_finished}
 
 
 class _TextState:
@@ -110,6 +136,7 @@ class LLMEngine:
         self._texts: dict[str, _TextState] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self._inflight: _InFlight | None = None
 
     @staticmethod
     def _blocks_for_memory(config: EngineConfig, loaded: LoadedModel) -> int:
@@ -201,13 +228,23 @@ class LLMEngine:
     def has_runnable(self) -> bool:
         """A step would compute something now (requests waiting for remote KV do not
         count: nothing runs for them until it arrives)."""
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self._inflight or self.scheduler.waiting or self.scheduler.running)
 
     # ---- stepping --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        outputs = []
+        if self._inflight is not None and not self._can_run_ahead():
+            outputs = self._resolve()
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return []
+            return outputs + self._resolve()
+        if self.runner.async_scheduling and _all_decode(plan.scheduled):
+            return outputs + self._launch_ahead(plan.scheduled)
+        if self._inflight is not None:  # _can_run_ahead promised a decode step
+            raise RuntimeError("a step was scheduled on tokens the host has not read")
+        return outputs + self._run_sync(plan)
+
+    def _run_sync(self, plan) -> list[RequestOutput]:
         sampled = self.runner.execute(plan.scheduled)
         self.num_steps += 1
         now = time.monotonic()
@@ -217,6 +254,58 @@ class LLMEngine:
             if token is not None:
                 outputs.append(self._on_token(s.request, token, now))
         return outputs
+
+    def _launch_ahead(self, scheduled: list[ScheduledRequest]) -> list[RequestOutput]:
+        """Queue this decode step, then read the previous one's tokens while it runs."""
+        previous = self._inflight
+        rows_before = previous.live_rows() if previous else {}
+        carried = [(i, rows_before[id(s.request)]) for i, s in enumerate(scheduled)
+                   if id(s.request) in rows_before]
+        tokens = self.runner.launch_decode(scheduled, carried,
+                                           previous.tokens if previous else None)
+        self.num_steps += 1
+        outputs = self._resolve()
+        rows = []
+        for i, s in enumerate(scheduled):
+            if s.request.is_finished:  # stopped on a token just read: this row is wasted
+                continue
+            self.scheduler.advance(s, PLACEHOLDER)
+            rows.append((s.request, len(s.request.output_ids) - 1, i))
+        self._inflight = _InFlight(tokens, rows) if rows else None
+        return outputs
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read the queued step's tokens into its requests (stops, text, outputs)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        tokens = inflight.tokens.wait()
+        now = time.monotonic()
+        outputs = []
+        for request, index, row in inflight.rows:
+            if request.is_finished:  # aborted while its step ran
+                continue
+            request.output_ids[index] = tokens[row]
+            outputs.append(self._on_token(request, tokens[row], now))
+        return outputs
+
+    def _can_run_ahead(self) -> bool:
+        """The next schedule() is a decode step of every running request that the unread
+        tokens cannot change: no admission, no prompt chunk, no preemption (a block for
+        every request that needs one) and no request sure to stop by length."""
+        sched = self.scheduler
+        if sched.waiting or len(sched.running) > self.config.max_num_batched_tokens:
+            return False
+        bs, new_blocks = self.config.block_size, 0
+        for r in sched.running:
+            if r.num_pending_tokens() != 1 or self._stops_by_length(r):
+                return False
+            new_blocks += len(r.block_ids) * bs < r.num_tokens
+        return new_blocks <= self.allocator.num_free
+
+    def _stops_by_length(self, request: Request) -> bool:
+        return (len(request.output_ids) >= request.params.max_tokens
+                or request.num_tokens >= self.max_model_len)
 
     def _on_token(self, request: Request, token: int, now: float) -> RequestOutput:
         if request.first_token_time is None:
@@ -252,7 +341,7 @@ class LLMEngine:
             return FinishReason.STOP
         if p.detokenize and token not in self.tokenizer.special_ids and text.push(token):
             return FinishReason.STOP
-        if len(request.output_ids) >= p.max_tokens or request.num_tokens >= self.max_model_len:
+        if self._stops_by_length(request):
             return FinishReason.LENGTH
         return None
 
@@ -278,12 +367,21 @@ class LLMEngine:
 
     # ---- stats -----------------------------------------------------------------------
     @property
+    def num_rows_in_flight(self) -> int:
+        """Requests whose latest token is sampled on the device and not read yet."""
+        return len(self._inflight.rows) if self._inflight else 0
+
+    @property
     def kv_usage(self) -> float:
         return self.allocator.usage
 
     def pool_is_idle(self) -> bool:
         """Every block free (cached-but-unreferenced blocks count as free)."""
         return self.allocator.num_free == self.allocator.num_blocks
+
+
+def _all_decode(scheduled: list[ScheduledRequest]) -> bool:
+    return all(s.num_new_tokens == 1 and s.samples for s in scheduled)
 
 
 def _collect(parts: list[RequestOutput], prompt: list[int]) -> Completion:

@@ -1,4 +1,9 @@
-"""Runs one scheduled step on the model: builds the flattened batch, runs, samples."""
+"""Runs one scheduled step on the model: builds the flattened batch, runs, samples.
+
+execute() runs a step and returns its tokens; launch_decode() only queues a decode step
+and hands back PendingTokens, so the host can prepare the next step while the device
+works (the engine's asynchronous scheduling).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec, torch_dtype
 from pdserve.engine.cuda_graphs import DecodeGraphs
 from pdserve.engine.model.llama import LlamaForCausalLM
-from pdserve.engine.sampling import make_generator, sample
+from pdserve.engine.sampling import make_generator, sample, sample_tokens
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
 
 
@@ -27,6 +32,26 @@ def build_model(config: ModelConfig, max_model_len: int, device: torch.device,
     # rotary tables stay fp32 (HF computes them in fp32)
     model.rotary.to(dtype=torch.float32)
     return model.eval()
+
+
+class PendingTokens:
+    """The sampled token ids of a queued step; copied to the host as the device gets there."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        # tokens: [rows] int64 on the model's device
+        self.device_tokens = tokens
+        self._event = None
+        self._host = tokens
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def wait(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()  # the GIL is released while the device finishes
+        return self._host.tolist()
 
 
 class ModelRunner:
@@ -58,6 +83,9 @@ class ModelRunner:
         else:
             self.backend = get_attention_backend(config.attention_backend)
         self._generators: dict[str, torch.Generator] = {}
+        # auto: where a decode step is queued without a host sync (CUDA graphs)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.graphs is not None)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
 
     def generator_for(self, request) -> torch.Generator | None:
@@ -129,6 +157,38 @@ class ModelRunner:
             last = hidden[torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)]
         return self._sample(scheduled, sampling, self.model.compute_logits(last))
 
+    @torch.inference_mode()
+    def launch_decode(self, scheduled: list[ScheduledRequest], carried: list[tuple[int, int]],
+                      previous: PendingTokens | None) -> PendingTokens:
+        """Queue a decode step (one new token per request, every one sampling); returns
+        without waiting for the device. carried: (row, row of `previous`) pairs whose input
+        token is the one `previous` sampled, which the host has not read yet."""
+        reqs = [s.request for s in scheduled]
+        carry = self._carry(carried, previous)
+        if self._graphable(scheduled, len(scheduled)):
+            ids, pos, meta, _ = self.build_batch(scheduled, torch.device("cpu"))
+            logits = self.graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens,
+                                     meta.block_tables, carry)
+        else:
+            ids, pos, meta, _ = self.build_batch(scheduled)
+            if carry is not None:
+                ids.index_copy_(0, *carry)
+            logits = self.model.compute_logits(self.model(ids, pos, self.pool, self.backend, meta))
+        return PendingTokens(sample_tokens(logits, [r.params for r in reqs],
+                                           [self.generator_for(r) for r in reqs]))
+
+    def _carry(self, carried: list[tuple[int, int]], previous: PendingTokens | None):
+        """(rows, token ids) on the device for the input tokens still on the device."""
+        if not carried:
+            return None
+        rows, sources = zip(*carried)
+        tokens = previous.device_tokens
+        if list(sources) == list(range(len(sources))):
+            values = tokens[:len(sources)]
+        else:
+            values = tokens.index_select(0, _index(sources, self.device))
+        return _index(rows, self.device), values
+
     def _graphable(self, scheduled: list[ScheduledRequest], num_sampling: int) -> bool:
         """Pure decode steps (one token per request, all sampling) replay a CUDA graph."""
         return (self.graphs is not None and num_sampling == len(scheduled)
@@ -152,3 +212,8 @@ class ModelRunner:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+
+def _index(values, device: torch.device) -> torch.Tensor:
+    # a small index list on the device, copied without waiting for queued work
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)

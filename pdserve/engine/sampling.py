@@ -165,15 +165,22 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams],
     return probs.div_(_race_noise(probs, generators)).argmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [num_rows, vocab] fp32 -> one token id per row (one host sync)."""
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  generators: list[torch.Generator | None]) -> torch.Tensor:
+    """logits: [num_rows, vocab] fp32 -> token ids [num_rows] int64, on logits' device;
+    queues the work and never waits for the device."""
     if all(p.greedy for p in params):
-        return logits.argmax(-1).tolist()
+        return logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if len(rows) == len(params):
-        return _draw(logits, params, generators).tolist()
+        return _draw(logits, params, generators)
     index = _to(torch.tensor(rows), logits.device)  # [sampled rows]
     drawn = _draw(logits.index_select(0, index), [params[i] for i in rows],
                   [generators[i] for i in rows])
-    return logits.argmax(-1).index_copy_(0, index, drawn).tolist()
+    return logits.argmax(-1).index_copy_(0, index, drawn)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """logits: [num_rows, vocab] fp32 -> one token id per row (one host sync)."""
+    return sample_tokens(logits, params, generators).tolist()

@@ -20,10 +20,12 @@ def prompts(vocab: int, lengths=(1, 17, 100, 333, 40)):
     return [torch.randint(10, vocab - 10, (n,), generator=g).tolist() for n in lengths]
 
 
-def engine(backend: str, dtype: str, graphs: bool = False, shape: str = "smollm2-135m"):
+def engine(backend: str, dtype: str, graphs: bool = False, shape: str = "smollm2-135m",
+           async_scheduling: bool | None = False):
     return LLMEngine(EngineConfig(device="cuda", dtype=dtype, attention_backend=backend,
                                   cuda_graphs=graphs, num_blocks=2048,
-                                  max_num_batched_tokens=256), synthetic_model(shape))
+                                  max_num_batched_tokens=256,
+                                  async_scheduling=async_scheduling), synthetic_model(shape))
 
 
 def test_triton_backend_greedy_equals_torch_backend_fp32():
@@ -44,6 +46,30 @@ def test_cuda_graph_decode_equals_eager_decode():
     got = graphed.generate(ps, [SamplingParams(max_tokens=n, ignore_eos=True) for n in (40, 30, 20)])
     assert [c.token_ids for c in got] == [w[:n] for w, n in zip(want, (40, 30, 20))]
     assert graphed.runner.graphs is not None and len(graphed.runner.graphs.graphs) >= 2
+
+
+def test_async_scheduling_with_cuda_graphs_equals_synchronous_steps():
+    sync = engine("triton", "float32", graphs=True)
+    ahead = engine("triton", "float32", graphs=True, async_scheduling=None)  # the default
+    assert ahead.runner.async_scheduling
+    ps = prompts(sync.model_config.vocab_size, lengths=(5, 70, 300, 17))
+    free = [SamplingParams(max_tokens=40, temperature=0.8, seed=i) for i in range(len(ps))]
+    free_run = sync.generate(ps, free)
+    # seeded draws, and stops at different steps on tokens met mid-way
+    params = [SamplingParams(max_tokens=40, temperature=0.8, seed=i,
+                             stop_token_ids=(c.token_ids[5 + 6 * i],))
+              for i, c in enumerate(free_run)]
+    want = sync.generate(ps, params)
+    ids = [ahead.add_request(p, sp) for p, sp in zip(ps, params)]
+    got, reasons, ran_ahead = {i: [] for i in ids}, {}, 0
+    while ahead.has_unfinished():
+        for out in ahead.step():
+            got[out.request_id] += out.new_token_ids
+            reasons[out.request_id] = out.finish_reason
+        ran_ahead += ahead.num_rows_in_flight > 0
+    assert [got[i] for i in ids] == [c.token_ids for c in want]
+    assert [reasons[i] for i in ids] == [c.finish_reason for c in want]
+    assert ran_ahead > 10 and ahead.pool_is_idle()
 
 
 def test_bf16_logits_close_between_backends():

@@ -246,6 +246,8 @@ def test_worker_engine_flags_reach_the_engine_config():
     on = cli._worker_settings(cli.build_parser().parse_args(
         ["decode", "--device", "cuda", "--attention-backend", "triton", "--cuda-graphs"]), "decode")
     assert on.engine.fused_kernels and on.engine.cuda_graphs and on.engine.dtype == "bfloat16"
+    assert on.engine.async_scheduling is None  # auto: on with CUDA graphs
     off = cli._worker_settings(cli.build_parser().parse_args(
-        ["prefill", "--no-fused-kernels"]), "prefill")
+        ["prefill", "--no-fused-kernels", "--no-async-scheduling"]), "prefill")
     assert not off.engine.fused_kernels and not off.engine.cuda_graphs
+    assert off.engine.async_scheduling is False
