@@ -8,9 +8,10 @@ for the torch reference backend (eager), the Triton backend (eager) and the Trit
 backend with CUDA graphs for decode (token ids in, token ids out: detokenize=False, as
 vLLM's skip_tokenizer_init in the reference figures); and the baseline transformers `generate_batch`
 (paged sdpa) and `generate` (batch 1) on the same shapes with their own random weights.
-Configs are backend[+graphs][+unfused][+sync]: fused Triton elementwise kernels are on
-unless `+unfused`; with graphs, decode steps are scheduled asynchronously unless `+sync`
-(e.g. --configs triton+graphs,triton+graphs+sync).
+Configs are backend[+graphs][+unfused][+sync][+eagerprefill]: fused Triton elementwise
+kernels are on unless `+unfused`; with graphs, decode steps are scheduled asynchronously
+unless `+sync`, and single-prompt prefills of up to 1,024 tokens replay graphs unless
+`+eagerprefill` (e.g. --configs triton+graphs,triton+graphs+sync).
 
     python bench/engine_gpu.py --shape llama3-8b --out bench/results/engine-h100.json
 """
@@ -48,18 +49,21 @@ def timed_generate(engine: LLMEngine, prompts, params):
 
 
 def measure_engine(shape: str, backend: str, graphs: bool, fused: bool, quick: bool,
-                   sync: bool = False) -> dict:
+                   sync: bool = False, eager_prefill: bool = False) -> dict:
     model = synthetic_model(shape)
     vocab = model.config.vocab_size
     engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", attention_backend=backend,
                                     cuda_graphs=graphs, fused_kernels=fused,
                                     async_scheduling=False if sync else None,
+                                    prefill_graph_max_tokens=0 if eager_prefill else 1024,
                                     kv_cache_memory_gb=20, max_num_batched_tokens=8192,
                                     max_num_seqs=128), model)
     res = {"backend": backend, "cuda_graphs": graphs, "fused_kernels": fused,
-           "async_scheduling": engine.runner.async_scheduling}
+           "async_scheduling": engine.runner.async_scheduling,
+           "prefill_graphs": engine.runner.prefill_graphs is not None}
     warm = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
     engine.generate([random_prompt(512, vocab, 0)] * 2, warm)  # compile kernels
+    engine.generate([random_prompt(512, vocab, 1)], warm)  # a lone 512-token prefill
     one = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
     for n in (512, 2048, 8000):
         # seeds differ per length: equal seeds would make the shorter prompt a cached prefix
@@ -170,7 +174,8 @@ def main() -> None:
     for name in args.configs.split(","):
         backend, *extras = name.split("+")
         r = measure_engine(args.shape, backend, "graphs" in extras, "unfused" not in extras,
-                           args.quick, sync="sync" in extras)
+                           args.quick, sync="sync" in extras,
+                           eager_prefill="eagerprefill" in extras)
         print(json.dumps(r), flush=True)
         result["engine"].append(r)
     if args.baseline:

@@ -24,6 +24,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="on CUDA, run norms/rotary/SiLU as plain PyTorch ops instead of the "
                         "fused Triton kernels")
+    p.add_argument("--prefill-graph-tokens", type=int, default=1024,
+                   help="with --cuda-graphs, replay a captured graph for a step that computes "
+                        "one chunk of one prompt of up to this many tokens (0: eager)")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const",
                    const=False, default=None,
                    help="read each decode step's tokens before scheduling the next (by "
@@ -39,7 +42,8 @@ def _engine_config(args, **extra):
                         kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_batch_tokens,
                         cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
-                        async_scheduling=args.async_scheduling, **extra)
+                        async_scheduling=args.async_scheduling,
+                        prefill_graph_max_tokens=args.prefill_graph_tokens, **extra)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

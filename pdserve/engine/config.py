@@ -62,6 +62,9 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's own context length
     enable_prefix_caching: bool = True
     cuda_graphs: bool = False
+    # with cuda_graphs, a step computing one chunk of one sequence of up to this many
+    # tokens replays a captured prefill graph (0: always eager)
+    prefill_graph_max_tokens: int = 1024
     fused_kernels: bool = True  # Triton-fused norms/rotary/SiLU/residual adds; CUDA only
     allocate_whole_prompt: bool = False  # prefill role: see SchedulerConfig
     # queue decode step N+1 before reading step N's tokens (hides the host's work behind

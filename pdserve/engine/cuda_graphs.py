@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one captured graph per padded batch size.
+"""CUDA graphs for decode steps (one per padded batch size) and for single-sequence
+prefill chunks (one per padded token count).
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes
 the per-launch host cost (batch-1 decode of an 8B model is otherwise launch-bound).
@@ -8,6 +9,16 @@ seq_len 0 (the decode kernel writes zeros, never NaN). Graphs are captured lazil
 first time a size is needed. Requires an attention backend that never syncs the host
 and whose launch shapes depend only on the batch size (TritonAttentionBackend with
 graph_max_seq_len).
+
+A step that computes one chunk of one sequence (a lone prompt: the TTFT path of a
+serving worker) launches as many kernels as a decode step but is too short to hide
+them: eager, a 512-token prefill of an 8B model waits on the host (~350 launches). It
+replays a PrefillGraphs graph when its chunk fits a captured token count: rows past the
+chunk are padding (slot -1: not stored; position 0), the chunk's length, context length
+and last row are device values, and the prefill kernel's grid depends on the padded
+count alone (blocks past the real queries return at once). Padded rows compute garbage
+that no real row reads: attention reads K/V from the cache only, every other op works
+row by row.
 """
 
 from __future__ import annotations
@@ -17,6 +28,10 @@ import torch
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# beyond ~1k tokens an 8B prefill is compute-bound eagerly; steps of 64 tokens or more
+# pad by at most 25% (the padded rows' GEMM work is real work)
+PREFILL_CAPTURE_SIZES = (16, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512,
+                         640, 768, 896, 1024)
 
 
 class DecodeGraphs:
@@ -80,12 +95,84 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     def _capture(self, size: int):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(size)  # compiles kernels and allocates outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.memory_pool):
-            logits = self._forward(size)
-        return graph, logits
+        return capture(self._forward, size, self.memory_pool)
+
+
+class PrefillGraphs:
+    def __init__(self, model, pool, backend: AttentionBackend, max_tokens: int,
+                 max_model_len: int, block_size: int, device: torch.device,
+                 memory_pool=None) -> None:
+        self.model, self.pool, self.backend = model, pool, backend
+        self.sizes = [s for s in PREFILL_CAPTURE_SIZES if s <= max_tokens]
+        self.max_model_len = max_model_len
+        n = self.sizes[-1] if self.sizes else 0
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.query_start = torch.zeros(2, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(1, dtype=torch.int32, device=device)
+        self.last_row = torch.zeros(1, dtype=torch.int64, device=device)
+        self.block_tables = torch.zeros(1, -(-max_model_len // block_size), dtype=torch.int32,
+                                        device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.memory_pool = memory_pool or torch.cuda.graph_pool_handle()
+
+    def padded_size(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    @torch.inference_mode()
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            seq_len: int, block_table: torch.Tensor) -> torch.Tensor:
+        """One chunk of n tokens of one sequence (host tensors); returns the logits of
+        its last token: [1, vocab] fp32."""
+        size = self.padded_size(ids.shape[0])
+        self._stage(ids, positions, slots, seq_len, block_table, size)
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits
+
+    def _stage(self, ids, positions, slots, seq_len: int, table, size: int) -> None:
+        n = ids.shape[0]
+        self.input_ids[:n].copy_(ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slots[:n].copy_(slots, non_blocking=True)
+        self.positions[n:size].fill_(0)
+        self.slots[n:size].fill_(-1)
+        # one host tensor for the scalars: [n, seq_len, n - 1]
+        scalars = torch.tensor([n, seq_len, n - 1], dtype=torch.int64).to(
+            self.last_row.device, non_blocking=True)
+        self.query_start[1:].copy_(scalars[:1])
+        self.seq_lens.copy_(scalars[1:2])
+        self.last_row.copy_(scalars[2:])
+        self.block_tables[:, :table.shape[1]].copy_(table, non_blocking=True)
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:size], query_start_loc=self.query_start,
+            seq_lens=self.seq_lens, block_tables=self.block_tables,
+            max_query_len=size, max_seq_len=self.max_model_len,
+            query_lens_cpu=[size], seq_lens_cpu=[self.max_model_len])
+
+    def _forward(self, size: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:size], self.positions[:size], self.pool,
+                            self.backend, self._meta(size))
+        return self.model.compute_logits(hidden.index_select(0, self.last_row))
+
+    def _capture(self, size: int):
+        return capture(self._forward, size, self.memory_pool)
+
+
+def capture(forward, size: int, memory_pool):
+    """Run forward(size) once outside the capture (compiles kernels, allocates), then
+    capture it; returns (graph, its output tensor)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward(size)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=memory_pool):
+        out = forward(size)
+    return graph, out

@@ -13,7 +13,7 @@ from pdserve.engine.attention import get_attention_backend
 from pdserve.engine.attention.base import AttentionMetadata
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec, torch_dtype
-from pdserve.engine.cuda_graphs import DecodeGraphs
+from pdserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from pdserve.engine.model.llama import LlamaForCausalLM
 from pdserve.engine.sampling import make_generator, sample, sample_tokens
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
@@ -72,14 +72,9 @@ class ModelRunner:
             num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim, block_size=config.block_size,
             num_blocks=num_blocks, dtype=config.dtype), self.device)
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         if config.cuda_graphs and self.device.type == "cuda":
-            if config.attention_backend != "triton":
-                raise ValueError("cuda_graphs needs attention_backend='triton'")
-            # decode launch shapes then depend on the batch size alone (graph-safe)
-            self.backend = get_attention_backend("triton", graph_max_seq_len=max_model_len)
-            self.graphs = DecodeGraphs(self.model, self.pool, self.backend, config.max_num_seqs,
-                                       max_model_len, config.block_size, self.device)
+            self._make_graphs(config, max_model_len)
         else:
             self.backend = get_attention_backend(config.attention_backend)
         self._generators: dict[str, torch.Generator] = {}
@@ -87,6 +82,19 @@ class ModelRunner:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.graphs is not None)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+
+    def _make_graphs(self, config: EngineConfig, max_model_len: int) -> None:
+        if config.attention_backend != "triton":
+            raise ValueError("cuda_graphs needs attention_backend='triton'")
+        # decode launch shapes then depend on the batch size alone (graph-safe)
+        self.backend = get_attention_backend("triton", graph_max_seq_len=max_model_len)
+        self.graphs = DecodeGraphs(self.model, self.pool, self.backend, config.max_num_seqs,
+                                   max_model_len, config.block_size, self.device)
+        if config.prefill_graph_max_tokens > 1:
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.pool, self.backend,
+                min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
+                max_model_len, config.block_size, self.device, self.graphs.memory_pool)
 
     def generator_for(self, request) -> torch.Generator | None:
         if request.params.greedy:
@@ -147,6 +155,11 @@ class ModelRunner:
             ids, pos, meta, _ = self.build_batch(scheduled, torch.device("cpu"))
             logits = self.graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables)
             return self._sample(scheduled, sampling, logits)
+        if self._prefill_graphable(scheduled):
+            ids, pos, meta, _ = self.build_batch(scheduled, torch.device("cpu"))
+            logits = self.prefill_graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens_cpu[0],
+                                             meta.block_tables)
+            return self._sample(scheduled, sampling, logits) if sampling else [None]
         ids, pos, meta, starts = self.build_batch(scheduled)
         hidden = self.model(ids, pos, self.pool, self.backend, meta)
         if not sampling:
@@ -194,6 +207,12 @@ class ModelRunner:
         return (self.graphs is not None and num_sampling == len(scheduled)
                 and all(s.num_new_tokens == 1 for s in scheduled)
                 and self.graphs.padded_size(len(scheduled)) is not None)
+
+    def _prefill_graphable(self, scheduled: list[ScheduledRequest]) -> bool:
+        """One chunk of one sequence that fits a captured prefill graph."""
+        return (self.prefill_graphs is not None and len(scheduled) == 1
+                and scheduled[0].num_new_tokens > 1
+                and self.prefill_graphs.padded_size(scheduled[0].num_new_tokens) is not None)
 
     def _sample(self, scheduled, sampling: list[int], logits: torch.Tensor) -> list[int | None]:
         # logits: [len(sampling), vocab] fp32

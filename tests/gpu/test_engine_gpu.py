@@ -21,11 +21,12 @@ def prompts(vocab: int, lengths=(1, 17, 100, 333, 40)):
 
 
 def engine(backend: str, dtype: str, graphs: bool = False, shape: str = "smollm2-135m",
-           async_scheduling: bool | None = False):
+           async_scheduling: bool | None = False, **extra):
     return LLMEngine(EngineConfig(device="cuda", dtype=dtype, attention_backend=backend,
                                   cuda_graphs=graphs, num_blocks=2048,
                                   max_num_batched_tokens=256,
-                                  async_scheduling=async_scheduling), synthetic_model(shape))
+                                  async_scheduling=async_scheduling, **extra),
+                     synthetic_model(shape))
 
 
 def test_triton_backend_greedy_equals_torch_backend_fp32():
@@ -70,6 +71,47 @@ def test_async_scheduling_with_cuda_graphs_equals_synchronous_steps():
     assert [got[i] for i in ids] == [c.token_ids for c in want]
     assert [reasons[i] for i in ids] == [c.finish_reason for c in want]
     assert ran_ahead > 10 and ahead.pool_is_idle()
+
+
+def test_single_sequence_prefill_graphs_equal_eager_prefill():
+    """Lone prompts (and each 256-token chunk of a longer one, over the context before
+    it, and a prefix-cache hit) replay padded prefill graphs: same tokens as eager."""
+    eager = engine("triton", "float32", graphs=True, prefill_graph_max_tokens=0)
+    graphed = engine("triton", "float32", graphs=True)
+    assert eager.runner.prefill_graphs is None
+    ps = prompts(eager.model_config.vocab_size, lengths=(2, 17, 100, 333, 700))
+    ps.append(ps[-1][:650] + ps[0])  # shares 40 full blocks with the 700-token prompt
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for p in ps:  # one at a time: every prefill step holds a single sequence
+        want = eager.generate([p], params)[0]
+        got = graphed.generate([p], params)[0]
+        assert got.token_ids == want.token_ids
+        assert got.num_cached_tokens == want.num_cached_tokens
+    assert got.num_cached_tokens == 640
+    assert {16, 128, 256, 192} <= set(graphed.runner.prefill_graphs.graphs)
+    assert graphed.pool_is_idle()
+
+
+def test_prefill_graph_logits_close_to_eager_in_bf16():
+    eager = engine("triton", "bfloat16", graphs=True, prefill_graph_max_tokens=0)
+    graphed = engine("triton", "bfloat16", graphs=True)
+    p = prompts(eager.model_config.vocab_size, lengths=(201,))[0]
+    outs = []
+    for e in (eager, graphed):
+        e.add_request(p, SamplingParams(max_tokens=1, ignore_eos=True), "r")
+        plan = e.scheduler.schedule()
+        if e is graphed:
+            assert e.runner._prefill_graphable(plan.scheduled)
+            ids, pos, meta, _ = e.runner.build_batch(plan.scheduled, torch.device("cpu"))
+            outs.append(e.runner.prefill_graphs.run(ids, pos, meta.slot_mapping, 201,
+                                                    meta.block_tables))
+        else:
+            ids, pos, meta, _ = e.runner.build_batch(plan.scheduled)
+            hidden = e.runner.model(ids, pos, e.runner.pool, e.runner.backend, meta)
+            outs.append(e.runner.model.compute_logits(hidden[-1:]))
+        e.abort("r")
+    err = (outs[0] - outs[1]).norm() / outs[0].norm()
+    assert torch.isfinite(outs[1]).all() and err < 2e-2
 
 
 def test_bf16_logits_close_between_backends():

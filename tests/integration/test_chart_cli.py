@@ -247,7 +247,9 @@ def test_worker_engine_flags_reach_the_engine_config():
         ["decode", "--device", "cuda", "--attention-backend", "triton", "--cuda-graphs"]), "decode")
     assert on.engine.fused_kernels and on.engine.cuda_graphs and on.engine.dtype == "bfloat16"
     assert on.engine.async_scheduling is None  # auto: on with CUDA graphs
+    assert on.engine.prefill_graph_max_tokens == 1024
     off = cli._worker_settings(cli.build_parser().parse_args(
-        ["prefill", "--no-fused-kernels", "--no-async-scheduling"]), "prefill")
+        ["prefill", "--no-fused-kernels", "--no-async-scheduling", "--prefill-graph-tokens",
+         "0"]), "prefill")
     assert not off.engine.fused_kernels and not off.engine.cuda_graphs
-    assert off.engine.async_scheduling is False
+    assert off.engine.async_scheduling is False and off.engine.prefill_graph_max_tokens == 0
