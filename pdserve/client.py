@@ -70,11 +70,20 @@ def open_channel(address: str, tls: TlsClient | None = None) -> grpc.Channel:
 
 def stream(address: str, request: generate_pb2.GenerateRequest, api_key: str | None = None,
            timeout: float | None = None, tls: TlsClient | None = None,
-           ) -> Iterator[generate_pb2.GenerateChunk]:
-    with open_channel(address, tls) as channel:
-        stub = generate_pb2_grpc.RouterStub(channel)
-        metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
-        yield from stub.Generate(request, metadata=metadata, timeout=timeout)
+           channel: grpc.Channel | None = None) -> Iterator[generate_pb2.GenerateChunk]:
+    """Stream one request's chunks; on `channel` when given (a client sending many
+    requests keeps one open), else on a channel of its own."""
+    if channel is not None:
+        yield from _generate(channel, request, api_key, timeout)
+        return
+    with open_channel(address, tls) as own:
+        yield from _generate(own, request, api_key, timeout)
+
+
+def _generate(channel: grpc.Channel, request, api_key: str | None, timeout: float | None):
+    stub = generate_pb2_grpc.RouterStub(channel)
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+    yield from stub.Generate(request, metadata=metadata, timeout=timeout)
 
 
 def generate_remote(args, params: SamplingParams) -> int:

@@ -9,9 +9,10 @@ Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAI
   3. After every engine step, blocks that became full since the last step go out as a
      chunk (chunk i travels while chunk i+1 computes). When the first token is sampled
      the rest, including the partial tail block, goes out as the last chunk.
-  4. When the connector reports a terminal state (its release callback wakes the engine
-     thread) the held blocks are freed (they stay in the prefix cache) and the call
-     answers with the first token and transfer state.
+  4. When the connector reports DONE (its release callback, on the connector's thread)
+     the call answers with the first token and transfer state at once, and wakes the
+     engine thread, whose tick frees the held blocks (they stay in the prefix cache).
+     Any other terminal state is answered by that tick.
   Abort or a cancelled call: the transfer is aborted, and blocks are freed only once the
   connector no longer reads them.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -131,11 +133,21 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         engine.add_request(token_ids, params, job.request_id, hold_blocks=job.destination is not None)
         if job.destination is not None:
             self._check_destination(engine, job, len(token_ids))
-            # a terminal transfer wakes the engine thread, whose tick then answers the call
             self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
-                              on_release=lambda *_: self.core.loop.wake())
+                              on_release=functools.partial(self._transfer_ended, job))
         self.jobs[job.request_id] = job
         log.debug("request %s: prefill job started (%d tokens)", job.request_id, len(token_ids))
+
+    def _transfer_ended(self, job: PrefillJob, status, _blocks) -> None:
+        """Connector thread, once the transfer is terminal. A finished one answers the
+        call at once: the decode worker waits on it, and the engine thread may be busy
+        with another prompt's step for a long time. The engine thread's tick (woken
+        here) then frees the held blocks; its own answer finds the call answered."""
+        self.core.loop.wake()
+        if status.state is TransferState.DONE and job.first_token is not None \
+                and not job.aborting:
+            response = self._response(job, JobState.DONE, "", status)
+            self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
 
     def _check_destination(self, engine: LLMEngine, job: PrefillJob, num_tokens: int) -> None:
         bs = engine.config.block_size
