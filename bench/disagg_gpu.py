@@ -50,6 +50,23 @@ def stage_medians(timings) -> dict:
             for f in fields}
 
 
+def print_traces(cluster, n: int) -> None:
+    """The last n hop traces of every process, in time order (one host-wide clock)."""
+    lines = []
+    for name in ("router", "prefill-0", "decode-0"):
+        for line in (cluster.log_dir / f"{name}.log").read_text().splitlines():
+            if " trace " in line:
+                _, rest = line.split(" trace ", 1)
+                request_id, *event, stamp = rest.split(" ")
+                lines.append((float(stamp), request_id[:8], " ".join(event)))
+            elif "in-place chunk" in line:
+                lines.append((lines[-1][0] if lines else 0.0, "", line.split(": ", 1)[1]))
+    lines.sort(key=lambda x: x[0])
+    start = lines[-n][0] if len(lines) >= n else 0.0
+    for stamp, request_id, event in lines[-n:]:
+        print(f"{stamp - start:9.3f} ms  {request_id}  {event}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="llama3-8b")
@@ -99,9 +116,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             results["rows"].append(row)
         if os.environ.get("PDSERVE_LOG_LEVEL", "").upper() == "DEBUG":
-            for name in ("prefill-0", "decode-0"):
-                lines = (cluster.log_dir / f"{name}.log").read_text().splitlines()
-                print(f"--- {name}", *[l for l in lines if "DEBUG pdserve" in l][-8:], sep="\n")
+            print_traces(cluster, n=40)
     text = json.dumps(results, indent=2)
     if args.out:
         with open(args.out, "w") as f:

@@ -79,6 +79,7 @@ class TransferStatus:
     chunks_done: int = 0
     error: str = ""
     seconds: float = 0.0          # first chunk started -> terminal (or now)
+    first_token: int | None = None  # receiver: sent with the last chunk, if the sender did
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class KVDestination:
 
 
 ReleaseCallback = Callable[[TransferStatus, tuple[int, ...]], None]
+DoneCallback = Callable[[TransferStatus], None]
 
 
 class ReadyEvent(Protocol):
@@ -147,6 +149,10 @@ class KVSender(ABC):
         HandshakeError naming both values on any mismatch, ConnectorError if the peer
         does not answer. begin() calls it; call it early to fail fast."""
 
+    def connected(self, address: str) -> bool:
+        """True when connect(address) would return at once (no I/O); must not block."""
+        return False
+
     @abstractmethod
     def begin(self, destination: KVDestination, *, lease_s: float | None = None,
               on_release: ReleaseCallback | None = None) -> None:
@@ -155,13 +161,17 @@ class KVSender(ABC):
 
     @abstractmethod
     def send_chunk(self, transfer_id: str, src_block_ids: Sequence[int], *, start: int,
-                   last: bool, ready: ReadyEvent | None = None) -> None:
+                   last: bool, ready: ReadyEvent | None = None,
+                   first_token: int | None = None) -> None:
         """Queue local blocks src_block_ids for destination positions
         start .. start+len-1 of the transfer (positions index destination.block_ids).
         Chunks go out in call order; `last` completes the transfer. Non-blocking.
         `ready` marks the device work that writes those blocks (a CUDA event recorded
         after the step): the sender waits for it on its own thread before reading them,
-        so the caller never stalls the device queue; None = the blocks are readable."""
+        so the caller never stalls the device queue; None = the blocks are readable.
+        `first_token` (last chunk): the prompt's sampled token, which push connectors
+        deliver with the chunk (the receiver's DONE status carries it); pull connectors
+        may drop it."""
 
     @abstractmethod
     def abort(self, transfer_id: str, reason: str = "") -> None:
@@ -211,11 +221,13 @@ class KVReceiver(ABC):
     def expect(self, transfer_id: str, block_ids: Sequence[int], *, first_block_index: int = 0,
                block_keys: Sequence[bytes] = (), num_tokens: int = 0,
                lease_s: float | None = None,
-               on_release: ReleaseCallback | None = None) -> KVDestination:
+               on_release: ReleaseCallback | None = None,
+               on_done: DoneCallback | None = None) -> KVDestination:
         """Register destination blocks for a transfer (state PENDING) and return the
         descriptor to hand to the sender. Data for unknown, expired or cancelled
         transfers is refused. block_keys are required by key-addressed connectors
-        (redis), one per block."""
+        (redis), one per block. on_done(status) runs once, on a connector thread, when
+        the transfer is DONE (on_release covers every other end); it must not block."""
 
     @abstractmethod
     def cancel(self, transfer_id: str, reason: str = "") -> None:

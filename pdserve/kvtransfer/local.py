@@ -103,6 +103,9 @@ class LocalSender(ChunkedSender):
         self._connected: set[str] = set()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="kv-local-send")
 
+    def connected(self, address: str) -> bool:
+        return address in self._connected
+
     def connect(self, address: str) -> None:
         if address in self._connected:
             return
@@ -122,7 +125,8 @@ class LocalSender(ChunkedSender):
         started = time.perf_counter()
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
-                              dst_runs=[(d, n) for _, d, n in chunk.runs])
+                              dst_runs=[(d, n) for _, d, n in chunk.runs],
+                              first_token=chunk.first_token)
         chunk.wait_ready()
         sources = [self.pool.block_run_bytes(s, n) for s, _, n in chunk.runs]
         try:

@@ -102,9 +102,10 @@ def run_checksum(run_bytes: torch.Tensor) -> int:
 
 def chunk_header(spec: KVCacheSpec, *, transfer_id: str, chunk_index: int, last: bool,
                  dst_runs: Sequence[tuple[int, int]],
-                 checksums: Sequence[int] | None = None) -> kv_pb2.KVTransferHeader:
+                 checksums: Sequence[int] | None = None,
+                 first_token: int | None = None) -> kv_pb2.KVTransferHeader:
     bpb = spec.bytes_per_block
-    return kv_pb2.KVTransferHeader(
+    header = kv_pb2.KVTransferHeader(
         version=PROTOCOL_VERSION, transfer_id=transfer_id, chunk_index=chunk_index,
         last_chunk=last, dtype=spec.dtype, block_shape=list(spec.block_shape),
         bytes_per_block=bpb,
@@ -112,6 +113,9 @@ def chunk_header(spec: KVCacheSpec, *, transfer_id: str, chunk_index: int, last:
         payload_bytes=sum(n for _, n in dst_runs) * bpb,
         checksum_kind=kv_pb2.CHECKSUM_CRC32 if checksums is not None else kv_pb2.CHECKSUM_NONE,
         run_checksums=list(checksums or ()))
+    if last and first_token is not None:
+        header.first_token_id = first_token
+    return header
 
 
 def abort_header(transfer_id: str, chunk_index: int, reason: str) -> kv_pb2.KVTransferHeader:

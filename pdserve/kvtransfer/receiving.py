@@ -12,8 +12,9 @@ import time
 from typing import Sequence
 
 from pdserve.engine.kvcache.pool import KVCachePool
-from pdserve.kvtransfer.base import (ConnectorMetrics, KVDestination, KVReceiver,
-                                     ReleaseCallback, TransferState, TransferStatus)
+from pdserve.kvtransfer.base import (ConnectorMetrics, DoneCallback, KVDestination,
+                                     KVReceiver, ReleaseCallback, TransferState,
+                                     TransferStatus)
 from pdserve.kvtransfer.messages import HandshakeInfo
 from pdserve.kvtransfer.transfers import TransferTable
 
@@ -29,7 +30,8 @@ class RegisteringReceiver(KVReceiver):
     def expect(self, transfer_id: str, block_ids: Sequence[int], *, first_block_index: int = 0,
                block_keys: Sequence[bytes] = (), num_tokens: int = 0,
                lease_s: float | None = None,
-               on_release: ReleaseCallback | None = None) -> KVDestination:
+               on_release: ReleaseCallback | None = None,
+               on_done: DoneCallback | None = None) -> KVDestination:
         block_ids = tuple(int(b) for b in block_ids)
         if len(set(block_ids)) != len(block_ids):
             raise ValueError("destination block ids must be distinct")
@@ -45,7 +47,7 @@ class RegisteringReceiver(KVReceiver):
             block_keys=tuple(block_keys), num_tokens=num_tokens,
             lease_expires_unix_ms=int((time.time() + lease) * 1000),
             receiver_id=self.hello.worker_id)
-        releasing = None if on_release is None else _unless_done(on_release)
+        releasing = _by_outcome(on_release, on_done)
         self.table.add(destination, block_ids, lease_s=lease, on_release=releasing)
         self._registered(destination)
         return destination
@@ -75,9 +77,17 @@ class RegisteringReceiver(KVReceiver):
         """Hook: stop listeners and threads."""
 
 
-def _unless_done(on_release: ReleaseCallback) -> ReleaseCallback:
-    """Receiver blocks go back only when the transfer did not fill them."""
-    def release(status: TransferStatus, block_ids: tuple[int, ...]) -> None:
-        if status.state is not TransferState.DONE:
+def _by_outcome(on_release: ReleaseCallback | None,
+                on_done: DoneCallback | None) -> ReleaseCallback | None:
+    """Receiver blocks go back only when the transfer did not fill them; a filled
+    transfer tells on_done instead."""
+    if on_release is None and on_done is None:
+        return None
+
+    def settle(status: TransferStatus, block_ids: tuple[int, ...]) -> None:
+        if status.state is TransferState.DONE:
+            if on_done is not None:
+                on_done(status)
+        elif on_release is not None:
             on_release(status, block_ids)
-    return release
+    return settle

@@ -30,6 +30,7 @@ class Chunk:
     last: bool
     start: int = 0                           # transfer position of the first block
     ready: ReadyEvent | None = None          # device work that writes the source blocks
+    first_token: int | None = None           # last chunk: the prompt's sampled token
 
     def wait_ready(self) -> None:
         """Block (on the sender's thread) until the source blocks are written."""
@@ -63,13 +64,14 @@ class ChunkedSender(KVSender):
         self.table.add(destination, (), lease_s=lease_s, on_release=on_release)
 
     def send_chunk(self, transfer_id: str, src_block_ids: Sequence[int], *, start: int,
-                   last: bool, ready: ReadyEvent | None = None) -> None:
+                   last: bool, ready: ReadyEvent | None = None,
+                   first_token: int | None = None) -> None:
         destination = self.table.get(transfer_id).destination
         dst_block_ids = chunk_destination(destination, src_block_ids, start)
         runs = paired_runs(list(src_block_ids), dst_block_ids)
         index = self.table.mark_queued(transfer_id, last, src_block_ids)
         self._submit(Chunk(transfer_id, destination.address, index, tuple(runs), last, start,
-                           ready))
+                           ready, first_token))
 
     def abort(self, transfer_id: str, reason: str = "") -> None:
         record = self.table.get(transfer_id)

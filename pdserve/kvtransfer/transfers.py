@@ -53,6 +53,7 @@ class Transfer:
     filled: set[int] = field(default_factory=set)   # destination block ids stored
     io_holds: int = 0                 # chunks whose bytes are being read/written now
     release_pending: TransferStatus | None = None   # terminal while held: fire on unhold
+    first_token: int | None = None    # receiver: came with the last chunk
 
     @property
     def transfer_id(self) -> str:
@@ -64,7 +65,8 @@ class Transfer:
             transfer_id=self.transfer_id, state=self.state,
             blocks_total=len(self.destination.block_ids), blocks_done=self.blocks_done,
             bytes_moved=self.bytes_moved, chunks_done=self.chunks_done, error=self.error,
-            seconds=(end - self.started) if self.started is not None else 0.0)
+            seconds=(end - self.started) if self.started is not None else 0.0,
+            first_token=self.first_token)
 
 
 class TransferTable:
@@ -119,6 +121,10 @@ class TransferTable:
             record.last_queued = last
             record.held_block_ids.extend(held_block_ids)
             return record.chunks_queued - 1
+
+    def set_first_token(self, transfer_id: str, token: int) -> None:
+        with self._lock:
+            self._transfers[transfer_id].first_token = token
 
     def record_chunk(self, transfer_id: str, *, blocks: Sequence[int], nbytes: int,
                      seconds: float, sent: bool) -> None:
@@ -294,6 +300,8 @@ def store_chunk(table: TransferTable, header, blocks: list[int], seconds: float)
     if not header.last_chunk:
         return
     record = table.get(header.transfer_id)
+    if header.HasField("first_token_id"):
+        table.set_first_token(header.transfer_id, header.first_token_id)
     missing = set(record.destination.block_ids) - record.filled
     if missing:
         table.finish(header.transfer_id, TransferState.FAILED,

@@ -405,6 +405,9 @@ class UcxSender(ChunkedSender):
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
 
+    def connected(self, address: str) -> bool:
+        return self._peer(address) is not None
+
     def connect(self, address: str) -> None:
         with self._peers_lock:
             if address in self._peers:
@@ -461,7 +464,10 @@ class UcxSender(ChunkedSender):
             return
         self.table.hold(chunk.transfer_id)
         try:
+            queued = time.perf_counter()
             chunk.wait_ready()
+            log.debug("in-place chunk %s/%d: device ready after %.2f ms", chunk.transfer_id,
+                      chunk.index, 1000 * (time.perf_counter() - queued))
             self._admit_copy_commit(peer, chunk)
         except Exception as exc:  # side channel silent, device copy failed: this peer is done
             self.fail(chunk.transfer_id, f"in-place send to {peer.side_channel} failed: "
@@ -476,7 +482,8 @@ class UcxSender(ChunkedSender):
         started = time.perf_counter()
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
-                              dst_runs=[(d, n) for _, d, n in chunk.runs])
+                              dst_runs=[(d, n) for _, d, n in chunk.runs],
+                              first_token=chunk.first_token)
         header.written_in_place = True
         if not self._control(peer, kv_pb2.SideChannelRequest(chunk_header=header),
                              kv_pb2.KVChunkReply.ACCEPTED, chunk):
@@ -559,7 +566,8 @@ class UcxSender(ChunkedSender):
         checksums = [run_checksum(r) for r in runs] if self.settings.checksum else None
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
-                              dst_runs=[(d, n) for _, d, n in chunk.runs], checksums=checksums)
+                              dst_runs=[(d, n) for _, d, n in chunk.runs], checksums=checksums,
+                              first_token=chunk.first_token)
         payload = self._pack(chunk) if self._should_pack(chunk) else None
         header.packed = payload is not None
         ep = await self._open(peer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from pdserve.engine.sampling import InvalidRequest, SamplingParams
 from pdserve.wire import generate_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
+
+
+def trace(logger: logging.Logger, request_id: str, event: str) -> None:
+    """At DEBUG: one line per hop of a request with a host-wide monotonic time in ms,
+    so the router's and workers' logs line up (`grep ' trace <request id>'`)."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("trace %s %s %.3f", request_id, event, time.monotonic() * 1000)
 
 DEFAULT_MAX_TOKENS = 256
 FINISH_REASONS = {

@@ -89,6 +89,29 @@ def test_scattered_blocks_arrive_byte_exact(pair):
     assert receiver.metrics.bytes_received == len(DST) * SPEC.bytes_per_block
 
 
+def test_last_chunk_brings_the_first_token_and_on_done_fires(pair):
+    """Push connectors deliver the prompt's first token with the last chunk, so the
+    decode side may start as soon as its KV is in place; pull (redis) does not carry it."""
+    name, sender, receiver, *_ = pair
+    done, released = [], []
+    destination = receiver.expect("ft", DST, on_done=done.append,
+                                  on_release=lambda *a: released.append(a),
+                                  **keys_if(name, len(DST)))
+    assert not sender.connected(destination.address)
+    sender.begin(destination)  # connects: later calls skip the handshake
+    assert sender.connected(destination.address) == (name != "redis")
+    sender.send_chunk("ft", SRC[:4], start=0, last=False, first_token=7)  # not the last
+    sender.send_chunk("ft", SRC[4:], start=4, last=True, first_token=4242)
+    status = receiver.wait("ft", 10)
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status.state is TransferState.DONE and not released
+    assert [s.state for s in done] == [TransferState.DONE]
+    want = None if name == "redis" else 4242
+    assert status.first_token == want and done[0].first_token == want
+
+
 def test_chunked_send_as_prefill_progresses(pair):
     name, sender, receiver, src_pool, dst_pool, _ = pair
     destination = receiver.expect("t2", DST, **keys_if(name, len(DST)))

@@ -5,9 +5,12 @@ Lifecycle of one Generate call with kv_source=remote_prefill:
              kept and not transferred) and the KV receiver expects the rest under a
              fresh transfer id with a lease;
   PREFILLING the call asks the chosen PrefillService to compute the prompt and push the
-             KV into those blocks; it answers with the first token;
-  DECODING   once the receiver reports DONE the request joins the running batch and
-             tokens stream back, one chunk per engine step;
+             KV into those blocks; it answers with the first token, which push
+             connectors also deliver with the last chunk;
+  DECODING   as soon as the receiver reports DONE with the first token (or else the
+             call answers and the receiver confirms DONE) the request joins the running
+             batch and tokens stream back, one chunk per engine step; the call's answer
+             (the prefill worker's timing) is awaited only for the last chunk;
   FALLBACK   if the prefill worker is unreachable, the handshake is refused or the
              transfer fails or expires, the receiver stops taking data for the transfer,
              and the engine recomputes the prompt here (fallback=recompute, default) or
@@ -30,7 +33,7 @@ from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
 from pdserve.services.common import (ChannelPool, chunk_from_output, remote_timing,
-                                     sampling_from_proto, sampling_to_proto)
+                                     sampling_from_proto, sampling_to_proto, trace)
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -41,6 +44,32 @@ FINAL_ERROR_KEY = "pdserve-final-error"
 
 class TransferFailed(Exception):
     pass
+
+
+def _settle(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _done(loop: asyncio.AbstractEventLoop, value) -> asyncio.Future:
+    future = loop.create_future()
+    future.set_result(value)
+    return future
+
+
+async def _stats_of(call: asyncio.Future) -> worker_pb2.PrefillStats | None:
+    response, _ = await call
+    return response.stats if response is not None else None
+
+
+async def _soon(stats: asyncio.Future, timeout_s: float = 2.0):
+    """The prefill worker's stats for the last chunk; None if its answer is late."""
+    if stats.cancelled():
+        return None
+    try:
+        return await asyncio.wait_for(asyncio.shield(stats), timeout_s)
+    except asyncio.TimeoutError:
+        return None
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
@@ -66,9 +95,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         try:
             params = sampling_from_proto(request.sampling)
             ids = list(request.token_ids)
-            log.debug("request %s: received (%d tokens, %s)", request_id, len(ids),
-                      request.WhichOneof("kv_source"))
-            remote_stats = None
+            trace(log, request_id, "decode: received")
+            remote_stats: asyncio.Future | None = None
             if request.WhichOneof("kv_source") == "remote_prefill":
                 remote_stats = await self._remote_prefill(request_id, ids, params, request,
                                                           context)
@@ -79,10 +107,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 finished = out.finished
                 self._observe(out)
                 if out.num_output_tokens == 1:
-                    log.debug("request %s: first token out", request_id)
+                    trace(log, request_id, "decode: first token out")
                 chunk = chunk_from_output(out, self.core.settings.worker_id)
                 if finished and remote_stats is not None:
-                    remote_timing(chunk.timing, remote_stats)
+                    stats = await _soon(remote_stats)
+                    if stats is not None:
+                        remote_timing(chunk.timing, stats)
                 yield chunk
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -91,6 +121,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc),
                                 trailing_metadata=((FINAL_ERROR_KEY, "kv-transfer"),))
         finally:
+            if remote_stats is not None and not remote_stats.done():
+                remote_stats.cancel()
             self.core.loop.close_stream(request_id)
             if not finished:
                 self.core.loop.submit(self.core.engine.abort, request_id)
@@ -107,8 +139,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
 
     # ---- remote prefill --------------------------------------------------------------
     async def _remote_prefill(self, request_id, ids, params, request, context
-                              ) -> worker_pb2.PrefillStats | None:
-        """The prefill worker's stats once its KV is here; None if this worker recomputes."""
+                              ) -> asyncio.Future | None:
+        """Once the prompt's KV is here and the request decodes: a future of the prefill
+        worker's stats (None when it failed); None if this worker recomputes instead."""
         engine, loop = self.core.engine, self.core.loop
         reserved = await loop.call(engine.reserve_remote, ids, params, request_id)
         bs = engine.config.block_size
@@ -116,30 +149,41 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         transfer_id = self.core.new_transfer_id()
         released = asyncio.Event()
         aio_loop = asyncio.get_running_loop()
+        landed = aio_loop.create_future()  # DONE status, from the connector's thread
         lease_s = (request.kv_lease_ms / 1000.0) or self.core.settings.kv_lease_s
         destination = self.receiver.expect(
             transfer_id, reserved.block_ids[first:], first_block_index=first,
             block_keys=self._block_keys(ids)[first:], num_tokens=len(ids), lease_s=lease_s,
-            on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set))
+            on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set),
+            on_done=lambda status: aio_loop.call_soon_threadsafe(_settle, landed, status))
         self._remote.add(request_id)
         address = request.remote_prefill.prefill_address
-        log.debug("request %s: reserved %d blocks (%d cached tokens), transfer %s from %s",
-                  request_id, len(reserved.block_ids), reserved.num_cached_tokens,
-                  transfer_id, address)
+        trace(log, request_id, "decode: reserved")
+        started = time.monotonic()
+        call = asyncio.ensure_future(self._prefill_rpc(address, request_id, ids, params,
+                                                       destination, lease_s))
         try:
-            first_token, stats, error = await self._call_prefill(
-                address, request_id, ids, params, destination, transfer_id, lease_s)
+            await asyncio.wait({call, landed}, return_when=asyncio.FIRST_COMPLETED)
+            if landed.done() and landed.result().first_token is not None:
+                first_token, error = landed.result().first_token, None
+                self._record_received(landed.result(), started)
+                stats = asyncio.ensure_future(_stats_of(call))
+            else:
+                first_token, stats, error = await self._check_answer(await call, transfer_id,
+                                                                     started)
         except asyncio.CancelledError:
+            call.cancel()
             await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
             raise
         finally:
             self._remote.discard(request_id)
-        log.debug("request %s: prefill answered (%s)", request_id, error or "KV in place")
+        trace(log, request_id, f"decode: KV here ({error or 'first token ' + str(first_token)})")
         if error is None:
             self.receiver.release(transfer_id)
             out = await loop.call(engine.remote_kv_arrived, request_id, first_token)
+            trace(log, request_id, "decode: joined the batch")
             loop.deliver(out)
-            return stats
+            return stats if isinstance(stats, asyncio.Future) else _done(aio_loop, stats)
         await self._cancel_transfer(transfer_id, released, address, request_id)
         self.core.kv_metrics.failed("transfer")
         if self._fallback(request) == "fail":
@@ -150,19 +194,26 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         await loop.call(engine.remote_kv_failed, request_id)
         return None
 
-    async def _call_prefill(self, address, request_id, ids, params, destination, transfer_id,
-                            lease_s) -> tuple[int, worker_pb2.PrefillStats | None, str | None]:
+    async def _prefill_rpc(self, address, request_id, ids, params, destination, lease_s):
+        """(PrefillResponse, None) or (None, why the call failed)."""
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(address))
-        started = time.monotonic()
         try:
             response = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=request_id, token_ids=ids, sampling=sampling_to_proto(params),
                 destination=destination_to_proto(destination)), timeout=lease_s)
         except grpc.aio.AioRpcError as exc:
-            return 0, None, f"prefill call failed: {exc.code().name}: {exc.details()}"
+            return None, f"prefill call failed: {exc.code().name}: {exc.details()}"
         if log.isEnabledFor(logging.DEBUG):
             log.debug("request %s: prefill stats %s", request_id,
                       str(response.stats).replace("\n", " "))
+        return response, None
+
+    async def _check_answer(self, answer, transfer_id, started
+                            ) -> tuple[int, worker_pb2.PrefillStats | None, str | None]:
+        """The call answered first: its first token once the receiver confirms DONE."""
+        response, error = answer
+        if error is not None:
+            return 0, None, error
         if response.kv_state != kv_pb2.TRANSFER_DONE:
             return 0, None, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
         status = self.receiver.poll().get(transfer_id)
@@ -170,8 +221,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)
         if status.state is not TransferState.DONE:
             return 0, None, f"receiver saw {status.state.name}: {status.error}"
-        self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
+        self._record_received(status, started)
         return response.first_token_id, response.stats, None
+
+    def _record_received(self, status, started: float) -> None:
+        self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
 
     async def _cancel_transfer(self, transfer_id, released, address, request_id) -> None:
         """Stop taking data; wait until no write into our blocks can still land."""

@@ -34,7 +34,7 @@ from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import ConnectorError, TransferState
 from pdserve.kvtransfer.base import KVDestination
 from pdserve.kvtransfer.messages import destination_from_proto
-from pdserve.services.common import finish_reason_proto, sampling_from_proto
+from pdserve.services.common import finish_reason_proto, sampling_from_proto, trace
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -95,7 +95,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                            if request.HasField("destination") else None)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if destination is not None:
+        trace(log, request.request_id, "prefill: received")
+        if destination is not None and not self.sender.connected(destination.address):
             try:
                 await asyncio.to_thread(self.sender.connect, destination.address)
             except ConnectorError as exc:  # handshake refused or receiver unreachable
@@ -136,7 +137,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
                               on_release=functools.partial(self._transfer_ended, job))
         self.jobs[job.request_id] = job
-        log.debug("request %s: prefill job started (%d tokens)", job.request_id, len(token_ids))
+        trace(log, job.request_id, "prefill: job started")
 
     def _transfer_ended(self, job: PrefillJob, status, _blocks) -> None:
         """Connector thread, once the transfer is terminal. A finished one answers the
@@ -148,6 +149,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 and not job.aborting:
             response = self._response(job, JobState.DONE, "", status)
             self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
+            trace(log, job.request_id, "prefill: answered from the connector thread")
 
     def _check_destination(self, engine: LLMEngine, job: PrefillJob, num_tokens: int) -> None:
         bs = engine.config.block_size
@@ -220,8 +222,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             job.send_started = time.monotonic()
         self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last,
                                ready=ready)
-        log.debug("request %s: chunk %d queued (%d blocks, last=%s)", job.request_id,
-                  job.chunks, len(src), last)
+        trace(log, job.request_id, f"prefill: chunk {job.chunks} queued (last={last})")
         job.positions_sent, job.chunks = end, job.chunks + 1
         if last:
             job.state = JobState.SENDING

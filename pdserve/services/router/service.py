@@ -31,7 +31,7 @@ from pdserve.engine.sampling import InvalidRequest
 from pdserve.engine.loader.tokenizer import ChatTemplateError
 from pdserve.metrics import latency_metrics, new_registry, router_metrics
 from pdserve.services.common import (ChannelPool, InternalTls, internal_channel,
-                                     sampling_from_proto)
+                                     sampling_from_proto, trace)
 from pdserve.services.router.config import RouterConfig, ConfigWatcher, DiscoveryConfig
 from pdserve.services.router.discovery import Discovery, StaticDiscovery, create_discovery
 from pdserve.services.router.health import HealthChecker, HealthSettings, insecure_channel
@@ -225,6 +225,7 @@ class RouterCore:
                     exc.args = (f"{exc} (last failure: {last_error})",)
                 raise
             decode_request = self._decode_request(request_id, ids, request.sampling, route, prefill)
+            trace(log, request_id, "router: routed")
             sent = 0
             try:
                 async for chunk in self._stream(decode, decode_request, prefill, arrival):
@@ -316,6 +317,7 @@ class RouterCore:
                 now = time.monotonic()
                 if first_at is None and chunk.token_ids:
                     first_at = now
+                    trace(log, req.request_id, "router: first token from decode")
                 if chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
                     self._finalize(chunk, arrival, first_at or now, now, prefill, decode)
                 yield chunk
