@@ -76,7 +76,8 @@ class ModelRunner:
         if config.cuda_graphs and self.device.type == "cuda":
             self._make_graphs(config, max_model_len)
         else:
-            self.backend = get_attention_backend(config.attention_backend)
+            self.backend = get_attention_backend(config.attention_backend,
+                                                 **self._backend_options(config))
         self._generators: dict[str, torch.Generator] = {}
         # auto: where a decode step is queued without a host sync (CUDA graphs)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
@@ -87,7 +88,8 @@ class ModelRunner:
         if config.attention_backend != "triton":
             raise ValueError("cuda_graphs needs attention_backend='triton'")
         # decode launch shapes then depend on the batch size alone (graph-safe)
-        self.backend = get_attention_backend("triton", graph_max_seq_len=max_model_len)
+        self.backend = get_attention_backend("triton", graph_max_seq_len=max_model_len,
+                                             **self._backend_options(config))
         self.graphs = DecodeGraphs(self.model, self.pool, self.backend, config.max_num_seqs,
                                    max_model_len, config.block_size, self.device)
         if config.prefill_graph_max_tokens > 1:
@@ -95,6 +97,11 @@ class ModelRunner:
                 self.model, self.pool, self.backend,
                 min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
                 max_model_len, config.block_size, self.device, self.graphs.memory_pool)
+
+    def _backend_options(self, config: EngineConfig) -> dict:
+        if config.attention_backend == "triton" and self.device.type == "cuda":
+            return {"dense_prefill_min_tokens": config.dense_prefill_min_tokens}
+        return {}
 
     def generator_for(self, request) -> torch.Generator | None:
         if request.params.greedy:

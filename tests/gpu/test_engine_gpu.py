@@ -114,6 +114,28 @@ def test_prefill_graph_logits_close_to_eager_in_bf16():
     assert torch.isfinite(outs[1]).all() and err < 2e-2
 
 
+def test_dense_prefill_of_whole_prompts_matches_the_paged_kernel_in_bf16():
+    """A whole uncached prompt takes the cuDNN path; its KV still lands in the cache
+    (the decode steps after it and a later prefix hit read it)."""
+    paged = engine("triton", "bfloat16", dense_prefill_min_tokens=0)
+    dense = engine("triton", "bfloat16", dense_prefill_min_tokens=64)
+    p = prompts(paged.model_config.vocab_size, lengths=(240,))[0]
+    outs = []
+    for e in (paged, dense):
+        e.add_request(p, SamplingParams(max_tokens=1, ignore_eos=True), "r")
+        plan = e.scheduler.schedule()
+        ids, pos, meta, _ = e.runner.build_batch(plan.scheduled)
+        assert e.runner.backend._dense(meta) == (e is dense)
+        hidden = e.runner.model(ids, pos, e.runner.pool, e.runner.backend, meta)
+        outs.append((e.runner.model.compute_logits(hidden[-1:]), e.runner.pool.kv.clone()))
+        e.abort("r")
+    err = (outs[0][0] - outs[1][0]).norm() / outs[0][0].norm()
+    assert err < 2e-2 and torch.equal(outs[0][1], outs[1][1])  # same K/V stored
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    again = dense.generate([p, p[:200] + p[:50]], params)  # a prefix hit: paged kernel
+    assert again[1].num_cached_tokens == 192 and dense.pool_is_idle()
+
+
 def test_bf16_logits_close_between_backends():
     ref, fast = engine("torch", "bfloat16"), engine("triton", "bfloat16")
     p = prompts(ref.model_config.vocab_size, lengths=(257,))
