@@ -3,7 +3,8 @@
 Measured in one process, same run:
   * TTFT (one request, max_tokens=1) at 512 / 2k / 8k prompt tokens;
   * decode time per token at batch 1 (512-token prompt, 128 new tokens);
-  * throughput: 64 requests x 512 prompt x 128 output tokens, all submitted at once;
+  * throughput: 64 requests x 512 prompt x 128 output tokens, all submitted at once
+    (median of three runs on fresh prompts);
 for the torch reference backend (eager), the Triton backend (eager) and the Triton
 backend with CUDA graphs for decode (token ids in, token ids out: detokenize=False, as
 vLLM's skip_tokenizer_init in the reference figures); and the baseline transformers `generate_batch`
@@ -77,15 +78,21 @@ def measure_engine(shape: str, backend: str, graphs: bool, fused: bool, quick: b
         itls.append(statistics.median(c.itl_s))
     res["decode_ms_per_token_batch1"] = 1000 * statistics.median(itls)
     n_req = 16 if quick else 64
-    prompts = [random_prompt(512, vocab, 300 + i) for i in range(n_req)]
     # warm-up of the same shape (full 8192-token prefill steps, every decode batch size)
     # on other prompts, so the measured run neither compiles nor hits the prefix cache
     warm_prompts = [random_prompt(512, vocab, 700 + i) for i in range(n_req)]
     timed_generate(engine, warm_prompts, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False))
-    wall, outs = timed_generate(engine, prompts, SamplingParams(max_tokens=128, ignore_eos=True, detokenize=False))
-    tokens = sum(len(c.token_ids) for c in outs)
-    res.update(throughput_requests=n_req, throughput_wall_s=wall,
-               throughput_output_tok_s=tokens / wall)
+    rates, walls = [], []
+    for r in range(3):  # run-to-run spread is a few percent: report the median of three
+        batch = [random_prompt(512, vocab, 1000 * (r + 1) + i) for i in range(n_req)]
+        wall, outs = timed_generate(engine, batch, SamplingParams(max_tokens=128,
+                                                                  ignore_eos=True,
+                                                                  detokenize=False))
+        walls.append(wall)
+        rates.append(sum(len(c.token_ids) for c in outs) / wall)
+    res.update(throughput_requests=n_req, throughput_wall_s=statistics.median(walls),
+               throughput_output_tok_s=statistics.median(rates),
+               throughput_output_tok_s_runs=rates)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -108,7 +115,6 @@ def measure_transformers(shape: str, quick: bool) -> dict:
         model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=torch.bfloat16).eval()
     vocab = cfg.vocab_size
     n_req = 16 if quick else 64
-    prompts = [random_prompt(512, vocab, 300 + i) for i in range(n_req)]
     gen = GenerationConfig(max_new_tokens=128, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
     for impl in ("paged|sdpa", "sdpa_paged"):

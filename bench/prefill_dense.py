@@ -1,7 +1,8 @@
 """Single-sequence causal prefill attention: the paged Triton kernel against the dense
-cuDNN path the triton backend takes for whole prompts (TritonAttentionBackend,
-dense_prefill_min_tokens). Llama-3-8B heads (32 q / 8 KV, d 128), bf16, 16-token pages;
-times from CUDA events (median of 20), TFLOP/s = 4 * heads * d * n^2 / 2 / time.
+cuDNN path the triton backend takes for whole uncached prompts (TritonAttentionBackend,
+dense_prefill_min_tokens; 3,072 tokens in the engine). Llama-3-8B heads (32 q / 8 KV,
+d 128), bf16, 16-token pages; times from CUDA events (median of 20), TFLOP/s =
+4 * heads * d * n^2 / 2 / time.
 
     python bench/prefill_dense.py --out bench/results/prefill-dense-h100.json
 """

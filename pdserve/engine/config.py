@@ -67,7 +67,7 @@ class EngineConfig:
     prefill_graph_max_tokens: int = 1024
     # triton backend on CUDA: a whole prompt of this many tokens or more with nothing
     # cached runs cuDNN attention over its contiguous K/V (0: the paged kernel always)
-    dense_prefill_min_tokens: int = 2048
+    dense_prefill_min_tokens: int = 3072
     fused_kernels: bool = True  # Triton-fused norms/rotary/SiLU/residual adds; CUDA only
     allocate_whole_prompt: bool = False  # prefill role: see SchedulerConfig
     # queue decode step N+1 before reading step N's tokens (hides the host's work behind

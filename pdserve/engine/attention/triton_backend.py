@@ -29,11 +29,12 @@ class TritonAttentionBackend(AttentionBackend):
     split workspace with torch.empty, which graph capture serves from its private pool.
     ``num_splits_for(meta, num_kv_heads, device)`` tells which count a step will use.
 
-    Dense prefill. A step that is one whole prompt with nothing cached before it
-    (``dense_prefill_min_tokens`` tokens or more) has its K/V contiguous in k and v: it
-    runs torch's cuDNN attention on them, ~1.4x the paged kernel's TFLOP/s at 4k-16k
-    tokens on an H100 (docs/kernels.md); the paged kernel serves every other prefill
-    (batches, prefix hits, later chunks). 0 turns it off.
+    Dense prefill. A step that is one whole prompt with nothing cached before it, of
+    ``dense_prefill_min_tokens`` tokens or more, has its K/V contiguous in k and v: it
+    runs torch's cuDNN attention on them (1.2x the paged kernel at 4k tokens, 1.4x at
+    8k on an H100; equal at 2k: bench/prefill_dense.py; the engine's default is 3,072).
+    The paged kernel serves every other prefill (batches, prefix hits, later chunks).
+    0 turns it off.
     """
 
     name = "triton"
