@@ -115,6 +115,7 @@ def measure_transformers(shape: str, quick: bool) -> dict:
         model = transformers.LlamaForCausalLM._from_config(hf_cfg, dtype=torch.bfloat16).eval()
     vocab = cfg.vocab_size
     n_req = 16 if quick else 64
+    prompts = [random_prompt(512, vocab, 300 + i) for i in range(n_req)]
     gen = GenerationConfig(max_new_tokens=128, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
     for impl in ("paged|sdpa", "sdpa_paged"):
