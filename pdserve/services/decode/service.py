@@ -22,6 +22,7 @@ block returns to the pool. kv_source=local_prefill runs the whole request here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -149,13 +150,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         transfer_id = self.core.new_transfer_id()
         released = asyncio.Event()
         aio_loop = asyncio.get_running_loop()
-        landed = aio_loop.create_future()  # DONE status, from the connector's thread
+        landed = aio_loop.create_future()  # DONE status: see _kv_landed
         lease_s = (request.kv_lease_ms / 1000.0) or self.core.settings.kv_lease_s
         destination = self.receiver.expect(
             transfer_id, reserved.block_ids[first:], first_block_index=first,
             block_keys=self._block_keys(ids)[first:], num_tokens=len(ids), lease_s=lease_s,
             on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set),
-            on_done=lambda status: aio_loop.call_soon_threadsafe(_settle, landed, status))
+            on_done=functools.partial(self._kv_landed, request_id, aio_loop, landed))
         self._remote.add(request_id)
         address = request.remote_prefill.prefill_address
         trace(log, request_id, "decode: reserved")
@@ -164,7 +165,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                                                        destination, lease_s))
         try:
             await asyncio.wait({call, landed}, return_when=asyncio.FIRST_COMPLETED)
-            if landed.done() and landed.result().first_token is not None:
+            early = landed.done() and landed.result().first_token is not None
+            if early:  # _kv_landed already had the engine thread put it in the batch
                 first_token, error = landed.result().first_token, None
                 self._record_received(landed.result(), started)
                 stats = asyncio.ensure_future(_stats_of(call))
@@ -180,9 +182,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         trace(log, request_id, f"decode: KV here ({error or 'first token ' + str(first_token)})")
         if error is None:
             self.receiver.release(transfer_id)
-            out = await loop.call(engine.remote_kv_arrived, request_id, first_token)
-            trace(log, request_id, "decode: joined the batch")
-            loop.deliver(out)
+            if not early:
+                await loop.call(self._join_batch, request_id, first_token)
             return stats if isinstance(stats, asyncio.Future) else _done(aio_loop, stats)
         await self._cancel_transfer(transfer_id, released, address, request_id)
         self.core.kv_metrics.failed("transfer")
@@ -193,6 +194,21 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     request_id, address, error)
         await loop.call(engine.remote_kv_failed, request_id)
         return None
+
+    def _kv_landed(self, request_id, aio_loop, landed, status) -> None:
+        """Connector thread: the KV is DONE. With the first token alongside it, the
+        request joins the batch on the engine thread right away; asyncio hears after."""
+        if status.first_token is not None:
+            self.core.loop.submit(self._join_batch, request_id, status.first_token)
+        aio_loop.call_soon_threadsafe(_settle, landed, status)
+
+    def _join_batch(self, request_id: str, first_token: int) -> None:
+        """Engine thread: the request decodes from here and its first token goes to the
+        stream; a no-op if it already joined or was aborted meanwhile."""
+        engine = self.core.engine
+        if request_id in engine.scheduler.remote:
+            self.core.loop.deliver(engine.remote_kv_arrived(request_id, first_token))
+            trace(log, request_id, "decode: joined the batch")
 
     async def _prefill_rpc(self, address, request_id, ids, params, destination, lease_s):
         """(PrefillResponse, None) or (None, why the call failed)."""
@@ -228,10 +244,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
 
     async def _cancel_transfer(self, transfer_id, released, address, request_id) -> None:
-        """Stop taking data; wait until no write into our blocks can still land."""
+        """Stop taking data; wait until no write into our blocks can still land (a DONE
+        transfer has none left: its blocks hold the request's KV and go with it)."""
         self.receiver.cancel(transfer_id, "request ended")
+        status = self.receiver.poll().get(transfer_id)
         try:
-            await asyncio.wait_for(released.wait(), timeout=10.0)
+            if status is None or status.state is not TransferState.DONE:
+                await asyncio.wait_for(released.wait(), timeout=10.0)
         except asyncio.TimeoutError:
             log.error("transfer %s did not release its blocks in time", transfer_id)
         self.receiver.release(transfer_id)
