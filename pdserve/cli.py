@@ -11,16 +11,23 @@ import time
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name, .gguf file or HF folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: "
+                   "cuda when a GPU is visible)")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) | bfloat16 | float16")
-    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="auto (default): triton on CUDA, the torch reference on the CPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-blocks", type=int, default=0)
-    p.add_argument("--kv-cache-gb", type=float, default=0.5)
+    p.add_argument("--kv-cache-gb", type=float, default=0.0,
+                   help="KV pool size in GiB; 0 (default): 0.5 on the CPU, on CUDA what "
+                        "--gpu-memory-utilization leaves after weights and activations")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="share of the GPU's memory this worker may use (default 0.9)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=512)
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps as CUDA graphs (needs --attention-backend triton)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps and short prefills as CUDA graphs (default: on "
+                        "with the triton backend on CUDA)")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="on CUDA, run norms/rotary/SiLU as plain PyTorch ops instead of the "
                         "fused Triton kernels")
@@ -36,12 +43,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args, **extra):
     from pdserve.engine.config import EngineConfig
 
-    dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
-    return EngineConfig(device=args.device, dtype=dtype, attention_backend=args.attention_backend,
+    from pdserve.engine.config import resolve_device
+
+    device = resolve_device(args.device)
+    on_gpu = device.startswith("cuda")
+    backend = args.attention_backend if args.attention_backend != "auto" else \
+        ("triton" if on_gpu else "torch")
+    graphs = args.cuda_graphs if args.cuda_graphs is not None else \
+        (on_gpu and backend == "triton")
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    return EngineConfig(device=device, dtype=dtype, attention_backend=backend,
                         block_size=args.block_size, num_blocks=args.num_blocks,
-                        kv_cache_memory_gb=args.kv_cache_gb, max_num_seqs=args.max_num_seqs,
+                        kv_cache_memory_gb=args.kv_cache_gb,
+                        gpu_memory_utilization=args.gpu_memory_utilization,
+                        max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_batch_tokens,
-                        cuda_graphs=args.cuda_graphs, fused_kernels=args.fused_kernels,
+                        cuda_graphs=graphs, fused_kernels=args.fused_kernels,
                         async_scheduling=args.async_scheduling,
                         prefill_graph_max_tokens=args.prefill_graph_tokens, **extra)
 
@@ -305,7 +322,8 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--port", type=int, default=50051)
     u.add_argument("--http-port", type=int, default=8000)
     u.add_argument("--config", default=None)
-    u.add_argument("--device", default="cpu")
+    u.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when "
+                   "a GPU is visible; every worker shares its memory equally)")
 
 
 def main(argv: list[str] | None = None) -> int:

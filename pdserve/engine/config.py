@@ -43,6 +43,16 @@ class ModelConfig:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
 
+    def num_parameters(self) -> int:
+        """Parameters the model allocates (embeddings, layers, norms, LM head)."""
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        layer = (self.hidden_size * (q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)
+                 + q * self.hidden_size + 3 * self.hidden_size * self.intermediate_size
+                 + 2 * self.hidden_size)
+        # the runner keeps a separate LM head even when the checkpoint ties it
+        return 2 * self.vocab_size * self.hidden_size + self.num_layers * layer \
+            + self.hidden_size
+
     def fingerprint(self) -> str:
         """Names the model's shapes; KV made by one model is only valid for the same one."""
         blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
@@ -56,7 +66,8 @@ class EngineConfig:
     attention_backend: str = "torch"
     block_size: int = 16
     num_blocks: int = 0  # 0: size from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 0.5
+    kv_cache_memory_gb: float = 0.5  # 0: on CUDA, what gpu_memory_utilization leaves
+    gpu_memory_utilization: float = 0.9  # this engine's share of its GPU (kv_cache_memory_gb 0)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # token budget of one step (chunked prefill)
     max_model_len: int = 0  # 0: the model's own context length
@@ -80,3 +91,37 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gb < 0:
+            raise ValueError(f"kv_cache_memory_gb must be >= 0, got {self.kv_cache_memory_gb}")
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else unchanged."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gpu_kv_budget_bytes(*, total: int, free: int, utilization: float, weight_bytes: int,
+                        activation_bytes: int) -> int:
+    """Bytes the KV pool may take on a GPU: this engine's share (utilization x total,
+    as vLLM's gpu_memory_utilization) but never more than is free now, less the weights
+    and the activations it still has to allocate."""
+    return int(min(utilization * total, free) - weight_bytes - activation_bytes)
+
+
+def activation_bytes(model: ModelConfig, config: EngineConfig, dtype_bytes: int) -> int:
+    """A generous bound on the step's transient memory: the widest per-token tensors of
+    the largest step (gate/up, qkv, residual stream, twice for the allocator's slack),
+    fp32 logits and sampling buffers of a full batch, and 1 GiB for cuBLAS workspaces,
+    CUDA graph pools and fragmentation."""
+    per_token = 2 * model.intermediate_size + 4 * model.hidden_size + \
+        (model.num_heads + 2 * model.num_kv_heads) * model.head_dim
+    step = 2 * config.max_num_batched_tokens * per_token * dtype_bytes
+    logits = 3 * config.max_num_seqs * model.vocab_size * 4
+    return step + logits + 2**30

@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pdserve.engine.config import EngineConfig
+from pdserve.engine.config import (EngineConfig, ModelConfig, activation_bytes,
+                                   gpu_kv_budget_bytes)
 from pdserve.engine.kvcache.allocator import BlockAllocator
 from pdserve.engine.loader import LoadedModel, load_model
 from pdserve.engine.loader.tokenizer import IncrementalDetokenizer
@@ -145,7 +146,12 @@ class LLMEngine:
         c = loaded.config
         spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, config.block_size, 1,
                            config.dtype)
-        return max(1, int(config.kv_cache_memory_gb * 2**30) // spec.bytes_per_block)
+        budget = _kv_budget_bytes(config, c)
+        if budget < spec.bytes_per_block:
+            raise ValueError(f"no memory left for the KV cache ({budget / 2**30:.2f} GiB "
+                             f"after the weights and activations); raise "
+                             f"gpu_memory_utilization or set kv_cache_memory_gb")
+        return budget // spec.bytes_per_block
 
     @property
     def fingerprint(self) -> str:
@@ -378,6 +384,23 @@ class LLMEngine:
     def pool_is_idle(self) -> bool:
         """Every block free (cached-but-unreferenced blocks count as free)."""
         return self.allocator.num_free == self.allocator.num_blocks
+
+
+def _kv_budget_bytes(config: EngineConfig, model: ModelConfig) -> int:
+    """kv_cache_memory_gb when set; on CUDA with 0, what gpu_memory_utilization of the
+    card leaves after the weights and activations; 0.5 GiB on the CPU."""
+    if config.kv_cache_memory_gb > 0 or not config.device.startswith("cuda"):
+        return int((config.kv_cache_memory_gb or 0.5) * 2**30)
+    import torch
+
+    from pdserve.engine.kvcache.pool import torch_dtype
+
+    dtype_bytes = torch.empty((), dtype=torch_dtype(config.dtype)).element_size()
+    free, total = torch.cuda.mem_get_info(torch.device(config.device))
+    return gpu_kv_budget_bytes(
+        total=total, free=free, utilization=config.gpu_memory_utilization,
+        weight_bytes=model.num_parameters() * dtype_bytes,
+        activation_bytes=activation_bytes(model, config, dtype_bytes))
 
 
 def _all_decode(scheduled: list[ScheduledRequest]) -> bool:

@@ -57,9 +57,20 @@ class Cluster:
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-"))
         self.router_address = ""
 
+    def _gpu_share_args(self) -> list[str]:
+        """Workers on this host share its (first) GPU: each gets an equal part of the
+        memory unless the worker arguments size the KV pool themselves."""
+        from pdserve.engine.config import resolve_device
+
+        sized = {a.split("=")[0] for a in self.spec.worker_args} & {
+            "--kv-cache-gb", "--gpu-memory-utilization", "--num-blocks"}
+        if sized or not resolve_device(self.spec.device).startswith("cuda"):
+            return []
+        return ["--gpu-memory-utilization", f"{gpu_share(self.spec):.3f}"]
+
     def start(self, timeout_s: float = 240.0) -> str:
         try:
-            worker_args = list(self.spec.worker_args)
+            worker_args = list(self.spec.worker_args) + self._gpu_share_args()
             if self.spec.connector == "redis":
                 worker_args += ["--redis-url", self._start_valkey()]
             prefill = [self._spawn(f"prefill-{i}", "prefill", worker_args + list(self.spec.prefill_args))
@@ -169,17 +180,21 @@ def _pump(popen: subprocess.Popen, lines: "queue.Queue[str]", log_path: Path) ->
 # ---- local connector: one process -------------------------------------------------------
 async def start_in_process(spec: ClusterSpec):
     """Router + prefill + decode in this process (the local connector's home)."""
-    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.config import EngineConfig, resolve_device
     from pdserve.services.router.service import RouterSettings
     from pdserve.services.serve import start_router, start_worker
     from pdserve.services.worker import WorkerSettings
 
-    dtype = "float32" if spec.device == "cpu" else "bfloat16"
+    device = resolve_device(spec.device)
+    gpu = device.startswith("cuda")
+    # on a GPU: the fast path, and the card's memory split among the workers
+    fast = dict(dtype="bfloat16", attention_backend="triton", cuda_graphs=True,
+                kv_cache_memory_gb=0, gpu_memory_utilization=gpu_share(spec)) if gpu else {}
     running = []
     for role, n in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
         for i in range(n):
-            engine = EngineConfig(device=spec.device, dtype=dtype,
-                                  allocate_whole_prompt=role == "prefill")
+            engine = EngineConfig(device=device, allocate_whole_prompt=role == "prefill",
+                                  **fast)
             running.append(await start_worker(WorkerSettings(
                 role=role, model=spec.model, connector="local", worker_id=f"{role}-{i}",
                 engine=engine)))
@@ -189,6 +204,10 @@ async def start_in_process(spec: ClusterSpec):
         prefill=tuple(r.address for r in running if r.role == "prefill"),
         decode=tuple(r.address for r in running if r.role == "decode")))
     return router, running
+
+
+def gpu_share(spec: ClusterSpec) -> float:
+    return 0.9 / max(1, spec.num_prefill + spec.num_decode)
 
 
 # ---- commands ----------------------------------------------------------------------------

@@ -139,6 +139,22 @@ def test_dense_prefill_of_whole_prompts_matches_the_paged_kernel_in_bf16():
     assert dense.pool_is_idle()
 
 
+def test_kv_pool_sized_from_gpu_memory_utilization():
+    import pdserve.cli as cli
+
+    cfg = cli._worker_settings(cli.build_parser().parse_args(
+        ["decode", "--gpu-memory-utilization", "0.3", "--max-batch-tokens", "2048"]),
+        "decode").engine
+    assert (cfg.device, cfg.attention_backend, cfg.cuda_graphs) == ("cuda", "triton", True)
+    free, total = torch.cuda.mem_get_info()
+    e = LLMEngine(cfg, synthetic_model("smollm2-135m"))
+    pool_bytes = e.runner.pool.kv.numel() * e.runner.pool.kv.element_size()
+    # the share, less weights (~0.5 GB) and the activation bound (~1.2 GB)
+    assert 0.3 * total - 3 * 2**30 < pool_bytes < min(0.3 * total, free)
+    out = e.generate([[5, 6, 7] * 30], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4 and e.pool_is_idle()
+
+
 def test_bf16_logits_close_between_backends():
     ref, fast = engine("torch", "bfloat16"), engine("triton", "bfloat16")
     p = prompts(ref.model_config.vocab_size, lengths=(257,))

@@ -242,6 +242,23 @@ def test_kustomize_base_command_lines_parse(capsys):
             assert settings.kv_port == ports(by_component[component])["kv"]
 
 
+def test_worker_defaults_pick_the_device_and_its_fast_path():
+    """No engine flags: the CPU reference path here; on CUDA the triton backend with
+    graphs and a pool sized from GPU memory (tests/gpu checks that side)."""
+    import torch
+
+    cfg = cli._worker_settings(cli.build_parser().parse_args(["decode"]), "decode").engine
+    if torch.cuda.is_available():
+        assert (cfg.device, cfg.attention_backend, cfg.cuda_graphs) == ("cuda", "triton", True)
+    else:
+        assert (cfg.device, cfg.attention_backend, cfg.cuda_graphs) == ("cpu", "torch", False)
+    assert cfg.kv_cache_memory_gb == 0 and cfg.gpu_memory_utilization == 0.9
+    off = cli._worker_settings(cli.build_parser().parse_args(
+        ["decode", "--device", "cuda", "--no-cuda-graphs", "--kv-cache-gb", "4"]), "decode").engine
+    assert (off.attention_backend, off.cuda_graphs, off.dtype) == ("triton", False, "bfloat16")
+    assert off.kv_cache_memory_gb == 4
+
+
 def test_worker_engine_flags_reach_the_engine_config():
     on = cli._worker_settings(cli.build_parser().parse_args(
         ["decode", "--device", "cuda", "--attention-backend", "triton", "--cuda-graphs"]), "decode")
