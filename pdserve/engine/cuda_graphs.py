@@ -55,6 +55,16 @@ class DecodeGraphs:
         return next((s for s in self.sizes if s >= n), None)
 
     @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every size now (a worker's start-up) on inputs that touch nothing:
+        slot -1 stores nothing, seq_len 0 reads nothing."""
+        self.slots.fill_(-1)
+        self.seq_lens.zero_()
+        for size in self.sizes:
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size)
+
+    @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             seq_lens: torch.Tensor, block_tables: torch.Tensor,
             carry: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -119,6 +129,17 @@ class PrefillGraphs:
 
     def padded_size(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every token count now, on an empty chunk (no query, nothing stored)."""
+        self.slots.fill_(-1)
+        self.query_start.zero_()
+        self.seq_lens.zero_()
+        self.last_row.zero_()
+        for size in self.sizes:
+            if size not in self.graphs:
+                self.graphs[size] = self._capture(size)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

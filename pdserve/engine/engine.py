@@ -371,6 +371,11 @@ class LLMEngine:
                                                     prompts[ids.index(out.request_id)])
         return [done[i] for i in ids]
 
+    def warm_up(self) -> int:
+        """Capture every CUDA graph before serving, so no request pays for a capture or
+        a kernel compilation (~2 s for an 8B model); returns the number of graphs."""
+        return self.runner.capture_graphs()
+
     # ---- stats -----------------------------------------------------------------------
     @property
     def num_rows_in_flight(self) -> int:

@@ -98,6 +98,16 @@ class ModelRunner:
                 min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
                 max_model_len, config.block_size, self.device, self.graphs.memory_pool)
 
+    def capture_graphs(self) -> int:
+        """Capture every CUDA graph now (compiling the kernels they use); returns how
+        many exist. Without it each size is captured the first time a step needs it."""
+        for graphs in (self.graphs, self.prefill_graphs):
+            if graphs is not None:
+                graphs.capture_all()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return sum(len(g.graphs) for g in (self.graphs, self.prefill_graphs) if g is not None)
+
     def _backend_options(self, config: EngineConfig) -> dict:
         if config.attention_backend == "triton" and self.device.type == "cuda":
             return {"dense_prefill_min_tokens": config.dense_prefill_min_tokens}

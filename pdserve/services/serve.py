@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -59,6 +60,10 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
 
     credentials = settings.tls.server_credentials() if settings.tls.enabled else None
     engine = await asyncio.to_thread(LLMEngine, settings.engine, settings.model)
+    if engine.runner.graphs is not None:
+        started = time.monotonic()
+        count = await asyncio.to_thread(engine.warm_up)
+        log.info("captured %d CUDA graphs in %.1f s", count, time.monotonic() - started)
     loop = asyncio.get_running_loop()
     if settings.role == "prefill":
         from pdserve.services.prefill.service import SERVICE_NAME, PrefillServicer

@@ -139,6 +139,20 @@ def test_dense_prefill_of_whole_prompts_matches_the_paged_kernel_in_bf16():
     assert dense.pool_is_idle()
 
 
+def test_warm_up_captures_every_graph_and_changes_no_result():
+    cold, warm = engine("triton", "float32", graphs=True), engine("triton", "float32", graphs=True)
+    count = warm.warm_up()
+    runner = warm.runner
+    assert set(runner.graphs.graphs) == set(runner.graphs.sizes)
+    assert set(runner.prefill_graphs.graphs) == set(runner.prefill_graphs.sizes)
+    assert count == len(runner.graphs.sizes) + len(runner.prefill_graphs.sizes)
+    assert warm.pool_is_idle() and not runner.pool.kv.any()  # the captures stored nothing
+    ps = prompts(cold.model_config.vocab_size, lengths=(3, 90, 200))
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    for p in ps:  # lone prompts: prefill graphs, then decode graphs
+        assert warm.generate([p], params)[0].token_ids == cold.generate([p], params)[0].token_ids
+
+
 def test_kv_pool_sized_from_gpu_memory_utilization():
     import pdserve.cli as cli
 
