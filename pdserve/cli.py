@@ -23,8 +23,11 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                         "--gpu-memory-utilization leaves after weights and activations")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="share of the GPU's memory this worker may use (default 0.9)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests decoding together (default: 256 on CUDA, 64 on the CPU)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="token budget of one step, i.e. the prefill chunk (default: 8192 on "
+                        "CUDA, 512 on the CPU)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps and short prefills as CUDA graphs (default: on "
                         "with the triton backend on CUDA)")
@@ -56,8 +59,8 @@ def _engine_config(args, **extra):
                         block_size=args.block_size, num_blocks=args.num_blocks,
                         kv_cache_memory_gb=args.kv_cache_gb,
                         gpu_memory_utilization=args.gpu_memory_utilization,
-                        max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_batch_tokens,
+                        max_num_seqs=args.max_num_seqs or (256 if on_gpu else 64),
+                        max_num_batched_tokens=args.max_batch_tokens or (8192 if on_gpu else 512),
                         cuda_graphs=graphs, fused_kernels=args.fused_kernels,
                         async_scheduling=args.async_scheduling,
                         prefill_graph_max_tokens=args.prefill_graph_tokens, **extra)

@@ -253,6 +253,8 @@ def test_worker_defaults_pick_the_device_and_its_fast_path():
     else:
         assert (cfg.device, cfg.attention_backend, cfg.cuda_graphs) == ("cpu", "torch", False)
     assert cfg.kv_cache_memory_gb == 0 and cfg.gpu_memory_utilization == 0.9
+    gpu = torch.cuda.is_available()
+    assert (cfg.max_num_seqs, cfg.max_num_batched_tokens) == ((256, 8192) if gpu else (64, 512))
     off = cli._worker_settings(cli.build_parser().parse_args(
         ["decode", "--device", "cuda", "--no-cuda-graphs", "--kv-cache-gb", "4"]), "decode").engine
     assert (off.attention_backend, off.cuda_graphs, off.dtype) == ("triton", False, "bfloat16")
