@@ -13,7 +13,13 @@ time from the first generated token to the last, over the tokens made in between
   the last of them has its first token (all prefills done) and ends at the last token;
   rate = tokens made in that window / its length (aggregate over the batch).
 
-Runs are interleaved (hf, engine-1, engine-16, repeat) so load from other processes
+The engine runs with its default CPU matmuls (numpy's OpenBLAS, torch's own ops on one
+thread) and, as the in-run comparison, with `cpu_blas="torch"` (MKL through torch, torch
+threads as transformers has them). transformers always runs with the process's torch
+thread count (restored before each of its runs: the numpy engine sets torch to one
+thread while it steps).
+
+Runs are interleaved (hf, engines b1 and b16, repeat) so load from other processes
 hits all of them alike; each figure is the median of the repeats. Writes
 bench/results/engine-cpu.json and prints a Markdown table.
 
@@ -167,39 +173,53 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     n = args.new_tokens
     load_before = loadavg()
 
     loaded = load_model(None)
     tok = loaded.tokenizer
-    engine = LLMEngine(EngineConfig(dtype="float32", max_num_seqs=max(args.batch, 16)), loaded)
+    engines = {blas: LLMEngine(EngineConfig(dtype="float32", max_num_seqs=max(args.batch, 16),
+                                            cpu_blas=blas), loaded)
+               for blas in ("numpy", "torch")}
     hf = load_hf()
     prompt = tok.encode_chat([{"role": "user", "content": QUESTION}])
     batch = [tok.encode_chat([{"role": "user", "content": q}])
              for q in (BATCH_QUESTIONS * (args.batch // len(BATCH_QUESTIONS) + 1))[:args.batch]]
 
     # warm-up (first calls allocate and pick kernels), not timed
+    torch.set_num_threads(threads)
     hf_run(hf, prompt, 4)
-    engine_run(engine, [prompt], 4)
-    engine_run(engine, batch, 4)
+    for engine in engines.values():
+        torch.set_num_threads(threads)
+        engine_run(engine, [prompt], 4)
+        engine_run(engine, batch, 4)
 
     eos = set(loaded.config.eos_token_ids)
-    hf_rates, e1_rates, eb_rates, loads = [], [], [], []
+    hf_rates, loads = [], []
+    rates = {blas: ([], []) for blas in engines}  # (b1, batch) per engine
     same_tokens = True
     for r in range(args.repeats):
+        torch.set_num_threads(threads)
         hf_rate, hf_tokens = hf_run(hf, prompt, n)
-        e1_rate, (e1_tokens,) = engine_run(engine, [prompt], n)
-        eb_rate, _ = engine_run(engine, batch, n)
-        # transformers' min_new_tokens masks EOS, the engine's ignore_eos does not:
-        # compare up to the engine's first EOS
-        k = next((i for i, t in enumerate(e1_tokens) if t in eos), n)
-        same_tokens &= hf_tokens[:k] == e1_tokens[:k]
-        hf_rates.append(hf_rate), e1_rates.append(e1_rate), eb_rates.append(eb_rate)
+        hf_rates.append(hf_rate)
+        for blas, engine in engines.items():
+            torch.set_num_threads(threads)
+            e1_rate, (e1_tokens,) = engine_run(engine, [prompt], n)
+            eb_rate, _ = engine_run(engine, batch, n)
+            # transformers' min_new_tokens masks EOS, the engine's ignore_eos does not:
+            # compare up to the engine's first EOS
+            k = next((i for i, t in enumerate(e1_tokens) if t in eos), n)
+            same_tokens &= hf_tokens[:k] == e1_tokens[:k]
+            rates[blas][0].append(e1_rate), rates[blas][1].append(eb_rate)
         loads.append(loadavg())
-        print(f"repeat {r}: transformers {hf_rate:.2f} tok/s, pdserve b1 {e1_rate:.2f} tok/s, "
-              f"pdserve b{args.batch} {eb_rate:.2f} tok/s, load {loads[-1]}", flush=True)
+        print(f"repeat {r}: transformers {hf_rate:.2f} tok/s, " + ", ".join(
+            f"pdserve ({blas}) b1 {b1[-1]:.2f} / b{args.batch} {bb[-1]:.2f} tok/s"
+            for blas, (b1, bb) in rates.items()) + f", load {loads[-1]}", flush=True)
 
-    hf_med, e1_med, eb_med = (statistics.median(x) for x in (hf_rates, e1_rates, eb_rates))
+    hf_med = statistics.median(hf_rates)
+    e1_med, eb_med = (statistics.median(x) for x in rates["numpy"])
+    t1_med, tb_med = (statistics.median(x) for x in rates["torch"])
     result = {
         "benchmark": "engine-cpu decode",
         "model": f"{loaded.source.name} ({loaded.source.path.name}, dequantized to fp32)",
@@ -216,12 +236,19 @@ def main() -> None:
         f"speedup_b{args.batch}": round(eb_med / hf_med, 2),
         "targets": {"b1": TARGET_B1, f"b{args.batch}": TARGET_B16},
         "meets_targets": e1_med >= TARGET_B1 * hf_med and eb_med >= TARGET_B16 * hf_med,
+        "cpu_blas": "numpy (default)",
+        "pdserve_torch_blas_b1_tok_s": round(t1_med, 2),
+        f"pdserve_torch_blas_b{args.batch}_tok_s": round(tb_med, 2),
         "greedy_tokens_equal_transformers_until_eos": same_tokens,
         "runs": {"transformers_b1": [round(x, 2) for x in hf_rates],
-                 "pdserve_b1": [round(x, 2) for x in e1_rates],
-                 f"pdserve_b{args.batch}": [round(x, 2) for x in eb_rates]},
+                 "pdserve_b1": [round(x, 2) for x in rates["numpy"][0]],
+                 f"pdserve_b{args.batch}": [round(x, 2) for x in rates["numpy"][1]],
+                 "pdserve_torch_blas_b1": [round(x, 2) for x in rates["torch"][0]],
+                 f"pdserve_torch_blas_b{args.batch}": [round(x, 2) for x in rates["torch"][1]]},
         "env": {
-            "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
+            "torch_threads": f"{threads} (transformers, cpu_blas=torch); 1 (cpu_blas=numpy)",
+            "numpy": __import__("numpy").__version__,
             "torch": torch.__version__, "transformers": __import__("transformers").__version__,
             "python": platform.python_version(), "git_commit": git_commit(),
             "loadavg_before": load_before, "loadavg_per_repeat": loads,
@@ -240,7 +267,11 @@ def markdown_table(r: dict, b: int) -> str:
     rows = [("transformers `generate`, batch 1", hf, 1.0, "—"),
             ("pdserve engine, batch 1", r["pdserve_b1_tok_s"], r["speedup_b1"], f">= {TARGET_B1}x"),
             (f"pdserve engine, {b} concurrent", r[f"pdserve_b{b}_tok_s"], r[f"speedup_b{b}"],
-             f">= {TARGET_B16}x")]
+             f">= {TARGET_B16}x"),
+            ("same run, `cpu_blas=torch` (MKL), batch 1", r["pdserve_torch_blas_b1_tok_s"],
+             r["pdserve_torch_blas_b1_tok_s"] / hf, "—"),
+            (f"same run, `cpu_blas=torch`, {b} concurrent", r[f"pdserve_torch_blas_b{b}_tok_s"],
+             r[f"pdserve_torch_blas_b{b}_tok_s"] / hf, "—")]
     lines = ["| run | decode tok/s | vs transformers b1 | target |", "|---|---:|---:|---|"]
     lines += [f"| {name} | {rate:.1f} | {x:.2f}x | {t} |" for name, rate, x, t in rows]
     return "\n".join(lines)

@@ -37,6 +37,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-graph-tokens", type=int, default=1024,
                    help="with --cuda-graphs, replay a captured graph for a step that computes "
                         "one chunk of one prompt of up to this many tokens (0: eager)")
+    p.add_argument("--cpu-blas", default="numpy", choices=["numpy", "torch"],
+                   help="CPU fp32 matmuls: numpy's OpenBLAS (default; torch's own ops then "
+                        "run on one thread) or torch's MKL")
     p.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_const",
                    const=False, default=None,
                    help="read each decode step's tokens before scheduling the next (by "
@@ -63,7 +66,8 @@ def _engine_config(args, **extra):
                         max_num_batched_tokens=args.max_batch_tokens or (8192 if on_gpu else 512),
                         cuda_graphs=graphs, fused_kernels=args.fused_kernels,
                         async_scheduling=args.async_scheduling,
-                        prefill_graph_max_tokens=args.prefill_graph_tokens, **extra)
+                        prefill_graph_max_tokens=args.prefill_graph_tokens,
+                        cpu_blas=args.cpu_blas, **extra)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:

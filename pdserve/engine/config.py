@@ -81,6 +81,8 @@ class EngineConfig:
     dense_prefill_min_tokens: int = 3072
     fused_kernels: bool = True  # Triton-fused norms/rotary/SiLU/residual adds; CUDA only
     allocate_whole_prompt: bool = False  # prefill role: see SchedulerConfig
+    # CPU fp32 matmuls: "numpy" (numpy's OpenBLAS; torch's own ops on one thread) | "torch"
+    cpu_blas: str = "numpy"
     # queue decode step N+1 before reading step N's tokens (hides the host's work behind
     # the device's); None: on with CUDA graphs, where queuing a step never waits
     async_scheduling: bool | None = None
@@ -94,6 +96,8 @@ class EngineConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
                              f"{self.gpu_memory_utilization}")
+        if self.cpu_blas not in ("numpy", "torch"):
+            raise ValueError(f"cpu_blas must be 'numpy' or 'torch', got {self.cpu_blas!r}")
         if self.kv_cache_memory_gb < 0:
             raise ValueError(f"kv_cache_memory_gb must be >= 0, got {self.kv_cache_memory_gb}")
 

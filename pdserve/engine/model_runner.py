@@ -65,8 +65,11 @@ class ModelRunner:
             self.model.load_hf_weights(weights)
         else:  # a synthetic model of real shapes (pdserve.engine.synthetic)
             self.model.init_random_(config.seed)
+        # numpy's BLAS on the CPU: torch's own ops then run on one thread (two spinning
+        # thread pools on the same cores slow each other down ~10x)
+        self.numpy_blas = self.device.type == "cpu" and config.cpu_blas == "numpy"
         if self.device.type == "cpu":
-            self.model.use_input_major_weights()
+            self.model.use_cpu_blas(self.numpy_blas)
         self.model.fused_elementwise = config.fused_kernels and self.device.type == "cuda"
         self.pool = KVCachePool(KVCacheSpec(
             num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
@@ -166,6 +169,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
         """Run the step; returns the sampled token per scheduled request (None mid-prompt)."""
+        self._own_threads()
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if self._graphable(scheduled, len(sampling)):
             # host tensors: the graph's static device buffers take them in one copy each
@@ -193,6 +197,7 @@ class ModelRunner:
         """Queue a decode step (one new token per request, every one sampling); returns
         without waiting for the device. carried: (row, row of `previous`) pairs whose input
         token is the one `previous` sampled, which the host has not read yet."""
+        self._own_threads()
         reqs = [s.request for s in scheduled]
         carry = self._carry(carried, previous)
         if self._graphable(scheduled, len(scheduled)):
@@ -206,6 +211,12 @@ class ModelRunner:
             logits = self.model.compute_logits(self.model(ids, pos, self.pool, self.backend, meta))
         return PendingTokens(sample_tokens(logits, [r.params for r in reqs],
                                            [self.generator_for(r) for r in reqs]))
+
+    def _own_threads(self) -> None:
+        """With numpy's BLAS, torch runs single-threaded (set again if the process changed
+        it meanwhile, e.g. a baseline run between steps)."""
+        if self.numpy_blas and torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
 
     def _carry(self, carried: list[tuple[int, int]], previous: PendingTokens | None):
         """(rows, token ids) on the device for the input tokens still on the device."""

@@ -84,6 +84,20 @@ def _fused_ops():
     return elementwise
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose matmul may run on numpy's BLAS (fp32 on the CPU; see
+    LlamaForCausalLM.use_cpu_blas). Same parameters and state-dict keys."""
+
+    blas_weight = None  # numpy [in, out]: a view of the input-major weight, or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blas_weight is None:
+            return F.linear(x, self.weight, self.bias)
+        # x: [rows, in] -> [rows, out] through OpenBLAS (numpy's), no copies of the weight
+        y = torch.from_numpy(x.detach().numpy() @ self.blas_weight)
+        return y if self.bias is None else y.add_(self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -114,9 +128,9 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = config.num_heads * config.head_dim
         self.kv_size = config.num_kv_heads * config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = config.head_dim ** -0.5
 
     def forward(self, x, rope, backend: AttentionBackend, k_cache, v_cache,
@@ -135,8 +149,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -174,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config, max_positions)
         # Triton kernels for norms/rotary/SiLU/residual adds (needs triton; on CPU only
         # under its interpreter). ModelRunner turns it on for CUDA.
@@ -205,14 +219,17 @@ class LlamaForCausalLM(nn.Module):
             update = layer.forward_fused(update, residual, rope, backend, k_cache, v_cache, meta)
         return self.norm.forward_fused(update, residual)
 
-    def use_input_major_weights(self) -> None:
-        """Store every Linear weight [out, in] as the transpose of an [in, out] contiguous
-        tensor (same shape and values, other strides). On CPU, one-row matmuls (decode
-        at batch 1) then stream the weight as x @ W_t, which MKL runs ~1.3-1.7x faster
-        than its matrix-vector path for [out, in]; batched matmuls are unchanged."""
+    def use_cpu_blas(self, numpy_blas: bool) -> None:
+        """CPU layout of the Linear weights: each [out, in] weight becomes the transpose of
+        an [in, out] contiguous tensor (same shape and values, other strides), which MKL's
+        one-row x @ W_t streams ~1.3-1.7x faster than its matrix-vector path. With
+        numpy_blas (fp32), matmuls run on numpy's OpenBLAS over that same memory, which
+        streams weights ~1.8x faster again on the 2-core CI machine (docs/benchmarks.md)."""
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, Linear):
                 module.weight.data = module.weight.data.t().contiguous().t()
+                if numpy_blas and module.weight.dtype == torch.float32:
+                    module.blas_weight = module.weight.data.t().numpy()
 
     @torch.no_grad()
     def init_random_(self, seed: int = 0, std: float = 0.02) -> None:
