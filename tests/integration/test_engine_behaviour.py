@@ -162,3 +162,18 @@ def test_engine_loop_sleeps_while_a_request_waits_for_remote_kv(tiny):
         loop.stop()
     assert engine.has_unfinished() and not engine.has_runnable()
     assert len(ticks) <= 25, f"{len(ticks)} ticks in 0.5 s: the loop spins"
+
+
+def test_cpu_matmuls_on_numpy_blas_equal_the_torch_path(prompts):
+    """The default CPU path (numpy's OpenBLAS over the same weight memory, torch on one
+    thread) gives the greedy tokens of torch's own matmuls, alone and batched."""
+    import torch
+
+    numpy_blas = bundled_engine(cpu_blas="numpy")
+    torch_blas = bundled_engine(cpu_blas="torch")
+    linear = numpy_blas.runner.model.lm_head
+    assert linear.blas_weight is not None and torch_blas.runner.model.lm_head.blas_weight is None
+    assert linear.blas_weight.ctypes.data == linear.weight.data_ptr()  # no copy
+    want = [c.token_ids for c in torch_blas.generate(prompts, GREEDY)]
+    assert [c.token_ids for c in numpy_blas.generate(prompts, GREEDY)] == want
+    assert torch.get_num_threads() == 1
