@@ -57,6 +57,18 @@ class Cluster:
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-"))
         self.router_address = ""
 
+    def _blas_threads(self, role: str) -> dict:
+        """CPU workers on one host split its cores among their BLAS thread pools (each
+        pool spins on every core it has, and two spinning pools on one core stall
+        each other); an OPENBLAS_NUM_THREADS already set wins."""
+        from pdserve.engine.config import resolve_device
+
+        if role == "router" or "OPENBLAS_NUM_THREADS" in os.environ or \
+                resolve_device(self.spec.device) != "cpu":
+            return {}
+        workers = self.spec.num_prefill + self.spec.num_decode
+        return {"OPENBLAS_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
+
     def _gpu_share_args(self) -> list[str]:
         """Workers on this host share its (first) GPU: each gets an equal part of the
         memory unless the worker arguments size the KV pool themselves."""
@@ -110,7 +122,8 @@ class Cluster:
                     "--device", self.spec.device]
         if self.spec.model:
             cmd += ["--model", self.spec.model]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._blas_threads(role),
+               **self.spec.env}
         log = open(self.log_dir / f"{name}.log", "wb")
         popen = subprocess.Popen(cmd + extra, stdout=subprocess.PIPE, stderr=log, env=env,
                                  start_new_session=True)
