@@ -34,12 +34,51 @@ PREFILL_CAPTURE_SIZES = (16, 32, 48, 64, 80, 96, 128, 160, 192, 224, 256, 320, 3
                          640, 768, 896, 1024)
 
 
-class DecodeGraphs:
+class _CapturedGraphs:
+    """One graph per padded size, captured on first use (or all at once), sharing one
+    memory pool. Subclasses own the static input buffers: _clear_inputs() makes them
+    touch nothing, _forward(size) runs the model on them and returns the output."""
+
+    def __init__(self, model, pool, backend: AttentionBackend, sizes: list[int],
+                 max_model_len: int, memory_pool=None) -> None:
+        self.model, self.pool, self.backend = model, pool, backend
+        self.sizes = sizes
+        self.max_model_len = max_model_len
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.memory_pool = memory_pool or torch.cuda.graph_pool_handle()
+
+    def padded_size(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    @torch.inference_mode()
+    def capture_all(self) -> None:
+        """Capture every size now (a worker's start-up) on inputs that touch nothing."""
+        self._clear_inputs()
+        for size in self.sizes:
+            if size not in self.graphs:
+                self.graphs[size] = capture(self._forward, size, self.memory_pool)
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """Replay the graph of `size` (captured now if new) on the staged inputs."""
+        if size not in self.graphs:
+            self.graphs[size] = capture(self._forward, size, self.memory_pool)
+        graph, out = self.graphs[size]
+        graph.replay()
+        return out
+
+    def _clear_inputs(self) -> None:
+        raise NotImplementedError
+
+    def _forward(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DecodeGraphs(_CapturedGraphs):
     def __init__(self, model, pool, backend: AttentionBackend, max_batch: int,
                  max_model_len: int, block_size: int, device: torch.device) -> None:
-        self.model, self.pool, self.backend = model, pool, backend
-        self.sizes = [s for s in CAPTURE_SIZES if s < max_batch] + [max_batch]
-        self.max_model_len = max_model_len
+        super().__init__(model, pool, backend,
+                         [s for s in CAPTURE_SIZES if s < max_batch] + [max_batch],
+                         max_model_len)
         max_blocks = -(-max_model_len // block_size)
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -48,21 +87,6 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.query_start = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.memory_pool = torch.cuda.graph_pool_handle()
-
-    def padded_size(self, n: int) -> int | None:
-        return next((s for s in self.sizes if s >= n), None)
-
-    @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Capture every size now (a worker's start-up) on inputs that touch nothing:
-        slot -1 stores nothing, seq_len 0 reads nothing."""
-        self.slots.fill_(-1)
-        self.seq_lens.zero_()
-        for size in self.sizes:
-            if size not in self.graphs:
-                self.graphs[size] = self._capture(size)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -75,11 +99,12 @@ class DecodeGraphs:
         self._stage(ids, positions, slots, seq_lens, block_tables, size)
         if carry is not None:
             self.input_ids.index_copy_(0, *carry)
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
-        graph, logits = self.graphs[size]
-        graph.replay()
-        return logits[:n]
+        return self._replay(size)[:n]
+
+    def _clear_inputs(self) -> None:
+        # slot -1 stores nothing, seq_len 0 reads nothing
+        self.slots.fill_(-1)
+        self.seq_lens.zero_()
 
     def _stage(self, ids, positions, slots, seq_lens, tables, size: int) -> None:
         n, width = ids.shape[0], tables.shape[1]
@@ -104,17 +129,14 @@ class DecodeGraphs:
                             self.backend, self._meta(size))
         return self.model.compute_logits(hidden)
 
-    def _capture(self, size: int):
-        return capture(self._forward, size, self.memory_pool)
 
-
-class PrefillGraphs:
+class PrefillGraphs(_CapturedGraphs):
     def __init__(self, model, pool, backend: AttentionBackend, max_tokens: int,
                  max_model_len: int, block_size: int, device: torch.device,
                  memory_pool=None) -> None:
-        self.model, self.pool, self.backend = model, pool, backend
-        self.sizes = [s for s in PREFILL_CAPTURE_SIZES if s <= max_tokens]
-        self.max_model_len = max_model_len
+        super().__init__(model, pool, backend,
+                         [s for s in PREFILL_CAPTURE_SIZES if s <= max_tokens],
+                         max_model_len, memory_pool)
         n = self.sizes[-1] if self.sizes else 0
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -124,22 +146,6 @@ class PrefillGraphs:
         self.last_row = torch.zeros(1, dtype=torch.int64, device=device)
         self.block_tables = torch.zeros(1, -(-max_model_len // block_size), dtype=torch.int32,
                                         device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.memory_pool = memory_pool or torch.cuda.graph_pool_handle()
-
-    def padded_size(self, n: int) -> int | None:
-        return next((s for s in self.sizes if s >= n), None)
-
-    @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Capture every token count now, on an empty chunk (no query, nothing stored)."""
-        self.slots.fill_(-1)
-        self.query_start.zero_()
-        self.seq_lens.zero_()
-        self.last_row.zero_()
-        for size in self.sizes:
-            if size not in self.graphs:
-                self.graphs[size] = self._capture(size)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -148,11 +154,14 @@ class PrefillGraphs:
         its last token: [1, vocab] fp32."""
         size = self.padded_size(ids.shape[0])
         self._stage(ids, positions, slots, seq_len, block_table, size)
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
-        graph, logits = self.graphs[size]
-        graph.replay()
-        return logits
+        return self._replay(size)
+
+    def _clear_inputs(self) -> None:
+        # an empty chunk: no query, nothing stored
+        self.slots.fill_(-1)
+        self.query_start.zero_()
+        self.seq_lens.zero_()
+        self.last_row.zero_()
 
     def _stage(self, ids, positions, slots, seq_len: int, table, size: int) -> None:
         n = ids.shape[0]
@@ -180,9 +189,6 @@ class PrefillGraphs:
         hidden = self.model(self.input_ids[:size], self.positions[:size], self.pool,
                             self.backend, self._meta(size))
         return self.model.compute_logits(hidden.index_select(0, self.last_row))
-
-    def _capture(self, size: int):
-        return capture(self._forward, size, self.memory_pool)
 
 
 def capture(forward, size: int, memory_pool):

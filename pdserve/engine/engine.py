@@ -400,7 +400,7 @@ def _kv_budget_bytes(config: EngineConfig, model: ModelConfig) -> int:
 
     from pdserve.engine.kvcache.pool import torch_dtype
 
-    dtype_bytes = torch.empty((), dtype=torch_dtype(config.dtype)).element_size()
+    dtype_bytes = torch_dtype(config.dtype).itemsize
     free, total = torch.cuda.mem_get_info(torch.device(config.device))
     return gpu_kv_budget_bytes(
         total=total, free=free, utilization=config.gpu_memory_utilization,

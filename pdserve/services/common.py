@@ -22,11 +22,13 @@ from pdserve.wire import generate_pb2, worker_pb2
 log = logging.getLogger(__name__)
 
 
-def trace(logger: logging.Logger, request_id: str, event: str) -> None:
+def trace(logger: logging.Logger, request_id: str, event: str, *args) -> None:
     """At DEBUG: one line per hop of a request with a host-wide monotonic time in ms,
-    so the router's and workers' logs line up (`grep ' trace <request id>'`)."""
+    so the router's and workers' logs line up (`grep ' trace <request id>'`). `event`
+    is %-formatted with args only when the line is written."""
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("trace %s %s %.3f", request_id, event, time.monotonic() * 1000)
+        logger.debug("trace %s %s %.3f", request_id, event % args if args else event,
+                     time.monotonic() * 1000)
 
 DEFAULT_MAX_TOKENS = 256
 FINISH_REASONS = {

@@ -171,20 +171,21 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 self._record_received(landed.result(), started)
                 stats = asyncio.ensure_future(_stats_of(call))
             else:
-                first_token, stats, error = await self._check_answer(await call, transfer_id,
+                first_token, known, error = await self._check_answer(await call, transfer_id,
                                                                      started)
+                stats = _done(aio_loop, known)
         except asyncio.CancelledError:
             call.cancel()
             await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
             raise
         finally:
             self._remote.discard(request_id)
-        trace(log, request_id, f"decode: KV here ({error or 'first token ' + str(first_token)})")
+        trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
         if error is None:
             self.receiver.release(transfer_id)
             if not early:
                 await loop.call(self._join_batch, request_id, first_token)
-            return stats if isinstance(stats, asyncio.Future) else _done(aio_loop, stats)
+            return stats
         await self._cancel_transfer(transfer_id, released, address, request_id)
         self.core.kv_metrics.failed("transfer")
         if self._fallback(request) == "fail":

@@ -222,7 +222,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             job.send_started = time.monotonic()
         self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last,
                                ready=ready)
-        trace(log, job.request_id, f"prefill: chunk {job.chunks} queued (last={last})")
+        trace(log, job.request_id, "prefill: chunk %d queued (last=%s)", job.chunks, last)
         job.positions_sent, job.chunks = end, job.chunks + 1
         if last:
             job.state = JobState.SENDING
