@@ -119,6 +119,7 @@ class ConnectorMetrics:
     transfers_failed: int = 0
     transfers_expired: int = 0
     transfers_cancelled: int = 0
+    first_tokens_received: int = 0  # receiver: transfers whose last chunk carried it
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: float) -> None:

@@ -302,6 +302,7 @@ def store_chunk(table: TransferTable, header, blocks: list[int], seconds: float)
     record = table.get(header.transfer_id)
     if header.HasField("first_token_id"):
         table.set_first_token(header.transfer_id, header.first_token_id)
+        table.metrics.add(first_tokens_received=1)
     missing = set(record.destination.block_ids) - record.filled
     if missing:
         table.finish(header.transfer_id, TransferState.FAILED,

@@ -118,7 +118,8 @@ class WorkerCore:
                 bytes_sent=cm.bytes_sent, bytes_received=cm.bytes_received,
                 transfers_done=cm.transfers_done, transfers_failed=cm.transfers_failed,
                 transfers_expired=cm.transfers_expired,
-                transfers_cancelled=cm.transfers_cancelled),
+                transfers_cancelled=cm.transfers_cancelled,
+                first_tokens_received=cm.first_tokens_received),
             uptime_seconds=int(time.time() - self.started))
 
     def describe(self) -> worker_pb2.WorkerInfo:

@@ -220,8 +220,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         src = request.block_ids[dst.first_block_index + job.positions_sent:dst.first_block_index + end]
         if not job.send_started:
             job.send_started = time.monotonic()
+        # the first token rides with the last chunk: the decode worker starts decoding on
+        # the KV's arrival instead of waiting for this call's answer
         self.sender.send_chunk(job.transfer_id, src, start=job.positions_sent, last=last,
-                               ready=ready)
+                               ready=ready, first_token=job.first_token if last else None)
         trace(log, job.request_id, "prefill: chunk %d queued (last=%s)", job.chunks, last)
         job.positions_sent, job.chunks = end, job.chunks + 1
         if last:
