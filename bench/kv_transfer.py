@@ -1,7 +1,9 @@
 """KV transfer throughput per connector.
 
 Moves a KV payload (default ~0.5 GB) from a prefill pool to a decode pool through each
-connector and reports GB/s from begin() to the receiver reporting DONE. The receiver
+connector and reports GB/s from begin() to the receiver reporting DONE (stamped by its on_done callback), next
+to the baseline: one copy of the same payload between two buffers of that device, measured
+in the same run (`fraction_of_copy`). The receiver
 (decode) runs in a separate spawned process for ucx and redis (for local it must share
 the process). Destination blocks are scattered as shuffled runs of --run-blocks blocks.
 
@@ -99,11 +101,14 @@ def receiver_main(conn, name, spec, device, redis_url, run_blocks):
         transfer_id = conn.recv_bytes().decode()
         if transfer_id == "exit":
             break
-        destination = receiver.expect(transfer_id, dst, block_keys=block_keys(transfer_id,
-                                                                              len(dst)))
+        done_at: list[float] = []  # stamped on the connector thread that saw DONE
+        destination = receiver.expect(transfer_id, dst,
+                                      block_keys=block_keys(transfer_id, len(dst)),
+                                      on_done=lambda _status: done_at.append(time.time()))
         conn.send_bytes(destination_to_proto(destination).SerializeToString())
         status = receiver.wait(transfer_id, 600)
-        conn.send_bytes(f"{status.state.name} {time.time():.6f}".encode())
+        finished = done_at[0] if done_at else time.time()
+        conn.send_bytes(f"{status.state.name} {finished:.6f}".encode())
         receiver.release(transfer_id)
     receiver.close()
 
@@ -178,6 +183,24 @@ def _run_in_process(name, spec, args, sender, src) -> dict:
     return _result(name, spec, args, seconds, sender_seconds, sender.metrics)
 
 
+def device_copy_seconds(spec: KVCacheSpec, device: str, repeats: int) -> list[float]:
+    """The baseline: one copy of the whole payload between two buffers on the device."""
+    src = torch.empty(spec.num_blocks * spec.bytes_per_block, dtype=torch.uint8,
+                      device=device)
+    dst = torch.empty_like(src)
+    seconds = []
+    for rep in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if rep:
+            seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def _send_chunked(sender, destination, src, chunks: int) -> None:
     sender.begin(destination)
     per_chunk = -(-len(src) // chunks)
@@ -198,6 +221,9 @@ def _result(name, spec, args, seconds, sender_seconds, metrics) -> dict:
         "gbps_best": round(payload / min(seconds) / 1e9, 3),
         "sender_seconds_median": round(statistics.median(sender_seconds), 4),
         "receiver_process": "same" if name == "local" else "separate",
+        "device_copy_gbps_median": round(payload / statistics.median(args.copy_seconds) / 1e9, 3),
+        "fraction_of_copy": round(statistics.median(args.copy_seconds)
+                                  / statistics.median(seconds), 3),
         "metrics": {k: v for k, v in vars(metrics).items() if not k.startswith("_")},
     }
 
@@ -258,6 +284,7 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype, args.model_shape)
+    args.copy_seconds = device_copy_seconds(spec, args.device, max(args.repeats, 5))
     results, server = [], None
     try:
         for name in [c.strip() for c in args.connectors.split(",") if c.strip()]:

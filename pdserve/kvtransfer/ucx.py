@@ -464,11 +464,15 @@ class UcxSender(ChunkedSender):
             return
         self.table.hold(chunk.transfer_id)
         try:
+            # admitted while the prefill still computes the chunk: off the critical path
+            header = self._admit_in_place(peer, chunk)
+            if header is None:
+                return
             queued = time.perf_counter()
             chunk.wait_ready()
             log.debug("in-place chunk %s/%d: device ready after %.2f ms", chunk.transfer_id,
                       chunk.index, 1000 * (time.perf_counter() - queued))
-            self._admit_copy_commit(peer, chunk)
+            self._copy_commit(peer, chunk, header)
         except Exception as exc:  # side channel silent, device copy failed: this peer is done
             self.fail(chunk.transfer_id, f"in-place send to {peer.side_channel} failed: "
                                          f"{type(exc).__name__}: {exc}")
@@ -478,7 +482,8 @@ class UcxSender(ChunkedSender):
         finally:
             self.table.unhold(chunk.transfer_id)
 
-    def _admit_copy_commit(self, peer: _Peer, chunk: Chunk) -> None:
+    def _admit_in_place(self, peer: _Peer, chunk: Chunk) -> kv_pb2.KVTransferHeader | None:
+        """Hold the chunk's destination blocks on the receiver; None if refused."""
         started = time.perf_counter()
         header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                               chunk_index=chunk.index, last=chunk.last,
@@ -487,8 +492,13 @@ class UcxSender(ChunkedSender):
         header.written_in_place = True
         if not self._control(peer, kv_pb2.SideChannelRequest(chunk_header=header),
                              kv_pb2.KVChunkReply.ACCEPTED, chunk):
-            return
-        admitted = time.perf_counter()
+            return None
+        log.debug("in-place chunk %s/%d: admitted in %.2f ms", chunk.transfer_id,
+                  chunk.index, 1000 * (time.perf_counter() - started))
+        return header
+
+    def _copy_commit(self, peer: _Peer, chunk: Chunk, header: kv_pb2.KVTransferHeader) -> None:
+        started = time.perf_counter()
         self._write_in_place(peer.remote_pool, chunk)
         copied = time.perf_counter()
         written = kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id, chunk_index=chunk.index,
@@ -498,10 +508,9 @@ class UcxSender(ChunkedSender):
             return
         done = time.perf_counter()
         self._chunk_done(chunk, header.payload_bytes, done - started)
-        log.debug("in-place chunk %s/%d (%d blocks, %d runs): admit %.2f ms, copy %.2f ms, "
-                  "commit %.2f ms", chunk.transfer_id, chunk.index, chunk.num_blocks,
-                  len(chunk.runs), 1000 * (admitted - started), 1000 * (copied - admitted),
-                  1000 * (done - copied))
+        log.debug("in-place chunk %s/%d (%d blocks, %d runs): copy %.2f ms, commit %.2f ms",
+                  chunk.transfer_id, chunk.index, chunk.num_blocks, len(chunk.runs),
+                  1000 * (copied - started), 1000 * (done - copied))
 
     def _control(self, peer: _Peer, request, expected, chunk: Chunk) -> bool:
         """One side-channel round trip; False (transfer failed) unless `expected`."""
