@@ -1,7 +1,10 @@
 """Runs an LLMEngine on its own thread so gRPC I/O and model steps never block each other.
 
 Everything that touches the engine (adding, aborting, stepping, KV bookkeeping) runs on
-the engine thread; asyncio code submits work with `call()` and awaits the result. Step
+the engine thread; asyncio code submits work with `call()` and awaits the result. A short
+command on a latency-critical path may pass inline=True: when the engine thread is idle
+and nothing is queued it runs at once on the caller's thread (under the lock the engine
+thread holds while it works), saving two thread hand-offs; otherwise it is queued. Step
 outputs are handed to per-request asyncio queues, so a slow client only grows its own
 queue and never stalls the step loop or other streams.
 """
@@ -31,6 +34,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         self._stop = threading.Event()
+        self._busy = threading.Lock()  # held while a thread touches the engine
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -46,15 +50,39 @@ class EngineLoop:
         self._commands.put((_noop, (), None))
 
     # ---- asyncio side ----------------------------------------------------------------
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, fn: Callable[..., Any], *args: Any, inline: bool = False) -> Any:
         """Run fn(*args) on the engine thread; its result or exception comes back here."""
+        if inline and self._idle_lock():
+            return self._run_inline(fn, args)
         future = self._loop.create_future()
         self._commands.put((fn, args, future))
         return await future
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any, inline: bool = False) -> None:
         """Fire-and-forget variant of call(); safe from any thread."""
+        if inline and self._idle_lock():
+            try:
+                self._run_inline(fn, args)
+            except Exception:
+                log.exception("engine command failed")
+            return
         self._commands.put((fn, args, None))
+
+    def _idle_lock(self) -> bool:
+        """Take the engine if its thread is idle and no queued command would be overtaken."""
+        if not self._commands.empty() or not self._busy.acquire(blocking=False):
+            return False
+        if self._commands.empty():
+            return True
+        self._busy.release()
+        return False
+
+    def _run_inline(self, fn, args):
+        try:
+            return fn(*args)
+        finally:
+            self._busy.release()
+            self.wake()  # the engine thread steps whatever became runnable
 
     def open_stream(self, request_id: str) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
@@ -66,31 +94,41 @@ class EngineLoop:
 
     # ---- engine thread ---------------------------------------------------------------
     def _run(self) -> None:
+        runnable = False
         while not self._stop.is_set():
             # nothing to compute (requests waiting for their KV included): sleep until a
             # command or wake(), ticking every idle_wait_s (leases); never spin on the GIL
-            runnable = self.engine.has_runnable()
-            self._drain_commands(0.0 if runnable else self._idle_wait_s)
-            outputs: list[RequestOutput] = []
-            if self.engine.has_runnable():
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # pragma: no cover - a bug; fail loudly, keep serving
-                    log.exception("engine step failed")
-                    self._fail_all("internal error in the engine step")
-            self._deliver(outputs)
-            if self._tick is not None:
-                try:
-                    self._tick(self.engine, outputs)
-                except Exception:  # pragma: no cover - a bug; keep the loop serving
-                    log.exception("engine tick failed")
+            item = self._next_command(0.0 if runnable else self._idle_wait_s)
+            with self._busy:
+                runnable = self._iterate(item)
 
-    def _drain_commands(self, wait_s: float) -> None:
+    def _iterate(self, item) -> bool:
+        """Queued commands, one step if anything can run, the tick; True if more can run."""
+        self._drain_commands(item)
+        outputs: list[RequestOutput] = []
+        if self.engine.has_runnable():
+            try:
+                outputs = self.engine.step()
+            except Exception:  # pragma: no cover - a bug; fail loudly, keep serving
+                log.exception("engine step failed")
+                self._fail_all("internal error in the engine step")
+        self._deliver(outputs)
+        if self._tick is not None:
+            try:
+                self._tick(self.engine, outputs)
+            except Exception:  # pragma: no cover - a bug; keep the loop serving
+                log.exception("engine tick failed")
+        return self.engine.has_runnable()
+
+    def _next_command(self, wait_s: float):
+        """The first queued command, waiting up to wait_s for one (None: nothing came)."""
         try:
-            item = self._commands.get(timeout=wait_s) if wait_s > 0 else \
+            return self._commands.get(timeout=wait_s) if wait_s > 0 else \
                 self._commands.get_nowait()
         except queue.Empty:
-            return
+            return None
+
+    def _drain_commands(self, item) -> None:
         while item is not None:
             self._execute(*item)
             try:

@@ -177,3 +177,45 @@ def test_cpu_matmuls_on_numpy_blas_equal_the_torch_path(prompts):
     want = [c.token_ids for c in torch_blas.generate(prompts, GREEDY)]
     assert [c.token_ids for c in numpy_blas.generate(prompts, GREEDY)] == want
     assert torch.get_num_threads() == 1
+
+
+def test_inline_engine_commands_run_on_the_caller_only_when_the_engine_is_idle(tiny):
+    """inline=True saves the hand-off to the engine thread only when that thread is idle
+    and nothing is queued; a request added inline is still stepped (the loop is woken)."""
+    import asyncio
+    import threading
+
+    from pdserve.services.engine_loop import EngineLoop
+
+    engine = engine_on(tiny)
+    aio = asyncio.new_event_loop()
+    loop = EngineLoop(engine, aio)
+    loop.start()
+
+    def where() -> str:
+        return threading.current_thread().name
+
+    try:
+        assert aio.run_until_complete(loop.call(where, inline=True)) == "MainThread"
+        assert aio.run_until_complete(loop.call(where)) == "engine-loop"
+        gate = threading.Event()
+        loop.submit(gate.wait, 5.0)  # the engine thread is busy until the gate opens
+        threading.Timer(0.2, gate.set).start()
+        assert aio.run_until_complete(loop.call(where, inline=True)) == "engine-loop"
+        stream = loop.open_stream("inline-1")
+        aio.run_until_complete(loop.call(engine.add_request, [5, 6, 7, 8] * 3, GREEDY,
+                                         "inline-1", inline=True))
+
+        async def tokens() -> list[int]:
+            out, ids = None, []
+            while out is None or not out.finished:
+                out = await asyncio.wait_for(stream.get(), 30)
+                ids += out.new_token_ids
+            return ids
+
+        assert aio.run_until_complete(tokens()) == engine_on(tiny).generate(
+            [[5, 6, 7, 8] * 3], GREEDY)[0].token_ids
+    finally:
+        loop.stop()
+        aio.close()
+    assert engine.pool_is_idle()

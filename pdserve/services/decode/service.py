@@ -144,7 +144,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         """Once the prompt's KV is here and the request decodes: a future of the prefill
         worker's stats (None when it failed); None if this worker recomputes instead."""
         engine, loop = self.core.engine, self.core.loop
-        reserved = await loop.call(engine.reserve_remote, ids, params, request_id)
+        reserved = await loop.call(engine.reserve_remote, ids, params, request_id, inline=True)
         bs = engine.config.block_size
         first = reserved.num_cached_tokens // bs
         transfer_id = self.core.new_transfer_id()
@@ -184,7 +184,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         if error is None:
             self.receiver.release(transfer_id)
             if not early:
-                await loop.call(self._join_batch, request_id, first_token)
+                await loop.call(self._join_batch, request_id, first_token, inline=True)
             return stats
         await self._cancel_transfer(transfer_id, released, address, request_id)
         self.core.kv_metrics.failed("transfer")
@@ -200,7 +200,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         """Connector thread: the KV is DONE. With the first token alongside it, the
         request joins the batch on the engine thread right away; asyncio hears after."""
         if status.first_token is not None:
-            self.core.loop.submit(self._join_batch, request_id, status.first_token)
+            self.core.loop.submit(self._join_batch, request_id, status.first_token, inline=True)
         aio_loop.call_soon_threadsafe(_settle, landed, status)
 
     def _join_batch(self, request_id: str, first_token: int) -> None:
