@@ -210,7 +210,8 @@ def _router_settings(args):
         block_size=args.block_size, api_key=os.environ.get("PDSERVE_API_KEY") or args.api_key,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         health_port=args.health_port, discovery=args.discovery, namespace=args.namespace,
-        selector=args.selector, worker_tls=_internal_tls(args))
+        selector=args.selector, worker_tls=_internal_tls(args),
+        early_prefill_start=args.early_prefill_start)
 
 
 def cmd_router(args) -> int:
@@ -294,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k8s discovery: label selector shared by both roles (overrides the "
                         "config file's)")
     r.add_argument("--block-size", type=int, default=16)
+    r.add_argument("--early-prefill-start", action=argparse.BooleanOptionalAction,
+                   default=True, help="start the prefill worker's compute alongside the "
+                   "decode worker's block reservation (the decode worker then attaches "
+                   "its KV destination)")
     r.add_argument("--api-key", default=None, help="clients must send it (env PDSERVE_API_KEY wins)")
     r.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC and HTTP over TLS")
     r.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")

@@ -13,7 +13,8 @@ import pytest
 from pdserve.client import make_request, stream
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.launcher import Cluster, ClusterSpec
-from pdserve.wire import generate_pb2
+from pdserve.services.common import sampling_to_proto
+from pdserve.wire import generate_pb2, worker_pb2, worker_pb2_grpc
 from tests.support.cluster import GREEDY, run_request, wait_pools_free, worker_stats
 from tests.support.engines import bundled_engine, bundled_model
 
@@ -76,6 +77,8 @@ def check_equal_to_colocated(cluster, prompts, reference):
     stats = wait_pools_free(cluster)
     prefill = stats["prefill-0"]
     assert prefill.prefix_cache_hits > 0
+    # the router started most prefills before the decode worker asked (early start)
+    assert prefill.early_starts_claimed >= 9 and prefill.early_starts_dropped == 0
     assert prefill.kv_transfer.bytes_sent > 0 and prefill.kv_transfer.transfers_done >= 17
     decode = stats["decode-0"].kv_transfer
     assert decode.transfers_failed == 0
@@ -188,6 +191,36 @@ def test_cancel_mid_stream_frees_every_block(ucx_cluster, prompts):
     call.close()
     wait_pools_free(ucx_cluster)
     assert run_request(address, prompts[0])[0]  # still serving
+
+
+def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, reference):
+    """StartPrefill computes at once; a Prefill with the same key claims the job (here
+    compute only: no destination); one nobody claims is dropped after the KV lease,
+    freeing its blocks, and a later Prefill with its key simply starts anew."""
+    def prefill_request(i: int, key: str) -> worker_pb2.PrefillRequest:
+        return worker_pb2.PrefillRequest(request_id=f"early-{i}", token_ids=prompts[i],
+                                         sampling=sampling_to_proto(GREEDY), early_start_key=key)
+
+    with Cluster(ClusterSpec(connector="ucx", prefill_args=("--kv-lease-s", "2"))) as cluster:
+        cluster.start()
+        with grpc.insecure_channel(cluster.proc("prefill-0").address) as channel:
+            stub = worker_pb2_grpc.PrefillServiceStub(channel)
+            claimed = prefill_request(0, "key-0")
+            assert stub.StartPrefill(claimed, timeout=30).started
+            again = stub.StartPrefill(claimed, timeout=30)
+            assert not again.started and "already being prefilled" in again.reason
+            answer = stub.Prefill(claimed, timeout=60)
+            assert answer.stats.started_early and answer.first_token_id == reference[0][0]
+            lone = prefill_request(1, "key-1")
+            assert stub.StartPrefill(lone, timeout=30).started
+            prefill = wait_pools_free(cluster)["prefill-0"]  # the lone one's lease ran out
+            assert (prefill.early_starts_claimed, prefill.early_starts_dropped) == (1, 1)
+            late = stub.Prefill(lone, timeout=60)
+            assert not late.stats.started_early and late.first_token_id == reference[1][0]
+            with pytest.raises(grpc.RpcError) as keyless:
+                stub.StartPrefill(prefill_request(2, ""), timeout=30)
+            assert keyless.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        wait_pools_free(cluster)
 
 
 def test_handshake_mismatch_is_refused_with_both_values(prompts, reference):

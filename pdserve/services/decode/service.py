@@ -5,8 +5,9 @@ Lifecycle of one Generate call with kv_source=remote_prefill:
              kept and not transferred) and the KV receiver expects the rest under a
              fresh transfer id with a lease;
   PREFILLING the call asks the chosen PrefillService to compute the prompt and push the
-             KV into those blocks; it answers with the first token, which push
-             connectors also deliver with the last chunk;
+             KV into those blocks (with the router's early_start_key it claims the job
+             the router already started there); it answers with the first token, which
+             push connectors also deliver with the last chunk;
   DECODING   as soon as the receiver reports DONE with the first token (or else the
              call answers and the receiver confirms DONE) the request joins the running
              batch and tokens stream back, one chunk per engine step; the call's answer
@@ -161,8 +162,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         address = request.remote_prefill.prefill_address
         trace(log, request_id, "decode: reserved")
         started = time.monotonic()
-        call = asyncio.ensure_future(self._prefill_rpc(address, request_id, ids, params,
-                                                       destination, lease_s))
+        call = asyncio.ensure_future(self._prefill_rpc(
+            address, request_id, ids, params, destination, lease_s,
+            request.remote_prefill.early_start_key))
         try:
             await asyncio.wait({call, landed}, return_when=asyncio.FIRST_COMPLETED)
             early = landed.done() and landed.result().first_token is not None
@@ -211,13 +213,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self.core.loop.deliver(engine.remote_kv_arrived(request_id, first_token))
             trace(log, request_id, "decode: joined the batch")
 
-    async def _prefill_rpc(self, address, request_id, ids, params, destination, lease_s):
+    async def _prefill_rpc(self, address, request_id, ids, params, destination, lease_s,
+                           early_key: str = ""):
         """(PrefillResponse, None) or (None, why the call failed)."""
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(address))
         try:
             response = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=request_id, token_ids=ids, sampling=sampling_to_proto(params),
-                destination=destination_to_proto(destination)), timeout=lease_s)
+                destination=destination_to_proto(destination), early_start_key=early_key),
+                timeout=lease_s)
         except grpc.aio.AioRpcError as exc:
             return None, f"prefill call failed: {exc.code().name}: {exc.details()}"
         if log.isEnabledFor(logging.DEBUG):

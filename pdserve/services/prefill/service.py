@@ -1,6 +1,13 @@
 """PrefillService: computes prompts and pushes their KV into decode workers' blocks.
 
 Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAILED):
+  0. Early start (optional): the router's StartPrefill, sent alongside the decode
+     worker's Generate, queues the prompt at once under an early_start_key; its blocks
+     are held while it waits for a destination. The decode worker's Prefill call with
+     that key attaches its destination (the compute is then already under way, and
+     blocks computed so far go out at the next tick); a Prefill that comes first starts
+     the job itself and a late StartPrefill is a no-op. A started job that no Prefill
+     claims within the KV lease is dropped and its blocks freed.
   1. The handshake with the destination's receiver happens on first contact (a layout
      mismatch fails the call at once with a message naming both values).
   2. The prompt joins the engine with max_tokens=1 and hold_blocks: its KV stays after
@@ -53,7 +60,7 @@ class JobState(enum.Enum):
 class PrefillJob:
     request_id: str
     destination: KVDestination | None
-    future: asyncio.Future
+    future: asyncio.Future | None  # None while an early start awaits its Prefill call
     arrival: float = field(default_factory=time.monotonic)
     state: JobState = JobState.COMPUTING
     positions_sent: int = 0  # destination positions already handed to the connector
@@ -65,6 +72,11 @@ class PrefillJob:
     queue_s: float = 0.0      # waited in the engine before its first step
     compute_s: float = 0.0    # first step -> first token
     send_started: float = 0.0
+    early_key: str = ""        # the router's early start key, if it used one
+    awaiting: bool = False     # started early; no Prefill call has claimed it yet
+    started_early: bool = False
+    expires: float = 0.0       # an unclaimed early start is dropped at this time
+    num_tokens: int = 0
 
     @property
     def transfer_id(self) -> str:
@@ -77,6 +89,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.core = WorkerCore(settings, engine, loop, tick=self._tick)
         self.sender = self.core.connector
         self.jobs: dict[str, PrefillJob] = {}  # engine thread only
+        self.early_starts = {"claimed": 0, "dropped": 0}
         self._aio_loop = loop
 
     def start(self) -> None:
@@ -89,8 +102,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     # ---- RPCs ------------------------------------------------------------------------
     async def Prefill(self, request, context):
         try:
-            params = dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1,
-                                         stop=(), ignore_eos=True)
+            params = _first_token_params(request)
             destination = (destination_from_proto(request.destination)
                            if request.HasField("destination") else None)
         except InvalidRequest as exc:
@@ -104,9 +116,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 return worker_pb2.PrefillResponse(
                     request_id=request.request_id, kv_state=kv_pb2.TRANSFER_FAILED,
                     kv_error=str(exc), worker_id=self.core.settings.worker_id)
-        job = PrefillJob(request.request_id, destination, self._aio_loop.create_future())
+        job = PrefillJob(request.request_id, destination, self._aio_loop.create_future(),
+                         early_key=request.early_start_key)
         try:
-            await self.core.loop.call(self._start_job, job, list(request.token_ids), params)
+            await self.core.loop.call(self._claim_or_start, job, list(request.token_ids), params)
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
@@ -115,23 +128,67 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self.core.loop.submit(self._abort_job, job.request_id, "caller cancelled")
             raise
 
+    async def StartPrefill(self, request, context):
+        if not request.early_start_key:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "StartPrefill needs an early_start_key")
+        try:
+            params = _first_token_params(request)
+        except InvalidRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        job = PrefillJob(request.request_id, None, None, early_key=request.early_start_key,
+                         awaiting=True, started_early=True,
+                         expires=time.monotonic() + self.core.settings.kv_lease_s)
+        try:
+            await self.core.loop.call(self._start_job, job, list(request.token_ids), params)
+        except InvalidRequest as exc:  # e.g. its Prefill call came first and started it
+            return worker_pb2.StartPrefillResponse(started=False, reason=str(exc))
+        return worker_pb2.StartPrefillResponse(started=True)
+
     async def Abort(self, request, context):
         found = await self.core.loop.call(self._abort_job, request.request_id,
                                           request.reason or "aborted")
         return worker_pb2.AbortResponse(found=found)
 
     async def Stats(self, request, context):
-        return self.core.stats(in_flight=len(self.jobs))
+        stats = self.core.stats(in_flight=len(self.jobs))
+        stats.early_starts_claimed = self.early_starts["claimed"]
+        stats.early_starts_dropped = self.early_starts["dropped"]
+        return stats
 
     async def Describe(self, request, context):
         return self.core.describe()
 
     # ---- engine thread ---------------------------------------------------------------
+    def _claim_or_start(self, job: PrefillJob, token_ids: list[int], params) -> None:
+        early = self.jobs.get(job.request_id)
+        if early is not None and early.awaiting and job.early_key == early.early_key \
+                and early.num_tokens == len(token_ids):
+            self._claim(early, job)
+        else:
+            self._start_job(job, token_ids, params)
+
+    def _claim(self, early: PrefillJob, call: PrefillJob) -> None:
+        """The Prefill call takes over an early-started job: its destination and future."""
+        early.destination, early.future, early.awaiting = call.destination, call.future, False
+        self.early_starts["claimed"] += 1
+        if early.destination is not None:  # None: compute only, answered when computed
+            try:
+                self._check_destination(self.core.engine, early, early.num_tokens)
+            except InvalidRequest:
+                self.jobs.pop(early.request_id, None)
+                raise
+            self.sender.begin(early.destination, lease_s=self.core.settings.kv_lease_s,
+                              on_release=functools.partial(self._transfer_ended, early))
+        trace(log, early.request_id, "prefill: early job claimed")
+
     def _start_job(self, job: PrefillJob, token_ids: list[int], params) -> None:
         if job.request_id in self.jobs:
             raise InvalidRequest(f"request id {job.request_id!r} is already being prefilled")
         engine = self.core.engine
-        engine.add_request(token_ids, params, job.request_id, hold_blocks=job.destination is not None)
+        job.num_tokens = len(token_ids)
+        engine.add_request(token_ids, params, job.request_id,
+                           hold_blocks=job.destination is not None or job.awaiting)
         if job.destination is not None:
             self._check_destination(engine, job, len(token_ids))
             self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
@@ -166,6 +223,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if job is None:
             return self.core.engine.abort(request_id)
         job.aborting = reason
+        if job.awaiting:
+            self.early_starts["dropped"] += 1
         if job.destination is not None and job.positions_sent:
             self.sender.abort(job.transfer_id, reason)  # blocks freed once it is terminal
         else:
@@ -202,7 +261,12 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if request is None:  # aborted or failed inside the engine
             self._finish(job, JobState.FAILED, "request ended before its prompt was computed")
         elif job.destination is None:
-            if job.first_token is not None:
+            if job.awaiting:
+                if time.monotonic() > job.expires:
+                    self.early_starts["dropped"] += 1
+                    self._finish(job, JobState.FAILED, "no Prefill call claimed the early "
+                                                       "start within the KV lease")
+            elif job.first_token is not None:
                 self._finish(job, JobState.DONE, "")
         else:
             self._send_ready_blocks(engine, job, request)
@@ -241,8 +305,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if job.destination is not None and job.positions_sent:
             self.sender.release(job.transfer_id)
         job.state = state
-        response = self._response(job, state, error, status)
-        self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
+        if job.future is not None:
+            response = self._response(job, state, error, status)
+            self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
 
     def _response(self, job: PrefillJob, state: JobState, error: str, status):
         kv_state = {JobState.DONE: kv_pb2.TRANSFER_DONE}.get(state, kv_pb2.TRANSFER_FAILED)
@@ -252,7 +317,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             num_chunks=job.chunks, blocks_sent=status.blocks_done if status else 0,
             bytes_sent=status.bytes_moved if status else 0,
             queue_seconds=job.queue_s, compute_seconds=job.compute_s,
-            transfer_seconds=status.seconds if status else 0.0)
+            transfer_seconds=status.seconds if status else 0.0, started_early=job.started_early)
         return worker_pb2.PrefillResponse(
             request_id=job.request_id, first_token_id=job.first_token or 0,
             transfer_id=job.transfer_id, kv_state=kv_state, kv_error=error,
@@ -263,3 +328,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 def _resolve(future: asyncio.Future, response) -> None:
     if not future.done():
         future.set_result(response)
+
+
+def _first_token_params(request: worker_pb2.PrefillRequest):
+    """The prefill worker samples exactly the first token."""
+    return dataclasses.replace(sampling_from_proto(request.sampling), max_tokens=1, stop=(),
+                               ignore_eos=True)

@@ -81,6 +81,9 @@ class RouterSettings:
     namespace: str | None = None     # k8s discovery: overrides the config file's namespace
     selector: str | None = None      # k8s discovery: overrides the config file's selector
     health: HealthSettings = field(default_factory=lambda: HealthSettings(interval_seconds=1.0))
+    # disaggregated requests: StartPrefill goes to the prefill worker alongside the decode
+    # worker's Generate, so the prompt computes while the decode worker reserves blocks
+    early_prefill_start: bool = True
 
 
 _DISCOVERY_BACKENDS = {"static": "static", "k8s": "kubernetes", "kubernetes": "kubernetes"}
@@ -133,6 +136,7 @@ class RouterCore:
         self.registry = new_registry()
         self.metrics = router_metrics(self.registry)
         self.latency = latency_metrics(self.registry, self.source.name, "router")
+        self._background: set[asyncio.Task] = set()  # fire-and-forget calls in flight
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -225,6 +229,8 @@ class RouterCore:
                     exc.args = (f"{exc} (last failure: {last_error})",)
                 raise
             decode_request = self._decode_request(request_id, ids, request.sampling, route, prefill)
+            if prefill is not None and self.settings.early_prefill_start:
+                self._start_prefill_early(prefill, decode_request)
             trace(log, request_id, "router: routed")
             sent = 0
             try:
@@ -241,11 +247,40 @@ class RouterCore:
                                       f"chunks: {exc.code().name}: {exc.details()}") from exc
                 log.warning("request %s: decode worker %s failed before the first token "
                             "(%s); retrying elsewhere", request_id, decode.worker_id, exc.code().name)
+                if prefill is not None and self.settings.early_prefill_start:
+                    await self._abort_prefill(prefill, request_id)  # the retry starts anew
                 failed.add(decode.worker_id)
                 last_error = f"{exc.code().name}: {exc.details()}"
         raise RouterError(grpc.StatusCode.UNAVAILABLE,
                           f"no decode worker could serve the request after "
                           f"{self.settings.max_attempts} attempts (last: {last_error})")
+
+    def _start_prefill_early(self, prefill: WorkerView, req: worker_pb2.DecodeRequest) -> None:
+        """Fire StartPrefill under a fresh key that the decode worker's Prefill call
+        will bring; if it fails, that call starts the prefill itself."""
+        key = uuid.uuid4().hex
+        req.remote_prefill.early_start_key = key
+        start = worker_pb2.PrefillRequest(request_id=req.request_id, token_ids=req.token_ids,
+                                          sampling=req.sampling, early_start_key=key)
+        stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
+        self._spawn(self._call_quietly(stub.StartPrefill, start, "StartPrefill"))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort_prefill(self, prefill: WorkerView, request_id: str) -> None:
+        stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
+        await self._call_quietly(stub.Abort, worker_pb2.AbortRequest(
+            request_id=request_id, reason="the router retries the request"), "Abort")
+
+    @staticmethod
+    async def _call_quietly(method, message, name: str) -> None:
+        try:
+            await method(message, timeout=5.0)
+        except grpc.aio.AioRpcError as exc:  # an optimisation or clean-up: never fatal
+            log.debug("request %s: %s failed: %s", message.request_id, name, exc.code().name)
 
     def _choose(self, request, request_id, ids, session, failed):
         policies = self.policies
@@ -321,6 +356,12 @@ class RouterCore:
                 if chunk.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
                     self._finalize(chunk, arrival, first_at or now, now, prefill, decode)
                 yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client left before its first token: an early-started prefill that the
+            # decode worker never claimed would otherwise hold its blocks until its lease
+            if prefill is not None and first_at is None and self.settings.early_prefill_start:
+                self._spawn(self._abort_prefill(prefill, req.request_id))
+            raise
         finally:
             call.cancel()
             self.recorders[Role.DECODE].finished(decode.worker_id)
