@@ -29,6 +29,7 @@ from pdserve.client import make_request, open_channel, stream
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import generate_pb2
+from report import write_report  # bench/report.py (this script's folder)
 
 
 def ttft(channel, ids: list[int], mode: int) -> tuple[float, object]:
@@ -117,11 +118,7 @@ def main() -> None:
             results["rows"].append(row)
         if os.environ.get("PDSERVE_LOG_LEVEL", "").upper() == "DEBUG":
             print_traces(cluster, n=40)
-    text = json.dumps(results, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    write_report(results, args.out)
 
 
 if __name__ == "__main__":

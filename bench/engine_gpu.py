@@ -34,6 +34,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.synthetic import SHAPES, synthetic_model
+from report import write_report  # bench/report.py (this script's folder)
 
 
 def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
@@ -188,12 +189,7 @@ def main() -> None:
     if args.baseline:
         result["transformers"] = measure_transformers(args.shape, args.quick)
         print(json.dumps(result["transformers"]), flush=True)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import time
 
 import torch
@@ -29,6 +28,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.synthetic import synthetic_model
+from report import write_report  # bench/report.py (this script's folder)
 
 
 class PhaseTimer:
@@ -187,11 +187,7 @@ def main() -> None:
     res["prefill_512"] = run_prefill(engine, timer, 512, vocab, 300)
     res["prefill_2048"] = run_prefill(engine, timer, 2048, vocab, 400)
     res["throughput"] = run_throughput(engine, timer, vocab, 900)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    write_report(res, args.out, indent=1)
 
 
 if __name__ == "__main__":

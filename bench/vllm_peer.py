@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import torch
+from report import write_report  # bench/report.py (this script's folder)
 
 LLAMA3_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
@@ -83,11 +84,7 @@ def main() -> None:
     wall = timed(llm, [random_prompt(512, 900 + i) for i in range(64)], params(128))
     res.update(throughput_requests=64, throughput_wall_s=wall,
                throughput_output_tok_s=64 * 128 / wall)
-    text = json.dumps(res, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    write_report(res, args.out)
 
 
 if __name__ == "__main__":

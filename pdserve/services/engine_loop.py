@@ -61,10 +61,7 @@ class EngineLoop:
     def submit(self, fn: Callable[..., Any], *args: Any, inline: bool = False) -> None:
         """Fire-and-forget variant of call(); safe from any thread."""
         if inline and self._idle_lock():
-            try:
-                self._run_inline(fn, args)
-            except Exception:
-                log.exception("engine command failed")
+            self._run_inline(self._execute, (fn, args, None))  # logs what fn raises
             return
         self._commands.put((fn, args, None))
 

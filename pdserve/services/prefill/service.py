@@ -73,10 +73,14 @@ class PrefillJob:
     compute_s: float = 0.0    # first step -> first token
     send_started: float = 0.0
     early_key: str = ""        # the router's early start key, if it used one
-    awaiting: bool = False     # started early; no Prefill call has claimed it yet
     started_early: bool = False
     expires: float = 0.0       # an unclaimed early start is dropped at this time
     num_tokens: int = 0
+
+    @property
+    def awaiting(self) -> bool:
+        """Started early; no Prefill call has claimed it (and brought a future) yet."""
+        return self.future is None
 
     @property
     def transfer_id(self) -> str:
@@ -137,7 +141,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         job = PrefillJob(request.request_id, None, None, early_key=request.early_start_key,
-                         awaiting=True, started_early=True,
+                         started_early=True,
                          expires=time.monotonic() + self.core.settings.kv_lease_s)
         try:
             await self.core.loop.call(self._start_job, job, list(request.token_ids), params)
@@ -170,16 +174,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def _claim(self, early: PrefillJob, call: PrefillJob) -> None:
         """The Prefill call takes over an early-started job: its destination and future."""
-        early.destination, early.future, early.awaiting = call.destination, call.future, False
+        early.destination, early.future = call.destination, call.future
         self.early_starts["claimed"] += 1
         if early.destination is not None:  # None: compute only, answered when computed
             try:
-                self._check_destination(self.core.engine, early, early.num_tokens)
+                self._begin_transfer(early)
             except InvalidRequest:
                 self.jobs.pop(early.request_id, None)
                 raise
-            self.sender.begin(early.destination, lease_s=self.core.settings.kv_lease_s,
-                              on_release=functools.partial(self._transfer_ended, early))
         trace(log, early.request_id, "prefill: early job claimed")
 
     def _start_job(self, job: PrefillJob, token_ids: list[int], params) -> None:
@@ -190,9 +192,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         engine.add_request(token_ids, params, job.request_id,
                            hold_blocks=job.destination is not None or job.awaiting)
         if job.destination is not None:
-            self._check_destination(engine, job, len(token_ids))
-            self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
-                              on_release=functools.partial(self._transfer_ended, job))
+            self._begin_transfer(job)
         self.jobs[job.request_id] = job
         trace(log, job.request_id, "prefill: job started")
 
@@ -208,15 +208,19 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
             trace(log, job.request_id, "prefill: answered from the connector thread")
 
-    def _check_destination(self, engine: LLMEngine, job: PrefillJob, num_tokens: int) -> None:
+    def _begin_transfer(self, job: PrefillJob) -> None:
+        """Check the destination fits the prompt (else abort it: InvalidRequest) and
+        register the transfer with the sender."""
+        engine, dst = self.core.engine, job.destination
         bs = engine.config.block_size
-        dst = job.destination
-        if dst.first_block_index + len(dst.block_ids) != -(-num_tokens // bs):
+        if dst.first_block_index + len(dst.block_ids) != -(-job.num_tokens // bs):
             engine.abort(job.request_id)
             raise InvalidRequest(
                 f"destination covers blocks {dst.first_block_index}.."
                 f"{dst.first_block_index + len(dst.block_ids)} but the prompt has "
-                f"{-(-num_tokens // bs)} blocks of {bs} tokens")
+                f"{-(-job.num_tokens // bs)} blocks of {bs} tokens")
+        self.sender.begin(dst, lease_s=self.core.settings.kv_lease_s,
+                          on_release=functools.partial(self._transfer_ended, job))
 
     def _abort_job(self, request_id: str, reason: str) -> bool:
         job = self.jobs.get(request_id)
