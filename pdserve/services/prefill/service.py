@@ -6,7 +6,8 @@ Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAI
      are held while it waits for a destination. The decode worker's Prefill call with
      that key attaches its destination (the compute is then already under way, and
      blocks computed so far go out at the next tick); a Prefill that comes first starts
-     the job itself and a late StartPrefill is a no-op. A started job that no Prefill
+     the job itself, and a StartPrefill arriving later (even after that job ended: the
+     worker remembers recent keys) is refused as late. A started job that no Prefill
      claims within the KV lease is dropped and its blocks freed.
   1. The handshake with the destination's receiver happens on first contact (a layout
      mismatch fails the call at once with a message naming both values).
@@ -27,6 +28,7 @@ Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAI
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import functools
@@ -47,6 +49,7 @@ from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pdserve.v1.PrefillService"
+REMEMBERED_KEYS = 4096  # a StartPrefill later than this many Prefill calls is not refused
 
 
 class JobState(enum.Enum):
@@ -93,7 +96,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         self.core = WorkerCore(settings, engine, loop, tick=self._tick)
         self.sender = self.core.connector
         self.jobs: dict[str, PrefillJob] = {}  # engine thread only
-        self.early_starts = {"claimed": 0, "dropped": 0}
+        self.early_starts = {"claimed": 0, "dropped": 0, "late": 0}
+        # keys whose Prefill call came before the router's StartPrefill (bounded)
+        self._keys_started_by_prefill: collections.OrderedDict[str, None] = \
+            collections.OrderedDict()
         self._aio_loop = loop
 
     def start(self) -> None:
@@ -144,7 +150,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                          started_early=True,
                          expires=time.monotonic() + self.core.settings.kv_lease_s)
         try:
-            await self.core.loop.call(self._start_job, job, list(request.token_ids), params)
+            await self.core.loop.call(self._start_early, job, list(request.token_ids), params)
         except InvalidRequest as exc:  # e.g. its Prefill call came first and started it
             return worker_pb2.StartPrefillResponse(started=False, reason=str(exc))
         return worker_pb2.StartPrefillResponse(started=True)
@@ -158,6 +164,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         stats = self.core.stats(in_flight=len(self.jobs))
         stats.early_starts_claimed = self.early_starts["claimed"]
         stats.early_starts_dropped = self.early_starts["dropped"]
+        stats.early_starts_late = self.early_starts["late"]
         return stats
 
     async def Describe(self, request, context):
@@ -171,6 +178,20 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self._claim(early, job)
         else:
             self._start_job(job, token_ids, params)
+            if job.early_key:
+                self._remember_key(job.early_key)
+
+    def _start_early(self, job: PrefillJob, token_ids: list[int], params) -> None:
+        if job.early_key in self._keys_started_by_prefill:
+            self.early_starts["late"] += 1
+            raise InvalidRequest("late: the Prefill call with this key came first")
+        self._start_job(job, token_ids, params)
+
+    def _remember_key(self, key: str) -> None:
+        keys = self._keys_started_by_prefill
+        keys[key] = None
+        if len(keys) > REMEMBERED_KEYS:
+            keys.popitem(last=False)
 
     def _claim(self, early: PrefillJob, call: PrefillJob) -> None:
         """The Prefill call takes over an early-started job: its destination and future."""
