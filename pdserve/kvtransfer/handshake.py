@@ -1,24 +1,20 @@
-"""A receiver's ZeroMQ side channel: first contact, and control of in-place chunks.
+"""A receiver's ZeroMQ side channel: first contact between a sender and a receiver.
 
 The receiving side (decode) runs a SideChannelServer: a ROUTER socket served by one
-thread. Every request is a SideChannelRequest envelope, answered by a SideChannelReply:
-  handshake      a sender (prefill) calls `request_handshake(address, hello)` once per
-                 peer; the server compares both KVHandshakes and answers
-                 HandshakeReply{accepted, error, hello, data_address, ...}. Both sides
-                 check, so a mismatch is refused at connect time naming both values.
-  chunk_header,  same-host GPU senders that write into the receiver's mapped pool admit
-  chunk_written  and commit each chunk here (a SideChannelClient per peer); the server
-                 hands these to the receiver's `on_chunk` handler.
-Messages are protobuf only; a malformed request is answered with an error and the server
-keeps serving.
+thread. Every request is a SideChannelRequest envelope, answered by a SideChannelReply.
+A sender (prefill) calls `request_handshake(address, hello)` once per peer; the server
+compares both KVHandshakes and answers HandshakeReply{accepted, error, hello,
+data_address, ...}. Both sides check, so a mismatch is refused at connect time naming
+both values. The reply also names where the rest of the conversation goes (the ucx data
+listener; for same-host GPU peers the pool's IPC handle and the control channel,
+control.py). Messages are protobuf only; a malformed request is answered with an error
+and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
-
 import zmq
 
 from pdserve.kvtransfer.base import ConnectorError, HandshakeError
@@ -26,7 +22,6 @@ from pdserve.kvtransfer.messages import HandshakeInfo, check_handshake, handshak
 from pdserve.wire import kv_pb2
 
 log = logging.getLogger(__name__)
-ChunkHandler = Callable[[kv_pb2.SideChannelRequest], kv_pb2.KVChunkReply]
 IDLE_POLL_MS = 50
 
 
@@ -34,14 +29,10 @@ class SideChannelServer:
     """Answers side-channel requests for one receiver until close()."""
 
     def __init__(self, hello: HandshakeInfo, data_address: str, host: str = "127.0.0.1",
-                 port: int = 0, export: dict | None = None,
-                 on_chunk: ChunkHandler | None = None,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 port: int = 0, export: dict | None = None) -> None:
         self.hello = hello
         self.data_address = data_address
         self.export = export or {}  # extra HandshakeReply fields (e.g. the pool's IPC handle)
-        self._on_chunk = on_chunk
-        self._on_idle = on_idle or (lambda: None)  # called at least every IDLE_POLL_MS
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -63,7 +54,6 @@ class SideChannelServer:
                 frames = self._socket.recv_multipart()
                 identity, payload = frames[0], frames[-1]  # [empty delimiter] between
                 self._socket.send_multipart([identity, b"", self._answer(payload)])
-            self._on_idle()
         self._socket.close(0)
 
     def _answer(self, payload: bytes) -> bytes:
@@ -72,17 +62,11 @@ class SideChannelServer:
         except Exception as exc:
             return _chunk_error(f"malformed side-channel request: {exc}")
         kind = request.WhichOneof("kind")
-        if kind == "handshake":
-            reply = kv_pb2.SideChannelReply(handshake=self._handshake(request.handshake))
-        elif kind is not None and self._on_chunk is not None:
-            try:
-                reply = kv_pb2.SideChannelReply(chunk=self._on_chunk(request))
-            except Exception as exc:  # one bad chunk must not stop the side channel
-                log.exception("side-channel %s request failed", kind)
-                return _chunk_error(f"{kind} failed on the receiver: {type(exc).__name__}: {exc}")
-        else:
-            return _chunk_error(f"side-channel request {kind!r} is not served here")
-        return reply.SerializeToString()
+        if kind != "handshake":
+            return _chunk_error(f"side-channel request {kind!r} is not served here (in-place "
+                                "chunks go to HandshakeReply.control_address)")
+        return kv_pb2.SideChannelReply(
+            handshake=self._handshake(request.handshake)).SerializeToString()
 
     def _handshake(self, request: kv_pb2.HandshakeRequest) -> kv_pb2.HandshakeReply:
         reply = kv_pb2.HandshakeReply(hello=self.hello.to_proto(),

@@ -16,11 +16,12 @@ One chunk on an endpoint (the sender holds the endpoint for the whole exchange):
                                          <----    KVChunkReply STORED | CORRUPT
 
 Same-host GPU peers (the handshake reply exports the receiver's pool over CUDA IPC and
-the sender maps it) skip ucx: a sender thread waits for the chunk's blocks, admits the
-chunk on the receiver's ZeroMQ side channel (KVTransferHeader -> ACCEPTED: the blocks
-are held), copies the blocks into the mapped pool on the device, and commits
-(chunk_written -> STORED). Two ~0.2 ms round trips per chunk instead of four ucxx
-messages, each crossing three threads.
+the sender maps it) skip ucx: a sender thread admits the chunk on the receiver's control
+channel (control.py; KVTransferHeader -> ACCEPTED: the blocks are held) while the
+prefill still computes it, queues the copy into the mapped pool on its own stream behind
+the chunk's ready event, waits for the copy and commits (chunk_written -> STORED). Two
+small TCP round trips per chunk, one thread wake per direction, instead of four ucxx
+messages each crossing three threads.
 
 An abort is a header with abort_reason and no runs (receiver -> CANCELLED). Transfer
 states: see base.py. The sender marks a transfer FAILED when any step raises (peer
@@ -57,7 +58,8 @@ import torch
 
 from pdserve.engine.kvcache.pool import KVCachePool
 from pdserve.kvtransfer.base import ConnectorError, TransferState
-from pdserve.kvtransfer.handshake import SideChannelClient, SideChannelServer, request_handshake
+from pdserve.kvtransfer.control import ControlClient, ControlServer
+from pdserve.kvtransfer.handshake import SideChannelServer, request_handshake
 from pdserve.kvtransfer.messages import (HandshakeInfo, abort_header, chunk_header,
                                          run_checksum)
 from pdserve.kvtransfer.receiving import RegisteringReceiver
@@ -90,6 +92,7 @@ class UcxSettings:
     host: str = "127.0.0.1"          # interface to listen on and advertise
     side_channel_port: int = 0       # 0 = any free port
     data_port: int = 0
+    control_port: int = 0            # in-place chunk control (same-host GPU peers)
     lease_s: float = 30.0
     connect_timeout_s: float = 5.0
     io_timeout_s: float = 30.0       # bound on each header/run/reply step of a chunk
@@ -212,14 +215,18 @@ class UcxReceiver(RegisteringReceiver):
         self._endpoints: set = set()
         # in-place chunks admitted on the side channel, awaiting their commit
         self._admitted: dict[tuple[str, int], tuple[kv_pb2.KVTransferHeader, list[int], float]] = {}
+        self._admitted_lock = threading.Lock()  # one control thread per sender + expiry
         self._listener = self.runtime.call(self._listen(), settings.connect_timeout_s)
-        export = export_pool(pool) if settings.direct_gpu else {}
         # in-place chunks are served even without an exported pool: the protocol does not
         # care how the bytes got there (tests write them in-process on the CPU)
+        self._control = ControlServer(self._in_place_chunk, host=settings.host,
+                                      port=settings.control_port,
+                                      on_idle=self._expire_admissions)
+        export = export_pool(pool) if settings.direct_gpu else {}
         self._side = SideChannelServer(hello, f"{settings.host}:{self._listener.port}",
                                        host=settings.host, port=settings.side_channel_port,
-                                       export=export, on_chunk=self._in_place_chunk,
-                                       on_idle=self._expire_admissions)
+                                       export={**export,
+                                               "control_address": self._control.address})
 
     @property
     def address(self) -> str:
@@ -228,6 +235,10 @@ class UcxReceiver(RegisteringReceiver):
     @property
     def data_address(self) -> str:
         return self._side.data_address
+
+    @property
+    def control_address(self) -> str:
+        return self._control.address
 
     async def _listen(self):
         return self.runtime.ucxx.create_listener(self._serve_endpoint,
@@ -309,7 +320,7 @@ class UcxReceiver(RegisteringReceiver):
             index = torch.tensor(dst, dtype=torch.long, device=pool.device)
             pool.kv.index_copy_(0, index, blocks)
 
-    # ---- in-place chunks (side-channel thread) ----------------------------------------
+    # ---- in-place chunks (control channel threads) ------------------------------------
     def _in_place_chunk(self, request: kv_pb2.SideChannelRequest) -> kv_pb2.KVChunkReply:
         if request.WhichOneof("kind") == "chunk_header":
             return self._admit_in_place(request.chunk_header)
@@ -318,14 +329,16 @@ class UcxReceiver(RegisteringReceiver):
     def _admit_in_place(self, header: kv_pb2.KVTransferHeader) -> kv_pb2.KVChunkReply:
         reply, blocks = self._admit(header, in_place=True)
         if blocks is not None:
-            self._admitted[(header.transfer_id, header.chunk_index)] = (header, blocks,
-                                                                         time.monotonic())
+            with self._admitted_lock:
+                self._admitted[(header.transfer_id, header.chunk_index)] = (
+                    header, blocks, time.monotonic())
         return reply
 
     def _commit_in_place(self, written: kv_pb2.KVChunkReply) -> kv_pb2.KVChunkReply:
         reply = kv_pb2.KVChunkReply(transfer_id=written.transfer_id,
                                     chunk_index=written.chunk_index)
-        entry = self._admitted.pop((written.transfer_id, written.chunk_index), None)
+        with self._admitted_lock:
+            entry = self._admitted.pop((written.transfer_id, written.chunk_index), None)
         if entry is None:
             reply.status = kv_pb2.KVChunkReply.REJECTED
             reply.error = "chunk was not admitted, or its admission expired"
@@ -342,13 +355,15 @@ class UcxReceiver(RegisteringReceiver):
         """A sender that admitted a chunk and never committed it (died mid-copy) must not
         hold the blocks forever: after io_timeout_s the transfer fails and lets go."""
         now = time.monotonic()
-        for key, (header, _, admitted_at) in list(self._admitted.items()):
-            if now - admitted_at > self.settings.io_timeout_s:
-                del self._admitted[key]
-                self.table.finish(header.transfer_id, TransferState.FAILED,
-                                  "sender did not commit an in-place chunk within "
-                                  f"{self.settings.io_timeout_s:g}s")
-                self.table.unhold(header.transfer_id)
+        with self._admitted_lock:
+            stale = [key for key, (_, _, at) in self._admitted.items()
+                     if now - at > self.settings.io_timeout_s]
+            expired = [self._admitted.pop(key)[0] for key in stale]
+        for header in expired:
+            self.table.finish(header.transfer_id, TransferState.FAILED,
+                              "sender did not commit an in-place chunk within "
+                              f"{self.settings.io_timeout_s:g}s")
+            self.table.unhold(header.transfer_id)
 
     def _corrupt_runs(self, header: kv_pb2.KVTransferHeader) -> list[int]:
         if header.checksum_kind == kv_pb2.CHECKSUM_NONE:
@@ -358,6 +373,7 @@ class UcxReceiver(RegisteringReceiver):
 
     def _shutdown(self) -> None:
         self._side.close()
+        self._control.close()
 
         async def stop() -> None:
             for ep in list(self._endpoints):
@@ -377,7 +393,7 @@ class _Peer:
     endpoint: object = None
     uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
     remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
-    control: SideChannelClient | None = None  # in-place chunks: used by `direct` only
+    control: ControlClient | None = None  # in-place chunks: used by `direct` only
     # one sender thread per same-host peer: a receiver that stops answering stalls only
     # the chunks bound for it (each waits up to io_timeout_s), not every peer's
     direct: ThreadPoolExecutor | None = None
@@ -415,10 +431,10 @@ class UcxSender(ChunkedSender):
         reply = request_handshake(address, self.hello, self.settings.connect_timeout_s)
         peer = self.runtime.call(self._new_peer(address, reply.data_address),
                                  self.settings.connect_timeout_s)
-        if self.settings.direct_gpu and not self.settings.checksum:
+        if self.settings.direct_gpu and not self.settings.checksum and reply.control_address:
             peer.remote_pool = open_pool(reply, self.pool)
         if peer.remote_pool is not None:
-            peer.control = SideChannelClient(address, self.settings.io_timeout_s)
+            peer.control = ControlClient(reply.control_address, self.settings.io_timeout_s)
             peer.direct = ThreadPoolExecutor(1, thread_name_prefix="kv-in-place")
         else:
             try:

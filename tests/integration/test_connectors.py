@@ -215,7 +215,7 @@ def test_local_receiver_gone_fails_sender():
     assert status.state is TransferState.FAILED and "gone" in status.error
 
 
-# -- ucx in-place chunks (same-host GPU peers), protocol on the side channel -----------
+# -- ucx in-place chunks (same-host GPU peers), protocol on the control channel --------
 def _in_place(transfer_id, index, runs, last=True):
     from pdserve.kvtransfer.messages import chunk_header
     header = chunk_header(SPEC, transfer_id=transfer_id, chunk_index=index, last=last,
@@ -231,11 +231,11 @@ def _written(transfer_id, index):
 
 @pytest.fixture
 def ucx_receiver():
-    from pdserve.kvtransfer.handshake import SideChannelClient
+    from pdserve.kvtransfer.control import ControlClient
     from pdserve.kvtransfer.ucx import UcxSettings
     pool = KVCachePool(SPEC)
     receiver = make_receiver("ucx", pool, hello("ucx", "decode"), UcxSettings(io_timeout_s=0.5))
-    client = SideChannelClient(receiver.address, timeout_s=5)
+    client = ControlClient(receiver.control_address, timeout_s=5)
     yield receiver, pool, client
     client.close()
     receiver.close()
@@ -284,12 +284,12 @@ def _in_place_peer(sender, receiver):
     from concurrent.futures import ThreadPoolExecutor
 
     from pdserve.kvtransfer.cuda_ipc import RemotePool
-    from pdserve.kvtransfer.handshake import SideChannelClient
+    from pdserve.kvtransfer.control import ControlClient
 
     sender.connect(receiver.address)
     peer = sender._peer(receiver.address)
     peer.remote_pool = RemotePool(receiver.pool.kv, None)
-    peer.control = SideChannelClient(receiver.address, 5)
+    peer.control = ControlClient(receiver.control_address, 5)
     peer.direct = ThreadPoolExecutor(1)
     return peer
 
@@ -333,6 +333,46 @@ def test_side_channel_survives_garbage(ucx_receiver):
     assert reply.chunk.status == kv_pb2.KVChunkReply.REJECTED and "malformed" in reply.chunk.error
     receiver.expect("after", [1])
     assert client.call(_in_place("after", 0, [(1, 1)])).chunk.status == \
+        kv_pb2.KVChunkReply.ACCEPTED
+
+
+def test_in_place_chunks_only_on_the_control_channel(ucx_receiver):
+    """The handshake names the control channel; the side channel refuses chunk requests
+    and the control channel refuses handshakes, each with a message."""
+    from pdserve.kvtransfer.control import ControlClient
+    from pdserve.kvtransfer.handshake import SideChannelClient, request_handshake
+    receiver, _, client = ucx_receiver
+    reply = request_handshake(receiver.address, hello("ucx", "prefill"))
+    assert reply.control_address == receiver.control_address
+    receiver.expect("sc", [3])
+    side = SideChannelClient(receiver.address, 5)
+    answer = side.call(_in_place("sc", 0, [(3, 1)])).chunk
+    side.close()
+    assert answer.status == kv_pb2.KVChunkReply.REJECTED and "control_address" in answer.error
+    handshake = kv_pb2.SideChannelRequest(handshake=kv_pb2.HandshakeRequest(
+        hello=hello("ucx", "prefill").to_proto()))
+    answer = ControlClient(receiver.control_address, 5).call(handshake).chunk
+    assert answer.status == kv_pb2.KVChunkReply.REJECTED and "side channel" in answer.error
+    assert client.call(_in_place("sc", 0, [(3, 1)])).chunk.status == \
+        kv_pb2.KVChunkReply.ACCEPTED
+
+
+def test_control_channel_survives_garbage_and_oversized_frames(ucx_receiver):
+    import socket
+    from pdserve.kvtransfer.control import FRAME_LENGTH, MAX_FRAME_BYTES, recv_frame, send_frame
+    receiver, _, client = ucx_receiver
+    host, port = receiver.control_address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        send_frame(raw, b"\xff\x00 not a protobuf")
+        reply = kv_pb2.SideChannelReply.FromString(recv_frame(raw))
+        assert reply.chunk.status == kv_pb2.KVChunkReply.REJECTED
+        assert "malformed" in reply.chunk.error
+        raw.sendall(FRAME_LENGTH.pack(MAX_FRAME_BYTES + 1))   # cannot resync: closed
+        reply = kv_pb2.SideChannelReply.FromString(recv_frame(raw))
+        assert "limit" in reply.chunk.error
+        assert raw.recv(1) == b""
+    receiver.expect("fine", [2])
+    assert client.call(_in_place("fine", 0, [(2, 1)])).chunk.status == \
         kv_pb2.KVChunkReply.ACCEPTED
 
 
