@@ -33,7 +33,9 @@ class WorkerSettings:
     metrics_port: int = 0
     connector: str = "ucx"
     kv_host: str = "127.0.0.1"
-    kv_port: int = 0  # ucx: side channel port; data listener on kv_port + 1 (0 = any free)
+    # ucx: side channel (handshake) port; data listener on kv_port + 1, in-place chunk
+    # control on kv_port + 2 (0 = any free ports)
+    kv_port: int = 0
     redis_url: str = "redis://127.0.0.1:6379/0"
     kv_lease_s: float = 30.0
     fallback: str = "recompute"  # recompute | fail (decode role)
@@ -47,9 +49,9 @@ class WorkerSettings:
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
         if self.fallback not in ("recompute", "fail"):
             raise ValueError(f"fallback must be recompute or fail, got {self.fallback!r}")
-        if not 0 <= self.kv_port <= 65534:
-            raise ValueError(f"kv_port must be in [0, 65534] (data uses kv_port + 1), "
-                             f"got {self.kv_port}")
+        if not 0 <= self.kv_port <= 65533:
+            raise ValueError(f"kv_port must be in [0, 65533] (data and control use "
+                             f"kv_port + 1 and + 2), got {self.kv_port}")
 
 
 def connector_settings(settings: WorkerSettings):
@@ -62,6 +64,8 @@ def connector_settings(settings: WorkerSettings):
         kwargs["side_channel_port"] = settings.kv_port
     if "data_port" in names:
         kwargs["data_port"] = settings.kv_port + 1 if settings.kv_port else 0
+    if "control_port" in names:
+        kwargs["control_port"] = settings.kv_port + 2 if settings.kv_port else 0
     if "url" in names:
         kwargs["url"] = settings.redis_url
     return cls(**kwargs)

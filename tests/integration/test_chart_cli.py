@@ -143,7 +143,7 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
         assert w.role == role and w.connector == connector
         assert w.host == "0.0.0.0" and w.port == p["grpc"] and w.metrics_port == p["metrics"]
         assert w.kv_host == POD_ENV["POD_IP"]
-        assert w.kv_port == p["kv"] and p["kv-data"] == p["kv"] + 1
+        assert w.kv_port == p["kv"] and p["kv-data"] == p["kv"] + 1 and p["kv-ctl"] == p["kv"] + 2
         if internal:  # workers refuse plaintext: probes use the plaintext health port
             _check_internal_tls(w.tls, c)
             assert w.health_port == p["health"] and w.health_port not in (w.port, w.metrics_port)
@@ -153,7 +153,8 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
             assert c[probe]["grpc"]["port"] == (p["health"] if internal else p["grpc"]), (role, probe)
         if connector == "ucx":
             cs = connector_settings(w)
-            assert (cs.host, cs.side_channel_port, cs.data_port) == (POD_ENV["POD_IP"], p["kv"], p["kv-data"])
+            assert (cs.host, cs.side_channel_port, cs.data_port, cs.control_port) == (
+                POD_ENV["POD_IP"], p["kv"], p["kv-data"], p["kv-ctl"])
 
     for component, c in by_component.items():  # anything else (valkey) expands cleanly too
         if component not in ("router", "prefill", "decode"):
@@ -213,20 +214,21 @@ def test_router_cli_flags_reach_settings():
     assert (s.discovery, s.namespace, s.selector) == (None, None, None)
 
 
-def test_worker_kv_port_sets_both_ucx_listeners():
+def test_worker_kv_port_sets_every_ucx_listener():
     from pdserve.kvtransfer.ucx import UcxSettings
     from pdserve.services.worker import WorkerSettings, connector_settings
 
     args = cli.build_parser().parse_args(["decode", "--kv-port", "7000", "--kv-host", "10.0.0.1"])
     w = cli._worker_settings(args, "decode")
     assert w.kv_port == 7000
-    assert connector_settings(w) == UcxSettings(host="10.0.0.1", side_channel_port=7000, data_port=7001)
+    assert connector_settings(w) == UcxSettings(host="10.0.0.1", side_channel_port=7000,
+                                                data_port=7001, control_port=7002)
     w = cli._worker_settings(cli.build_parser().parse_args(["prefill"]), "prefill")
     cs = connector_settings(w)
-    assert w.kv_port == 0 and (cs.side_channel_port, cs.data_port) == (0, 0)  # any free ports
+    assert w.kv_port == 0 and (cs.side_channel_port, cs.data_port, cs.control_port) == (0, 0, 0)
     assert "side_channel_port" not in vars(connector_settings(WorkerSettings("decode", connector="redis", kv_port=7000)))
     with pytest.raises(ValueError, match="kv_port"):
-        WorkerSettings("decode", kv_port=65535)
+        WorkerSettings("decode", kv_port=65534)
 
 
 def test_kustomize_base_command_lines_parse(capsys):

@@ -97,8 +97,9 @@ def test_values_schema_rejects_bad_values(tmp_path):
                          ("replicas: 3", "additional properties 'replicas' not allowed"),
                          ("redis: {maxmemoryPolicy: lru}", "maxmemoryPolicy"),
                          ("prefill: {grpcPort: 0}", "grpcPort"),
-                         ("decode: {kvPort: 65535}", "kvPort"),  # the data port is kvPort + 1
+                         ("decode: {kvPort: 65534}", "kvPort"),  # data + 1, control + 2
                          ("prefill: {kvPort: 9089}", "collides with grpcPort or metricsPort"),
+                         ("prefill: {kvPort: 9088}", "kvPort + 2"),
                          ("tls: {internal: {secret: x}}", "additional properties 'secret' not allowed"),
                          ("tls: {internal: {mountPath: etc}}", "mountPath")]:
         f = tmp_path / "v.yaml"
@@ -229,6 +230,7 @@ def _check_workers(docs, values_doc) -> None:
         assert "POD_IP" in {e["name"] for e in c["env"]}
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert f"--kv-port={ports['kv']}" in args and ports["kv-data"] == ports["kv"] + 1
+        assert ports["kv-ctl"] == ports["kv"] + 2
         assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert "grpc" in c["readinessProbe"] and "grpc" in c["livenessProbe"]
         sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -251,8 +253,9 @@ def _check_workers(docs, values_doc) -> None:
             assert probe_ports == {50051} and not [a for a in args if a.startswith("--health-port")]
             assert "health" not in ports and not [v for v in spec["volumes"] if "secret" in v]
             assert "health" not in allowed
-        assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "metrics"}
-        assert {"grpc", "kv", "kv-data"} <= allowed
+        assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "kv-ctl",
+                                                                  "metrics"}
+        assert {"grpc", "kv", "kv-data", "kv-ctl"} <= allowed
         if connector == "redis":
             redis_svc = named(docs, "Service", "-redis")
             assert f"--redis-url=redis://{redis_svc['metadata']['name']}:6379/0" in args
