@@ -8,8 +8,9 @@ Here each sender (prefill) keeps one TCP connection per receiver and a receiver 
 per connection answers in place: one wake per direction (bench/control_rtt.py).
 
 Frames, both directions: a 4-byte big-endian length, then one protobuf message -
-SideChannelRequest (chunk_header: admit; chunk_written: commit) from the sender,
-SideChannelReply{chunk} back, strictly one request in flight per connection. The address
+SideChannelRequest (admit: hold a transfer's blocks; chunk_header: commit a copied chunk
+or abort) from the sender, SideChannelReply{chunk} back, one per request, in order (a
+sender may send several requests before reading their replies). The address
 is learned from an accepted handshake on the side channel (HandshakeReply
 .control_address), so a peer only gets here after the version and layout checks.
 A malformed frame is answered REJECTED and the connection keeps serving; an oversized
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 FRAME_LENGTH = struct.Struct(">I")
 MAX_FRAME_BYTES = 1 << 20   # a header lists at most a few thousand runs
 IDLE_TICK_S = 0.05
-ChunkHandler = Callable[[kv_pb2.SideChannelRequest], kv_pb2.KVChunkReply]
+# handler(request, connection id): every request of one connection comes from one sender
+ChunkHandler = Callable[[kv_pb2.SideChannelRequest, int], kv_pb2.KVChunkReply]
+CONTROL_KINDS = ("admit", "chunk_header")
 
 
 class FrameTooLarge(ConnectionError):
@@ -73,12 +76,16 @@ def chunk_error(message: str) -> kv_pb2.SideChannelReply:
 
 class ControlServer:
     """Serves one receiver's in-place chunk requests until close(). `on_idle` runs on the
-    accept thread at least every IDLE_TICK_S (the receiver expires stale admissions)."""
+    accept thread at least every IDLE_TICK_S (the receiver expires stale admissions);
+    `on_disconnect(connection id)` runs once a sender's connection is gone."""
 
     def __init__(self, handler: ChunkHandler, host: str = "127.0.0.1", port: int = 0,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 on_idle: Callable[[], None] | None = None,
+                 on_disconnect: Callable[[int], None] | None = None) -> None:
         self._handler = handler
         self._on_idle = on_idle or (lambda: None)
+        self._on_disconnect = on_disconnect or (lambda _: None)
+        self._next_id = 0
         self._listener = socket.create_server((host, port))
         self._listener.settimeout(IDLE_TICK_S)
         self.address = "%s:%d" % (host, self._listener.getsockname()[1])
@@ -106,13 +113,15 @@ class ControlServer:
         conn.settimeout(None)
         with self._lock:
             self._connections.add(conn)
-        threading.Thread(target=self._serve, args=(conn,), name="kv-control-conn",
-                         daemon=True).start()
+            self._next_id += 1
+        threading.Thread(target=self._serve, args=(conn, self._next_id),
+                         name="kv-control-conn", daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, conn_id: int) -> None:
         try:
             while True:
-                send_frame(conn, self._answer(recv_frame(conn)).SerializeToString())
+                reply = self._answer(recv_frame(conn), conn_id)
+                send_frame(conn, reply.SerializeToString())
         except FrameTooLarge as exc:
             log.warning("KV control channel: %s; closing the connection", exc)
             _try_send(conn, chunk_error(str(exc)))
@@ -122,18 +131,25 @@ class ControlServer:
             with self._lock:
                 self._connections.discard(conn)
             conn.close()
+            self._disconnected(conn_id)
 
-    def _answer(self, payload: bytes) -> kv_pb2.SideChannelReply:
+    def _disconnected(self, conn_id: int) -> None:
+        try:
+            self._on_disconnect(conn_id)
+        except Exception:  # pragma: no cover - a bug; the server keeps serving
+            log.exception("KV control disconnect handler failed")
+
+    def _answer(self, payload: bytes, conn_id: int) -> kv_pb2.SideChannelReply:
         try:
             request = kv_pb2.SideChannelRequest.FromString(payload)
         except Exception as exc:
             return chunk_error(f"malformed control request: {exc}")
         kind = request.WhichOneof("kind")
-        if kind not in ("chunk_header", "chunk_written"):
+        if kind not in CONTROL_KINDS:
             return chunk_error(f"control request {kind!r} is not served here "
                                "(handshakes go to the side channel)")
         try:
-            return kv_pb2.SideChannelReply(chunk=self._handler(request))
+            return kv_pb2.SideChannelReply(chunk=self._handler(request, conn_id))
         except Exception as exc:  # one bad chunk must not stop the channel
             log.exception("KV control %s request failed", kind)
             return chunk_error(f"{kind} failed on the receiver: {type(exc).__name__}: {exc}")
@@ -159,19 +175,38 @@ def _try_send(conn: socket.socket, reply: kv_pb2.SideChannelReply) -> None:
 
 class ControlClient:
     """One connection to a receiver's ControlServer. Not thread-safe: one thread uses it.
-    A request that fails or times out closes the connection (its reply could still
-    arrive and be mistaken for the next one's); the next call reconnects."""
+    A request that fails or times out closes the connection (a late reply would be taken
+    for the next request's) and raises ConnectorError; the next request reconnects, in a
+    new `session`: the receiver forgets what the closed connection held."""
 
     def __init__(self, address: str, timeout_s: float) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.session = 0      # counts connections made; 0 = none yet
         self._sock: socket.socket | None = None
 
     def call(self, request: kv_pb2.SideChannelRequest) -> kv_pb2.SideChannelReply:
+        self.send(request)
+        return self.receive()
+
+    def send(self, request: kv_pb2.SideChannelRequest) -> None:
+        """Send without reading the reply: receive() gets replies in request order."""
+        self._guarded(lambda: send_frame(self._sock or self._connect(),
+                                         request.SerializeToString()))
+
+    def receive(self) -> kv_pb2.SideChannelReply:
+        if self._sock is None:
+            raise ConnectorError(f"KV control channel {self.address}: no request pending")
+        return self._guarded(lambda: kv_pb2.SideChannelReply.FromString(
+            recv_frame(self._sock)))
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def _guarded(self, step):
         try:
-            sock = self._sock or self._connect()
-            send_frame(sock, request.SerializeToString())
-            return kv_pb2.SideChannelReply.FromString(recv_frame(sock))
+            return step()
         except (OSError, DecodeError) as exc:   # timeouts, resets, refused; bad framing
             self.close()
             raise ConnectorError(f"KV control channel {self.address} failed: "
@@ -182,6 +217,7 @@ class ControlClient:
         sock = socket.create_connection((host, int(port)), timeout=self.timeout_s)
         sock.settimeout(self.timeout_s)
         self._sock = _no_delay(sock)
+        self.session += 1
         return self._sock
 
     def close(self) -> None:

@@ -178,6 +178,20 @@ class TransferTable:
             if record is not None:
                 record.io_holds += 1
 
+    def hold_active(self, transfer_id: str) -> None:
+        """hold() unless the transfer ended (checked atomically with taking the hold, so
+        a cancel cannot free the blocks in between). Raises UnknownTransfer or
+        InvalidTransition (with the reason)."""
+        self.expire_due()
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is None:
+                raise UnknownTransfer(transfer_id)
+            if record.state.terminal:
+                raise InvalidTransition(f"transfer {transfer_id!r} is {record.state.name}"
+                                        + (f": {record.error}" if record.error else ""))
+            record.io_holds += 1
+
     def unhold(self, transfer_id: str) -> None:
         with self._lock:
             record = self._transfers.get(transfer_id)

@@ -16,12 +16,20 @@ One chunk on an endpoint (the sender holds the endpoint for the whole exchange):
                                          <----    KVChunkReply STORED | CORRUPT
 
 Same-host GPU peers (the handshake reply exports the receiver's pool over CUDA IPC and
-the sender maps it) skip ucx: a sender thread admits the chunk on the receiver's control
-channel (control.py; KVTransferHeader -> ACCEPTED: the blocks are held) while the
-prefill still computes it, queues the copy into the mapped pool on its own stream behind
-the chunk's ready event, waits for the copy and commits (chunk_written -> STORED). Two
-small TCP round trips per chunk, one thread wake per direction, instead of four ucxx
-messages each crossing three threads.
+the sender maps it) skip ucx and talk on the receiver's control channel (control.py):
+
+    sender (one thread per peer)                  receiver
+    begin:  InPlaceAdmit                 ---->    hold the transfer's blocks for this
+                                         <----    connection: ACCEPTED | REJECTED
+    per chunk: wait for its ready event, copy the blocks into the mapped pool
+            KVTransferHeader (commit)    ---->    store: STORED | REJECTED (the last
+                                                  chunk's commit ends the hold)
+
+The admission is answered while the prompt still computes, so a chunk costs its copy
+plus one message; the sender reads the replies of earlier commits before its next
+request that needs an answer (always after the last chunk). The receiver also lets go
+of an admission on an abort notice, when the sender's connection closes, or io_timeout_s
+after the transfer ended on its side (the sender never said it stopped writing).
 
 An abort is a header with abort_reason and no runs (receiver -> CANCELLED). Transfer
 states: see base.py. The sender marks a transfer FAILED when any step raises (peer
@@ -51,13 +59,14 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from pdserve.engine.kvcache.pool import KVCachePool
-from pdserve.kvtransfer.base import ConnectorError, TransferState
+from pdserve.kvtransfer.base import PROTOCOL_VERSION, ConnectorError, TransferState
 from pdserve.kvtransfer.control import ControlClient, ControlServer
 from pdserve.kvtransfer.handshake import SideChannelServer, request_handshake
 from pdserve.kvtransfer.messages import (HandshakeInfo, abort_header, chunk_header,
@@ -65,7 +74,8 @@ from pdserve.kvtransfer.messages import (HandshakeInfo, abort_header, chunk_head
 from pdserve.kvtransfer.receiving import RegisteringReceiver
 from pdserve.kvtransfer.cuda_ipc import export_pool, open_pool
 from pdserve.kvtransfer.sending import Chunk, ChunkedSender
-from pdserve.kvtransfer.transfers import ChunkRejected, admit_chunk, store_chunk
+from pdserve.kvtransfer.transfers import (ChunkRejected, InvalidTransition, UnknownTransfer,
+                                         admit_chunk, store_chunk)
 from pdserve.wire import kv_pb2
 
 PROGRESS_ENV = {
@@ -103,6 +113,7 @@ class UcxSettings:
     pack_above_runs: int = 4         # more runs than this: gather into one message
     copy_runs_max: int = 32          # in-place writes: a memcpy per run up to this many
     direct_gpu: bool = True          # same-host GPU peers: write into the mapped pool
+    unanswered_max: int = 8          # in-place commits sent before their replies are read
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
 
 
@@ -197,6 +208,12 @@ async def _recv_reply(ep, timeout_s: float) -> kv_pb2.KVChunkReply:
                                                                        timeout_s)))
 
 
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnknownTransfer):
+        return f"unknown transfer {exc.args[0]!r}"
+    return str(exc)
+
+
 async def _wait_ready(chunk: Chunk) -> None:
     """The chunk's source blocks are written; waits off the event loop's thread."""
     if chunk.ready is not None:
@@ -214,14 +231,16 @@ class UcxReceiver(RegisteringReceiver):
         self._copy_stream = _CopyStream(pool.device)
         self._endpoints: set = set()
         # in-place chunks admitted on the side channel, awaiting their commit
-        self._admitted: dict[tuple[str, int], tuple[kv_pb2.KVTransferHeader, list[int], float]] = {}
+        # in-place transfers admitted: transfer id -> (control connection, last activity)
+        self._admitted: dict[str, tuple[int, float]] = {}
         self._admitted_lock = threading.Lock()  # one control thread per sender + expiry
         self._listener = self.runtime.call(self._listen(), settings.connect_timeout_s)
         # in-place chunks are served even without an exported pool: the protocol does not
         # care how the bytes got there (tests write them in-process on the CPU)
         self._control = ControlServer(self._in_place_chunk, host=settings.host,
                                       port=settings.control_port,
-                                      on_idle=self._expire_admissions)
+                                      on_idle=self._expire_admissions,
+                                      on_disconnect=self._sender_gone)
         export = export_pool(pool) if settings.direct_gpu else {}
         self._side = SideChannelServer(hello, f"{settings.host}:{self._listener.port}",
                                        host=settings.host, port=settings.side_channel_port,
@@ -259,29 +278,29 @@ class UcxReceiver(RegisteringReceiver):
         finally:
             self._endpoints.discard(ep)
 
-    def _admit(self, header: kv_pb2.KVTransferHeader, in_place: bool
+    def _admit(self, header: kv_pb2.KVTransferHeader
                ) -> tuple[kv_pb2.KVChunkReply, list[int] | None]:
-        """The reply to a chunk header: REJECTED, STORED for an abort notice, or ACCEPTED
-        with the destination blocks, then held until the chunk is stored or given up."""
+        """The reply to a payload chunk's header: REJECTED, STORED for an abort notice, or
+        ACCEPTED with the destination blocks, then held until the chunk is stored or
+        given up."""
         reply = kv_pb2.KVChunkReply(transfer_id=header.transfer_id,
                                     chunk_index=header.chunk_index)
         try:
-            if header.written_in_place != in_place and not header.abort_reason:
-                raise ChunkRejected("in-place chunks are admitted on the side channel, "
+            if header.written_in_place and not header.abort_reason:
+                raise ChunkRejected("in-place chunks are committed on the control channel, "
                                     "payload chunks on the data endpoint")
             blocks = admit_chunk(self.table, header, self.pool.spec)
-        except ChunkRejected as exc:
-            reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, str(exc)
+            if blocks is not None:
+                self.table.hold_active(header.transfer_id)
+        except (ChunkRejected, UnknownTransfer, InvalidTransition) as exc:
+            reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, _reason(exc)
             return reply, None
-        if blocks is None:   # abort notice
-            reply.status = kv_pb2.KVChunkReply.STORED
-            return reply, None
-        reply.status = kv_pb2.KVChunkReply.ACCEPTED
-        self.table.hold(header.transfer_id)
+        reply.status = kv_pb2.KVChunkReply.STORED if blocks is None else \
+            kv_pb2.KVChunkReply.ACCEPTED   # STORED: an abort notice, nothing to receive
         return reply, blocks
 
     async def _receive_chunk(self, ep, header: kv_pb2.KVTransferHeader) -> None:
-        reply, blocks = self._admit(header, in_place=False)
+        reply, blocks = self._admit(header)
         if blocks is None:
             await _send_message(ep, reply, self.settings.io_timeout_s)
             return
@@ -321,49 +340,96 @@ class UcxReceiver(RegisteringReceiver):
             pool.kv.index_copy_(0, index, blocks)
 
     # ---- in-place chunks (control channel threads) ------------------------------------
-    def _in_place_chunk(self, request: kv_pb2.SideChannelRequest) -> kv_pb2.KVChunkReply:
-        if request.WhichOneof("kind") == "chunk_header":
-            return self._admit_in_place(request.chunk_header)
-        return self._commit_in_place(request.chunk_written)
+    # A sender admits a transfer once (its blocks are held for that sender's connection),
+    # copies chunk after chunk into the mapped pool and commits each with its header.
+    def _in_place_chunk(self, request: kv_pb2.SideChannelRequest,
+                        conn_id: int) -> kv_pb2.KVChunkReply:
+        if request.WhichOneof("kind") == "admit":
+            return self._admit_transfer(request.admit, conn_id)
+        return self._commit_in_place(request.chunk_header, conn_id)
 
-    def _admit_in_place(self, header: kv_pb2.KVTransferHeader) -> kv_pb2.KVChunkReply:
-        reply, blocks = self._admit(header, in_place=True)
-        if blocks is not None:
-            with self._admitted_lock:
-                self._admitted[(header.transfer_id, header.chunk_index)] = (
-                    header, blocks, time.monotonic())
-        return reply
-
-    def _commit_in_place(self, written: kv_pb2.KVChunkReply) -> kv_pb2.KVChunkReply:
-        reply = kv_pb2.KVChunkReply(transfer_id=written.transfer_id,
-                                    chunk_index=written.chunk_index)
-        with self._admitted_lock:
-            entry = self._admitted.pop((written.transfer_id, written.chunk_index), None)
-        if entry is None:
-            reply.status = kv_pb2.KVChunkReply.REJECTED
-            reply.error = "chunk was not admitted, or its admission expired"
-            return reply
-        header, blocks, admitted_at = entry
+    def _admit_transfer(self, admit: kv_pb2.InPlaceAdmit, conn_id: int) -> kv_pb2.KVChunkReply:
+        reply = kv_pb2.KVChunkReply(transfer_id=admit.transfer_id)
         try:
-            store_chunk(self.table, header, blocks, time.monotonic() - admitted_at)
-            reply.status = kv_pb2.KVChunkReply.STORED
-        finally:
-            self.table.unhold(header.transfer_id)
+            if admit.version != PROTOCOL_VERSION:
+                raise ChunkRejected(f"protocol version {admit.version}, expected "
+                                    f"{PROTOCOL_VERSION}")
+            with self._admitted_lock:
+                holder = self._admitted.get(admit.transfer_id)
+                if holder is not None and holder[0] != conn_id:
+                    raise ChunkRejected("transfer already admitted for another sender")
+                if holder is None:
+                    self.table.hold_active(admit.transfer_id)
+                    self._admitted[admit.transfer_id] = (conn_id, time.monotonic())
+        except (ChunkRejected, UnknownTransfer, InvalidTransition) as exc:
+            reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, _reason(exc)
+            return reply
+        reply.status = kv_pb2.KVChunkReply.ACCEPTED
         return reply
+
+    def _commit_in_place(self, header: kv_pb2.KVTransferHeader,
+                         conn_id: int) -> kv_pb2.KVChunkReply:
+        """A chunk the sender has copied (or an abort notice); the last one, accepted or
+        not, ends the admission."""
+        reply = kv_pb2.KVChunkReply(transfer_id=header.transfer_id,
+                                    chunk_index=header.chunk_index)
+        with self._admitted_lock:
+            admission = self._admitted.get(header.transfer_id)
+        try:
+            if admission is None or admission[0] != conn_id:
+                if not header.abort_reason:
+                    raise ChunkRejected("transfer was not admitted on this connection, or "
+                                        "its admission ended")
+            elif not header.written_in_place and not header.abort_reason:
+                raise ChunkRejected("payload chunks go to the data endpoint")
+            blocks = admit_chunk(self.table, header, self.pool.spec)
+            if blocks is not None:
+                store_chunk(self.table, header, blocks, time.monotonic() - admission[1])
+            reply.status = kv_pb2.KVChunkReply.STORED
+        except ChunkRejected as exc:
+            reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, str(exc)
+        if header.last_chunk or header.abort_reason:
+            self._end_admission(header.transfer_id, conn_id)
+        elif admission is not None:
+            with self._admitted_lock:
+                if header.transfer_id in self._admitted:
+                    self._admitted[header.transfer_id] = (conn_id, time.monotonic())
+        return reply
+
+    def _end_admission(self, transfer_id: str, conn_id: int, error: str = "") -> None:
+        with self._admitted_lock:
+            admission = self._admitted.get(transfer_id)
+            if admission is None or admission[0] != conn_id:
+                return
+            del self._admitted[transfer_id]
+        if error:
+            self.table.finish(transfer_id, TransferState.FAILED, error)
+        self.table.unhold(transfer_id)
+
+    def _sender_gone(self, conn_id: int) -> None:
+        """The sender's connection closed: nothing more will be written for it."""
+        with self._admitted_lock:
+            held = [tid for tid, (conn, _) in self._admitted.items() if conn == conn_id]
+        for transfer_id in held:
+            self._end_admission(transfer_id, conn_id,
+                                "the sender's control connection closed mid-transfer")
 
     def _expire_admissions(self) -> None:
-        """A sender that admitted a chunk and never committed it (died mid-copy) must not
-        hold the blocks forever: after io_timeout_s the transfer fails and lets go."""
+        """A transfer that ended here (cancelled, expired) stays held until its sender
+        says it stopped writing; a sender that never does (hung) lets go after
+        io_timeout_s."""
+        self.table.expire_due()
         now = time.monotonic()
         with self._admitted_lock:
-            stale = [key for key, (_, _, at) in self._admitted.items()
-                     if now - at > self.settings.io_timeout_s]
-            expired = [self._admitted.pop(key)[0] for key in stale]
-        for header in expired:
-            self.table.finish(header.transfer_id, TransferState.FAILED,
-                              "sender did not commit an in-place chunk within "
-                              f"{self.settings.io_timeout_s:g}s")
-            self.table.unhold(header.transfer_id)
+            admitted = list(self._admitted.items())
+        for transfer_id, (conn_id, _) in admitted:
+            try:
+                record = self.table.get(transfer_id)
+            except UnknownTransfer:
+                self._end_admission(transfer_id, conn_id)
+                continue
+            if record.state.terminal and now - record.finished > self.settings.io_timeout_s:
+                self._end_admission(transfer_id, conn_id)
 
     def _corrupt_runs(self, header: kv_pb2.KVTransferHeader) -> list[int]:
         if header.checksum_kind == kv_pb2.CHECKSUM_NONE:
@@ -394,6 +460,10 @@ class _Peer:
     uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
     remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
     control: ControlClient | None = None  # in-place chunks: used by `direct` only
+    # in-place transfers admitted (id -> control session) and commits not yet answered
+    # (chunk, bytes, start): both only touched by the `direct` thread
+    admitted: dict = field(default_factory=dict)
+    unanswered: deque = field(default_factory=deque)
     # one sender thread per same-host peer: a receiver that stops answering stalls only
     # the chunks bound for it (each waits up to io_timeout_s), not every peer's
     direct: ThreadPoolExecutor | None = None
@@ -471,72 +541,114 @@ class UcxSender(ChunkedSender):
         elif not _run_on(peer, self._send_in_place, peer, chunk):
             self.fail(chunk.transfer_id, f"connection to {chunk.address} was dropped")
 
-    # ---- same-host GPU peers: copy into the mapped pool, control on the side channel ----
-    def _send_in_place(self, peer: _Peer, chunk: Chunk) -> None:
+    # ---- same-host GPU peers: copy into the mapped pool, control channel -----------
+    # Everything below runs on the peer's sender thread, in submission order: the
+    # transfer's admission (queued by begin, so it is answered while the prompt
+    # computes), then per chunk: wait for the device, copy, send the commit. Commits of
+    # chunks before the last are not waited for (their replies are read before the next
+    # request that needs an answer), so a ready chunk costs the copy plus one message.
+    def begin(self, destination, *, lease_s=None, on_release=None) -> None:
+        super().begin(destination, lease_s=lease_s, on_release=on_release)
+        peer = self._peer(destination.address)
+        if peer is not None and peer.remote_pool is not None and \
+                not _run_on(peer, self._admit_transfer, peer, destination.transfer_id):
+            self.fail(destination.transfer_id, f"connection to {destination.address} "
+                                               "was dropped")
+
+    def _admit_transfer(self, peer: _Peer, transfer_id: str) -> None:
+        """Have the receiver hold the destination blocks for this connection."""
+        if self._ended(transfer_id):
+            return
+        started = time.perf_counter()
         try:
-            if self.table.get(chunk.transfer_id).state.terminal:
-                return
-        except KeyError:  # released meanwhile
+            reply = self._call(peer, kv_pb2.SideChannelRequest(admit=kv_pb2.InPlaceAdmit(
+                version=PROTOCOL_VERSION, transfer_id=transfer_id))).chunk
+        except Exception as exc:
+            self._peer_failed(peer, transfer_id, exc)
+            return
+        if reply.status != kv_pb2.KVChunkReply.ACCEPTED:
+            self.fail(transfer_id, f"receiver refused the transfer: {reply.error}")
+            return
+        peer.admitted[transfer_id] = peer.control.session
+        log.debug("in-place transfer %s: admitted in %.2f ms", transfer_id,
+                  1000 * (time.perf_counter() - started))
+
+    def _send_in_place(self, peer: _Peer, chunk: Chunk) -> None:
+        if self._ended(chunk.transfer_id):
+            return
+        if peer.admitted.get(chunk.transfer_id) != peer.control.session or \
+                not peer.control.connected:  # refused, or its connection was reset
+            self.fail(chunk.transfer_id, "in-place transfer is not admitted on the receiver")
             return
         self.table.hold(chunk.transfer_id)
         try:
-            # admitted while the prefill still computes the chunk: off the critical path
-            header = self._admit_in_place(peer, chunk)
-            if header is None:
-                return
             queued = time.perf_counter()
             chunk.wait_ready()
-            log.debug("in-place chunk %s/%d: device ready after %.2f ms", chunk.transfer_id,
-                      chunk.index, 1000 * (time.perf_counter() - queued))
-            self._copy_commit(peer, chunk, header)
-        except Exception as exc:  # side channel silent, device copy failed: this peer is done
-            self.fail(chunk.transfer_id, f"in-place send to {peer.side_channel} failed: "
-                                         f"{type(exc).__name__}: {exc}")
-            peer.control.close()
-            self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
-            peer.direct.shutdown(wait=False)  # chunks already queued still end (FAILED)
+            started = time.perf_counter()
+            self._write_in_place(peer.remote_pool, chunk)
+            copied = time.perf_counter()
+            header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
+                                  chunk_index=chunk.index, last=chunk.last,
+                                  dst_runs=[(d, n) for _, d, n in chunk.runs],
+                                  first_token=chunk.first_token)
+            header.written_in_place = True
+            peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
+            peer.unanswered.append((chunk, header.payload_bytes, started))
+            log.debug("in-place chunk %s/%d (%d blocks, %d runs): ready after %.2f ms, "
+                      "copy %.2f ms", chunk.transfer_id, chunk.index, chunk.num_blocks,
+                      len(chunk.runs), 1000 * (started - queued), 1000 * (copied - started))
+            if chunk.last:
+                peer.admitted.pop(chunk.transfer_id, None)  # its commit ends the hold
+            if chunk.last or len(peer.unanswered) >= self.settings.unanswered_max:
+                self._drain(peer)
+        except Exception as exc:  # control channel silent, device copy failed: peer is done
+            self._peer_failed(peer, chunk.transfer_id, exc)
         finally:
             self.table.unhold(chunk.transfer_id)
 
-    def _admit_in_place(self, peer: _Peer, chunk: Chunk) -> kv_pb2.KVTransferHeader | None:
-        """Hold the chunk's destination blocks on the receiver; None if refused."""
-        started = time.perf_counter()
-        header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
-                              chunk_index=chunk.index, last=chunk.last,
-                              dst_runs=[(d, n) for _, d, n in chunk.runs],
-                              first_token=chunk.first_token)
-        header.written_in_place = True
-        if not self._control(peer, kv_pb2.SideChannelRequest(chunk_header=header),
-                             kv_pb2.KVChunkReply.ACCEPTED, chunk):
-            return None
-        log.debug("in-place chunk %s/%d: admitted in %.2f ms", chunk.transfer_id,
-                  chunk.index, 1000 * (time.perf_counter() - started))
-        return header
+    def _call(self, peer: _Peer, request) -> kv_pb2.SideChannelReply:
+        """A request whose answer is needed now; earlier commits' replies come first."""
+        self._drain(peer)
+        return peer.control.call(request)
 
-    def _copy_commit(self, peer: _Peer, chunk: Chunk, header: kv_pb2.KVTransferHeader) -> None:
-        started = time.perf_counter()
-        self._write_in_place(peer.remote_pool, chunk)
-        copied = time.perf_counter()
-        written = kv_pb2.KVChunkReply(transfer_id=chunk.transfer_id, chunk_index=chunk.index,
-                                      status=kv_pb2.KVChunkReply.STORED)
-        if not self._control(peer, kv_pb2.SideChannelRequest(chunk_written=written),
-                             kv_pb2.KVChunkReply.STORED, chunk):
-            return
-        done = time.perf_counter()
-        self._chunk_done(chunk, header.payload_bytes, done - started)
-        log.debug("in-place chunk %s/%d (%d blocks, %d runs): copy %.2f ms, commit %.2f ms",
-                  chunk.transfer_id, chunk.index, chunk.num_blocks, len(chunk.runs),
-                  1000 * (copied - started), 1000 * (done - copied))
+    def _drain(self, peer: _Peer) -> None:
+        """Read the replies of the commits sent so far; a refused chunk fails its transfer
+        and, unless it was the last, tells the receiver to stop holding it."""
+        refused = []
+        while peer.unanswered:
+            chunk, nbytes, started = peer.unanswered[0]
+            reply = peer.control.receive().chunk
+            peer.unanswered.popleft()
+            if reply.status == kv_pb2.KVChunkReply.STORED:
+                self._chunk_done(chunk, nbytes, time.perf_counter() - started)
+                continue
+            self.fail(chunk.transfer_id, f"receiver answered chunk {chunk.index} with "
+                                         f"{kv_pb2.KVChunkReply.Status.Name(reply.status)}: "
+                                         f"{reply.error}")
+            if peer.admitted.pop(chunk.transfer_id, None) is not None:
+                refused.append(chunk)
+        for chunk in refused:
+            peer.control.call(kv_pb2.SideChannelRequest(chunk_header=abort_header(
+                chunk.transfer_id, chunk.index + 1, "a chunk was refused")))
 
-    def _control(self, peer: _Peer, request, expected, chunk: Chunk) -> bool:
-        """One side-channel round trip; False (transfer failed) unless `expected`."""
-        reply = peer.control.call(request).chunk
-        if reply.status == expected:
+    def _ended(self, transfer_id: str) -> bool:
+        try:
+            return self.table.get(transfer_id).state.terminal
+        except KeyError:  # released meanwhile
             return True
-        self.fail(chunk.transfer_id, f"receiver answered chunk {chunk.index} with "
-                                     f"{kv_pb2.KVChunkReply.Status.Name(reply.status)}: "
-                                     f"{reply.error}")
-        return False
+
+    def _peer_failed(self, peer: _Peer, transfer_id: str, exc: Exception) -> None:
+        """The receiver stopped answering (or the device copy failed): every transfer
+        in the air to it fails; closing the connection makes it drop what it held."""
+        error = f"in-place send to {peer.side_channel} failed: {type(exc).__name__}: {exc}"
+        self.fail(transfer_id, error)
+        for chunk, _, _ in peer.unanswered:
+            self.fail(chunk.transfer_id, error)
+        peer.unanswered.clear()
+        peer.admitted.clear()
+        peer.control.close()
+        self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
+        peer.direct.shutdown(wait=False)  # chunks already queued still end (FAILED)
 
     def _chunk_done(self, chunk: Chunk, nbytes: int, seconds: float) -> None:
         self.table.record_chunk(chunk.transfer_id, blocks=chunk.dst_block_ids,
@@ -546,11 +658,12 @@ class UcxSender(ChunkedSender):
 
     def _abort_in_place(self, peer: _Peer, transfer_id: str, chunk_index: int,
                         reason: str) -> None:
+        peer.admitted.pop(transfer_id, None)
         try:
-            peer.control.call(kv_pb2.SideChannelRequest(
+            self._call(peer, kv_pb2.SideChannelRequest(
                 chunk_header=abort_header(transfer_id, chunk_index, reason)))
         except ConnectorError:
-            pass  # the receiver's lease frees its blocks
+            pass  # the connection is closed: the receiver let go of what it held
 
     async def _send_chunk(self, peer: _Peer, chunk: Chunk) -> None:
         async with peer.lock:

@@ -224,9 +224,15 @@ def _in_place(transfer_id, index, runs, last=True):
     return kv_pb2.SideChannelRequest(chunk_header=header)
 
 
-def _written(transfer_id, index):
-    return kv_pb2.SideChannelRequest(chunk_written=kv_pb2.KVChunkReply(
-        transfer_id=transfer_id, chunk_index=index, status=kv_pb2.KVChunkReply.STORED))
+def _admit(transfer_id):
+    from pdserve.kvtransfer import PROTOCOL_VERSION
+    return kv_pb2.SideChannelRequest(admit=kv_pb2.InPlaceAdmit(version=PROTOCOL_VERSION,
+                                                               transfer_id=transfer_id))
+
+
+def _abort(transfer_id, index):
+    from pdserve.kvtransfer.messages import abort_header
+    return kv_pb2.SideChannelRequest(chunk_header=abort_header(transfer_id, index, "stop"))
 
 
 @pytest.fixture
@@ -241,41 +247,78 @@ def ucx_receiver():
     receiver.close()
 
 
-def test_in_place_chunks_admitted_then_committed(ucx_receiver):
+def test_in_place_transfer_admitted_then_chunks_committed(ucx_receiver):
     receiver, pool, client = ucx_receiver
     source = random_pool(seed=7)
     receiver.expect("ip", DST[:4])
     status = kv_pb2.KVChunkReply
-    assert client.call(_written("ip", 0)).chunk.status == status.REJECTED  # not admitted
-    assert client.call(_in_place("ip", 0, [(10, 2)], last=False)).chunk.status == status.ACCEPTED
+    reply = client.call(_in_place("ip", 0, [(10, 2)], last=False)).chunk
+    assert reply.status == status.REJECTED and "not admitted" in reply.error
+    assert client.call(_admit("ip")).chunk.status == status.ACCEPTED
+    assert client.call(_admit("ip")).chunk.status == status.ACCEPTED   # idempotent
     pool.kv[10:12].copy_(source.kv[3:5])            # the peer's device copy
-    assert client.call(_written("ip", 0)).chunk.status == status.STORED
+    assert client.call(_in_place("ip", 0, [(10, 2)], last=False)).chunk.status == status.STORED
     assert receiver.poll()["ip"].state is TransferState.IN_FLIGHT
-    assert client.call(_in_place("ip", 1, [(40, 2)])).chunk.status == status.ACCEPTED
     pool.kv[40:42].copy_(source.kv[5:7])
-    assert client.call(_written("ip", 1)).chunk.status == status.STORED
+    assert client.call(_in_place("ip", 1, [(40, 2)])).chunk.status == status.STORED
     assert receiver.wait("ip", 5).state is TransferState.DONE
     assert torch.equal(pool.read_blocks(DST[:4]), source.read_blocks([3, 4, 5, 6]))
-    # blocks outside the transfer are refused
+    reply = client.call(_in_place("ip", 2, [(10, 1)])).chunk    # the last commit ended it
+    assert reply.status == status.REJECTED
+    # blocks outside the transfer are refused; unknown transfers are not admitted
     receiver.expect("ip2", [1, 2])
+    assert client.call(_admit("ip2")).chunk.status == status.ACCEPTED
     reply = client.call(_in_place("ip2", 0, [(50, 2)])).chunk
     assert reply.status == status.REJECTED and "not destinations" in reply.error
+    reply = client.call(_admit("nope")).chunk
+    assert reply.status == status.REJECTED and "unknown transfer" in reply.error
 
 
-def test_in_place_admission_never_committed_fails_and_frees(ucx_receiver):
-    receiver, _, client = ucx_receiver
+def _released_into(receiver, transfer_id, blocks, out=None):
     released = []
-    receiver.expect("stuck", [10, 11], on_release=lambda st, blocks: released.append(blocks))
-    reply = client.call(_in_place("stuck", 0, [(10, 2)])).chunk
-    assert reply.status == kv_pb2.KVChunkReply.ACCEPTED
-    status = receiver.wait("stuck", 5)  # io_timeout_s=0.5: the admission expires
-    assert status.state is TransferState.FAILED and "did not commit" in status.error
-    deadline = time.monotonic() + 5
-    while not released and time.monotonic() < deadline:
+    destination = receiver.expect(transfer_id, blocks,
+                                  on_release=lambda st, ids: released.append(ids))
+    if out is not None:
+        out.append(destination)
+    return released
+
+
+def _eventually(condition, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert released == [(10, 11)]
-    late = client.call(_written("stuck", 0)).chunk
-    assert late.status == kv_pb2.KVChunkReply.REJECTED
+    return condition()
+
+
+def test_in_place_admission_holds_blocks_until_the_sender_lets_go(ucx_receiver):
+    """A cancelled transfer's blocks are handed back only once its in-place sender can no
+    longer write: after its abort notice, its connection closing, or (a silent sender)
+    io_timeout_s after the cancel."""
+    from pdserve.kvtransfer.control import ControlClient
+    receiver, _, client = ucx_receiver
+    ok = kv_pb2.KVChunkReply.ACCEPTED
+    notice = _released_into(receiver, "notice", [10, 11])
+    silent = _released_into(receiver, "silent", [12])
+    assert client.call(_admit("notice")).chunk.status == ok
+    assert client.call(_admit("silent")).chunk.status == ok
+    other = ControlClient(receiver.control_address, 5)
+    gone = _released_into(receiver, "gone", [13])
+    assert other.call(_admit("gone")).chunk.status == ok
+    reply = other.call(_admit("notice")).chunk      # one sender per transfer
+    assert reply.status == kv_pb2.KVChunkReply.REJECTED and "another sender" in reply.error
+    receiver.cancel("notice", "client left")
+    receiver.cancel("silent", "client left")
+    time.sleep(0.2)
+    assert notice == [] and silent == []            # held: the sender may be mid-copy
+    assert client.call(_abort("notice", 0)).chunk.status == kv_pb2.KVChunkReply.STORED
+    assert _eventually(lambda: notice == [(10, 11)])
+    other.close()                                   # that sender's process died
+    assert _eventually(lambda: gone == [(13,)])
+    status = receiver.poll()["gone"]
+    assert status.state is TransferState.FAILED and "connection closed" in status.error
+    assert _eventually(lambda: silent == [(12,)])   # io_timeout_s=0.5 after the cancel
+    reply = client.call(_admit("silent")).chunk
+    assert reply.status == kv_pb2.KVChunkReply.REJECTED and "CANCELLED" in reply.error
 
 
 def _in_place_peer(sender, receiver):
@@ -321,6 +364,29 @@ def test_in_place_sender_path_end_to_end(ucx_receiver):
         assert sender._peer(receiver.address) is None  # forgotten: re-handshake next time
 
 
+def test_in_place_sender_abort_ends_the_receivers_hold():
+    """The decode worker cancels a transfer whose chunks are being written in place: its
+    blocks come back as soon as the prefill worker's sender aborts (it tells the
+    receiver), not after the io timeout."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    receiver = make_receiver("ucx", KVCachePool(SPEC), hello("ucx", "decode"),
+                             UcxSettings(io_timeout_s=30))
+    with make_sender("ucx", random_pool(seed=3), hello("ucx", "prefill")) as sender:
+        _in_place_peer(sender, receiver)
+        destination = []
+        released = _released_into(receiver, "ab", DST, out=destination)
+        sender.begin(destination[0])
+        sender.send_chunk("ab", SRC[:4], start=0, last=False)
+        assert _eventually(lambda: receiver.poll()["ab"].state is TransferState.IN_FLIGHT)
+        receiver.cancel("ab", "client left")
+        time.sleep(0.1)
+        assert released == []                      # the sender may still be writing
+        sender.abort("ab", "decode gave up")
+        assert _eventually(lambda: released == [tuple(DST)], timeout_s=5)
+        assert sender.poll()["ab"].state is TransferState.CANCELLED
+    receiver.close()
+
+
 def test_side_channel_survives_garbage(ucx_receiver):
     import zmq
     receiver, _, client = ucx_receiver
@@ -332,7 +398,7 @@ def test_side_channel_survives_garbage(ucx_receiver):
     socket.close(0)
     assert reply.chunk.status == kv_pb2.KVChunkReply.REJECTED and "malformed" in reply.chunk.error
     receiver.expect("after", [1])
-    assert client.call(_in_place("after", 0, [(1, 1)])).chunk.status == \
+    assert client.call(_admit("after")).chunk.status == \
         kv_pb2.KVChunkReply.ACCEPTED
 
 
@@ -346,14 +412,14 @@ def test_in_place_chunks_only_on_the_control_channel(ucx_receiver):
     assert reply.control_address == receiver.control_address
     receiver.expect("sc", [3])
     side = SideChannelClient(receiver.address, 5)
-    answer = side.call(_in_place("sc", 0, [(3, 1)])).chunk
+    answer = side.call(_admit("sc")).chunk
     side.close()
     assert answer.status == kv_pb2.KVChunkReply.REJECTED and "control_address" in answer.error
     handshake = kv_pb2.SideChannelRequest(handshake=kv_pb2.HandshakeRequest(
         hello=hello("ucx", "prefill").to_proto()))
     answer = ControlClient(receiver.control_address, 5).call(handshake).chunk
     assert answer.status == kv_pb2.KVChunkReply.REJECTED and "side channel" in answer.error
-    assert client.call(_in_place("sc", 0, [(3, 1)])).chunk.status == \
+    assert client.call(_admit("sc")).chunk.status == \
         kv_pb2.KVChunkReply.ACCEPTED
 
 
@@ -372,7 +438,7 @@ def test_control_channel_survives_garbage_and_oversized_frames(ucx_receiver):
         assert "limit" in reply.chunk.error
         assert raw.recv(1) == b""
     receiver.expect("fine", [2])
-    assert client.call(_in_place("fine", 0, [(2, 1)])).chunk.status == \
+    assert client.call(_admit("fine")).chunk.status == \
         kv_pb2.KVChunkReply.ACCEPTED
 
 

@@ -250,8 +250,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
 
     async def _cancel_transfer(self, transfer_id, released, address, request_id) -> None:
         """Stop taking data; wait until no write into our blocks can still land (a DONE
-        transfer has none left: its blocks hold the request's KV and go with it)."""
+        transfer has none left: its blocks hold the request's KV and go with it). The
+        prefill worker is told first: a sender writing in place holds the blocks until
+        it says it stopped (or its connection closes)."""
         self.receiver.cancel(transfer_id, "request ended")
+        abort = asyncio.ensure_future(self._abort_prefill(address, request_id))
         status = self.receiver.poll().get(transfer_id)
         try:
             if status is None or status.state is not TransferState.DONE:
@@ -259,6 +262,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         except asyncio.TimeoutError:
             log.error("transfer %s did not release its blocks in time", transfer_id)
         self.receiver.release(transfer_id)
+        await abort
+
+    async def _abort_prefill(self, address: str, request_id: str) -> None:
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(address))
         try:
             await stub.Abort(worker_pb2.AbortRequest(request_id=request_id, reason="decode gave up"),
