@@ -76,6 +76,7 @@ class PrefillJob:
     compute_s: float = 0.0    # first step -> first token
     send_started: float = 0.0
     early_key: str = ""        # the router's early start key, if it used one
+    transfer_begun: bool = False  # registered with the sender (blocks may be held there)
     started_early: bool = False
     expires: float = 0.0       # an unclaimed early start is dropped at this time
     num_tokens: int = 0
@@ -128,9 +129,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                     kv_error=str(exc), worker_id=self.core.settings.worker_id)
         job = PrefillJob(request.request_id, destination, self._aio_loop.create_future(),
                          early_key=request.early_start_key)
+        if destination is not None and job.early_key:
+            # the early job is computing and the engine thread is busy with it: register
+            # the transfer now, so the receiver admits it meanwhile, not after the step
+            job.transfer_begun = self._begin_now(job)
         try:
             await self.core.loop.call(self._claim_or_start, job, list(request.token_ids), params)
         except InvalidRequest as exc:
+            if job.transfer_begun:
+                self.sender.release(job.transfer_id)  # tells the receiver to let go
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             return await job.future
@@ -196,6 +203,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
     def _claim(self, early: PrefillJob, call: PrefillJob) -> None:
         """The Prefill call takes over an early-started job: its destination and future."""
         early.destination, early.future = call.destination, call.future
+        early.transfer_begun = call.transfer_begun
         self.early_starts["claimed"] += 1
         if early.destination is not None:  # None: compute only, answered when computed
             try:
@@ -231,7 +239,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     def _begin_transfer(self, job: PrefillJob) -> None:
         """Check the destination fits the prompt (else abort it: InvalidRequest) and
-        register the transfer with the sender."""
+        register the transfer with the sender unless the call already did."""
         engine, dst = self.core.engine, job.destination
         bs = engine.config.block_size
         if dst.first_block_index + len(dst.block_ids) != -(-job.num_tokens // bs):
@@ -240,8 +248,31 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 f"destination covers blocks {dst.first_block_index}.."
                 f"{dst.first_block_index + len(dst.block_ids)} but the prompt has "
                 f"{-(-job.num_tokens // bs)} blocks of {bs} tokens")
-        self.sender.begin(dst, lease_s=self.core.settings.kv_lease_s,
-                          on_release=functools.partial(self._transfer_ended, job))
+        if not job.transfer_begun:
+            self.sender.begin(dst, lease_s=self.core.settings.kv_lease_s,
+                              on_release=functools.partial(self._transfer_ended_for,
+                                                           job.request_id))
+            job.transfer_begun = True
+
+    def _begin_now(self, job: PrefillJob) -> bool:
+        """asyncio thread: sender.begin for a call about to claim an early job; False if
+        that failed (the engine thread then tries again and reports why)."""
+        try:
+            self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
+                              on_release=functools.partial(self._transfer_ended_for,
+                                                           job.request_id))
+        except (ConnectorError, ValueError):
+            return False
+        return True
+
+    def _transfer_ended_for(self, request_id: str, status, blocks) -> None:
+        """Connector thread: the job holding this transfer now (the one that claimed an
+        early start, or the call's own)."""
+        job = self.jobs.get(request_id)
+        if job is None or job.transfer_id != status.transfer_id:
+            self.core.loop.wake()
+            return
+        self._transfer_ended(job, status, blocks)
 
     def _abort_job(self, request_id: str, reason: str) -> bool:
         job = self.jobs.get(request_id)
@@ -250,7 +281,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         job.aborting = reason
         if job.awaiting:
             self.early_starts["dropped"] += 1
-        if job.destination is not None and job.positions_sent:
+        if job.transfer_begun:
             self.sender.abort(job.transfer_id, reason)  # blocks freed once it is terminal
         else:
             self._finish(job, JobState.FAILED, f"aborted: {reason}")
@@ -264,7 +295,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 job.finish_reason = out.finish_reason
                 job.compute_done = time.monotonic()
                 job.queue_s, job.compute_s = out.queue_s or 0.0, out.prefill_s or 0.0
-        statuses = self.sender.poll() if any(j.positions_sent for j in self.jobs.values()) else {}
+        statuses = self.sender.poll() if any(j.transfer_begun for j in self.jobs.values()) else {}
         for job in list(self.jobs.values()):
             self._advance(engine, job, statuses.get(job.transfer_id))
         self.core.update_gauges()
@@ -327,8 +358,8 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 engine.abort(job.request_id)
             else:
                 engine.release_held(job.request_id)
-        if job.destination is not None and job.positions_sent:
-            self.sender.release(job.transfer_id)
+        if job.transfer_begun:
+            self.sender.release(job.transfer_id)  # aborts it (the receiver hears) if active
         job.state = state
         if job.future is not None:
             response = self._response(job, state, error, status)
