@@ -1,8 +1,9 @@
 """Same-host GPU peers: the receiver exports its pool as a CUDA IPC handle in the
 handshake reply; a sender on the same machine maps it once and writes chunks straight
-into the destination blocks with a device copy (admitted and committed over the
-receiver's ZeroMQ side channel; no ucx endpoint at all). Falls back silently to the wire when anything is missing: a
-host-memory pool, another machine, no CuPy, or a handle that will not open."""
+into the destination blocks with a device copy (admitted and committed on the receiver's
+control channel, control.py; no ucx endpoint at all). Falls back silently to the wire
+when anything is missing: a host-memory pool, another machine, no CuPy, or a handle that
+will not open."""
 
 from __future__ import annotations
 
