@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -31,31 +30,21 @@ sys.path.insert(0, str(REPO))
 
 from bench.kv_transfer import git_commit, machine_info  # noqa: E402
 from bench.report import write_report  # noqa: E402
+from pdserve.kvtransfer.control import recv_frame, send_frame  # noqa: E402
 
 REQUEST = b"r" * 100
 REPLY = b"a" * 20
-LENGTH = struct.Struct(">I")
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        part = sock.recv(n - len(data))
-        if not part:
-            raise ConnectionError("closed")
-        data += part
-    return data
 
 
 def _serve_stream(listener: socket.socket) -> None:
+    """The control channel's framing (pdserve.kvtransfer.control), echoing REPLY."""
     conn, _ = listener.accept()
     if conn.family == socket.AF_INET:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         while True:
-            (n,) = LENGTH.unpack(_recv_exact(conn, LENGTH.size))
-            _recv_exact(conn, n)
-            conn.sendall(LENGTH.pack(len(REPLY)) + REPLY)
+            recv_frame(conn)
+            send_frame(conn, REPLY)
     except ConnectionError:
         pass
 
@@ -116,12 +105,10 @@ def _stream_client(transport: str, address: str):
     else:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(address)
-    frame = LENGTH.pack(len(REQUEST)) + REQUEST
 
     def call() -> None:
-        sock.sendall(frame)
-        (n,) = LENGTH.unpack(_recv_exact(sock, LENGTH.size))
-        _recv_exact(sock, n)
+        send_frame(sock, REQUEST)
+        recv_frame(sock)
     return call, sock.close
 
 

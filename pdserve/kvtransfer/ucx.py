@@ -230,14 +230,13 @@ class UcxReceiver(RegisteringReceiver):
         self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env)
         self._copy_stream = _CopyStream(pool.device)
         self._endpoints: set = set()
-        # in-place chunks admitted on the side channel, awaiting their commit
         # in-place transfers admitted: transfer id -> (control connection, last activity)
         self._admitted: dict[str, tuple[int, float]] = {}
         self._admitted_lock = threading.Lock()  # one control thread per sender + expiry
         self._listener = self.runtime.call(self._listen(), settings.connect_timeout_s)
         # in-place chunks are served even without an exported pool: the protocol does not
         # care how the bytes got there (tests write them in-process on the CPU)
-        self._control = ControlServer(self._in_place_chunk, host=settings.host,
+        self._control = ControlServer(self._control_request, host=settings.host,
                                       port=settings.control_port,
                                       on_idle=self._expire_admissions,
                                       on_disconnect=self._sender_gone)
@@ -342,7 +341,7 @@ class UcxReceiver(RegisteringReceiver):
     # ---- in-place chunks (control channel threads) ------------------------------------
     # A sender admits a transfer once (its blocks are held for that sender's connection),
     # copies chunk after chunk into the mapped pool and commits each with its header.
-    def _in_place_chunk(self, request: kv_pb2.SideChannelRequest,
+    def _control_request(self, request: kv_pb2.SideChannelRequest,
                         conn_id: int) -> kv_pb2.KVChunkReply:
         if request.WhichOneof("kind") == "admit":
             return self._admit_transfer(request.admit, conn_id)

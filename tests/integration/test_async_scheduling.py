@@ -13,7 +13,7 @@ import random
 import pytest
 
 from pdserve.engine.sampling import SamplingParams
-from tests.support.engines import bundled_model, engine_on
+from tests.support.engines import abort_one, bundled_model, engine_on, run_to_end
 from tests.support.tiny_models import tiny_loaded_model
 
 
@@ -126,15 +126,9 @@ def test_random_load_with_stops_and_aborts_leaks_no_block(tiny):
                     finished += 1
         if live and rng.random() < 0.2:
             dropped += engine.num_rows_in_flight > 0
-            victim = rng.choice(sorted(live))
-            assert engine.abort(victim)
-            live.discard(victim)
+            abort_one(engine, live, rng)
             aborted += 1
-    while engine.has_unfinished():
-        for out in engine.step():
-            assert out.request_id in live
-            live.discard(out.request_id) if out.finished else None
-            finished += out.finished
+    finished += run_to_end(engine, live)
     assert not live and finished + aborted == 150 and dropped > 3
     assert engine.pool_is_idle() and engine.num_rows_in_flight == 0
 

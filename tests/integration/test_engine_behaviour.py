@@ -7,7 +7,7 @@ import random
 import pytest
 
 from pdserve.engine.sampling import InvalidRequest, SamplingParams
-from tests.support.engines import bundled_engine, bundled_model, engine_on
+from tests.support.engines import abort_one, bundled_engine, bundled_model, engine_on, run_to_end
 from tests.support.tiny_models import tiny_loaded_model
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -115,14 +115,9 @@ def test_random_load_with_stops_and_aborts_leaks_no_block(tiny):
                 live.discard(out.request_id)
                 finished += 1
         if live and rng.random() < 0.15:
-            victim = rng.choice(sorted(live))
-            assert engine.abort(victim)
-            live.discard(victim)
+            abort_one(engine, live, rng)
             aborted += 1
-    while engine.has_unfinished():
-        for out in engine.step():
-            live.discard(out.request_id) if out.finished else None
-            finished += out.finished
+    finished += run_to_end(engine, live)
     assert not live and finished + aborted == 200 and aborted > 10
     assert engine.pool_is_idle()
     assert engine.allocator.num_cached > 0  # freed blocks stay findable by prefix

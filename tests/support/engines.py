@@ -21,3 +21,23 @@ def bundled_engine(**config) -> LLMEngine:
 
 def engine_on(model: LoadedModel, **config) -> LLMEngine:
     return LLMEngine(EngineConfig(**config), model)
+
+
+def abort_one(engine: LLMEngine, live: set[str], rng) -> None:
+    """Abort a random live request (it must be known to the engine)."""
+    victim = rng.choice(sorted(live))
+    assert engine.abort(victim)
+    live.discard(victim)
+
+
+def run_to_end(engine: LLMEngine, live: set[str]) -> int:
+    """Step until nothing is unfinished; every output must belong to a live request.
+    Returns how many requests finished."""
+    finished = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.request_id in live  # nothing arrives for an aborted request
+            if out.finished:
+                live.discard(out.request_id)
+                finished += 1
+    return finished
