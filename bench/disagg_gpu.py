@@ -59,7 +59,7 @@ def print_traces(cluster, n: int) -> None:
             if " trace " in line:
                 _, rest = line.split(" trace ", 1)
                 request_id, *event, stamp = rest.split(" ")
-                lines.append((float(stamp), request_id[:8], " ".join(event)))
+                lines.append((float(stamp), request_id[-12:], " ".join(event)))
             elif "in-place chunk" in line:
                 lines.append((lines[-1][0] if lines else 0.0, "", line.split(": ", 1)[1]))
     lines.sort(key=lambda x: x[0])

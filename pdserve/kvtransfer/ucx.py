@@ -208,6 +208,13 @@ async def _recv_reply(ep, timeout_s: float) -> kv_pb2.KVChunkReply:
                                                                        timeout_s)))
 
 
+def _trace(transfer_id: str, event: str) -> None:
+    """At DEBUG: a hop of an in-place transfer on the host-wide monotonic clock, in the
+    services' trace format (bench/disagg_gpu.py merges them)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("trace %s %s %.3f", transfer_id, event, time.monotonic() * 1000)
+
+
 def _reason(exc: Exception) -> str:
     if isinstance(exc, UnknownTransfer):
         return f"unknown transfer {exc.args[0]!r}"
@@ -370,6 +377,7 @@ class UcxReceiver(RegisteringReceiver):
                          conn_id: int) -> kv_pb2.KVChunkReply:
         """A chunk the sender has copied (or an abort notice); the last one, accepted or
         not, ends the admission."""
+        _trace(header.transfer_id, f"kv: commit {header.chunk_index} received")
         reply = kv_pb2.KVChunkReply(transfer_id=header.transfer_id,
                                     chunk_index=header.chunk_index)
         with self._admitted_lock:
@@ -581,6 +589,7 @@ class UcxSender(ChunkedSender):
             return
         self.table.hold(chunk.transfer_id)
         try:
+            _trace(chunk.transfer_id, f"kv: chunk {chunk.index} picked up")
             queued = time.perf_counter()
             chunk.wait_ready()
             started = time.perf_counter()
@@ -592,6 +601,7 @@ class UcxSender(ChunkedSender):
                                   first_token=chunk.first_token)
             header.written_in_place = True
             peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
+            _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
             peer.unanswered.append((chunk, header.payload_bytes, started))
             log.debug("in-place chunk %s/%d (%d blocks, %d runs): ready after %.2f ms, "
                       "copy %.2f ms", chunk.transfer_id, chunk.index, chunk.num_blocks,
