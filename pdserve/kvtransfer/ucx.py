@@ -393,6 +393,7 @@ class UcxReceiver(RegisteringReceiver):
             if blocks is not None:
                 store_chunk(self.table, header, blocks, time.monotonic() - admission[1])
             reply.status = kv_pb2.KVChunkReply.STORED
+            _trace(header.transfer_id, f"kv: commit {header.chunk_index} stored")
         except ChunkRejected as exc:
             reply.status, reply.error = kv_pb2.KVChunkReply.REJECTED, str(exc)
         if header.last_chunk or header.abort_reason:

@@ -201,6 +201,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def _kv_landed(self, request_id, aio_loop, landed, status) -> None:
         """Connector thread: the KV is DONE. With the first token alongside it, the
         request joins the batch on the engine thread right away; asyncio hears after."""
+        trace(log, request_id, "decode: KV landed")
         if status.first_token is not None:
             self.core.loop.submit(self._join_batch, request_id, status.first_token, inline=True)
         aio_loop.call_soon_threadsafe(_settle, landed, status)
@@ -209,6 +210,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         """Engine thread: the request decodes from here and its first token goes to the
         stream; a no-op if it already joined or was aborted meanwhile."""
         engine = self.core.engine
+        trace(log, request_id, "decode: joining")
         if request_id in engine.scheduler.remote:
             self.core.loop.deliver(engine.remote_kv_arrived(request_id, first_token))
             trace(log, request_id, "decode: joined the batch")
