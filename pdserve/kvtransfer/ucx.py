@@ -21,12 +21,14 @@ the sender maps it) skip ucx and talk on the receiver's control channel (control
     sender (one thread per peer)                  receiver
     begin:  InPlaceAdmit                 ---->    hold the transfer's blocks for this
                                          <----    connection: ACCEPTED | REJECTED
-    per chunk: wait for its ready event, copy the blocks into the mapped pool
-            KVTransferHeader (commit)    ---->    store: STORED | REJECTED (the last
-                                                  chunk's commit ends the hold)
+    per chunk: wait for its ready event, queue the copy into the mapped pool and
+    record an interprocess CUDA event after it
+            KVTransferHeader (commit,    ---->    wait for that event, then store:
+              names the event)                    STORED | REJECTED (the last chunk's
+                                                  commit ends the hold)
 
-The admission is answered while the prompt still computes, so a chunk costs its copy
-plus one message; the sender reads the replies of earlier commits before its next
+The admission is answered while the prompt still computes, and the commit travels while
+the copy runs, so a chunk costs little more than its copy; the sender reads the replies of earlier commits before its next
 request that needs an answer (always after the last chunk). The receiver also lets go
 of an admission on an abort notice, when the sender's connection closes, or io_timeout_s
 after the transfer ended on its side (the sender never said it stopped writing).
@@ -240,6 +242,7 @@ class UcxReceiver(RegisteringReceiver):
         # in-place transfers admitted: transfer id -> (control connection, last activity)
         self._admitted: dict[str, tuple[int, float]] = {}
         self._admitted_lock = threading.Lock()  # one control thread per sender + expiry
+        self._copy_events: dict[bytes, torch.cuda.Event] = {}  # senders' IPC events
         self._listener = self.runtime.call(self._listen(), settings.connect_timeout_s)
         # in-place chunks are served even without an exported pool: the protocol does not
         # care how the bytes got there (tests write them in-process on the CPU)
@@ -391,6 +394,7 @@ class UcxReceiver(RegisteringReceiver):
                 raise ChunkRejected("payload chunks go to the data endpoint")
             blocks = admit_chunk(self.table, header, self.pool.spec)
             if blocks is not None:
+                self._wait_copy(header.copy_done_event)
                 store_chunk(self.table, header, blocks, time.monotonic() - admission[1])
             reply.status = kv_pb2.KVChunkReply.STORED
             _trace(header.transfer_id, f"kv: commit {header.chunk_index} stored")
@@ -403,6 +407,24 @@ class UcxReceiver(RegisteringReceiver):
                 if header.transfer_id in self._admitted:
                     self._admitted[header.transfer_id] = (conn_id, time.monotonic())
         return reply
+
+    def _wait_copy(self, handle: bytes) -> None:
+        """Block until the sender's copy of the chunk is done (no event: it was done
+        before the commit was sent)."""
+        if not handle:
+            return
+        event = self._copy_events.get(handle)
+        if event is None:
+            if self.pool.device.type != "cuda":
+                raise ChunkRejected("a CUDA copy event for a host-memory pool")
+            try:
+                event = torch.cuda.Event.from_ipc_handle(self.pool.device, handle)
+            except Exception as exc:
+                raise ChunkRejected(f"copy event does not open: {exc}") from None
+            if len(self._copy_events) >= 64:  # senders that reconnected left old ones
+                self._copy_events.clear()
+            self._copy_events[handle] = event
+        event.synchronize()
 
     def _end_admission(self, transfer_id: str, conn_id: int, error: str = "") -> None:
         with self._admitted_lock:
@@ -472,6 +494,9 @@ class _Peer:
     # (chunk, bytes, start): both only touched by the `direct` thread
     admitted: dict = field(default_factory=dict)
     unanswered: deque = field(default_factory=deque)
+    # GPU pools: recorded after each in-place copy; its IPC handle rides with the commit
+    copy_event: object = None
+    copy_event_handle: bytes = b""
     # one sender thread per same-host peer: a receiver that stops answering stalls only
     # the chunks bound for it (each waits up to io_timeout_s), not every peer's
     direct: ThreadPoolExecutor | None = None
@@ -513,6 +538,7 @@ class UcxSender(ChunkedSender):
             peer.remote_pool = open_pool(reply, self.pool)
         if peer.remote_pool is not None:
             peer.control = ControlClient(reply.control_address, self.settings.io_timeout_s)
+            self._make_copy_event(peer)
             peer.direct = ThreadPoolExecutor(1, thread_name_prefix="kv-in-place")
         else:
             try:
@@ -594,19 +620,18 @@ class UcxSender(ChunkedSender):
             queued = time.perf_counter()
             chunk.wait_ready()
             started = time.perf_counter()
-            self._write_in_place(peer.remote_pool, chunk)
-            copied = time.perf_counter()
             header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                                   chunk_index=chunk.index, last=chunk.last,
                                   dst_runs=[(d, n) for _, d, n in chunk.runs],
                                   first_token=chunk.first_token)
             header.written_in_place = True
-            peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
-            _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
+            self._copy_and_commit(peer, chunk, header)
+            copied = time.perf_counter()
             peer.unanswered.append((chunk, header.payload_bytes, started))
             log.debug("in-place chunk %s/%d (%d blocks, %d runs): ready after %.2f ms, "
-                      "copy %.2f ms", chunk.transfer_id, chunk.index, chunk.num_blocks,
-                      len(chunk.runs), 1000 * (started - queued), 1000 * (copied - started))
+                      "copied and committed in %.2f ms", chunk.transfer_id, chunk.index,
+                      chunk.num_blocks, len(chunk.runs), 1000 * (started - queued),
+                      1000 * (copied - started))
             if chunk.last:
                 peer.admitted.pop(chunk.transfer_id, None)  # its commit ends the hold
             if chunk.last or len(peer.unanswered) >= self.settings.unanswered_max:
@@ -615,6 +640,33 @@ class UcxSender(ChunkedSender):
             self._peer_failed(peer, chunk.transfer_id, exc)
         finally:
             self.table.unhold(chunk.transfer_id)
+
+    def _make_copy_event(self, peer: _Peer) -> None:
+        if self.pool.device.type != "cuda":
+            return
+        with torch.cuda.stream(self._copy_stream.stream):
+            event = torch.cuda.Event(interprocess=True)
+            event.record()  # created on this device before its handle is taken
+        peer.copy_event, peer.copy_event_handle = event, bytes(event.ipc_handle())
+
+    def _copy_and_commit(self, peer: _Peer, chunk: Chunk, header) -> None:
+        """Copy the chunk into the mapped pool and send its commit. On a GPU the commit
+        goes out as soon as the copy is queued, naming the event that marks its end;
+        the receiver waits for that event, and this thread waits for the copy only after
+        sending (the source blocks must stay until then)."""
+        if peer.copy_event is None:
+            self._write_in_place(peer.remote_pool, chunk)   # synced on return
+            peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
+            _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
+            return
+        stream = self._copy_stream.stream
+        with torch.cuda.stream(stream):
+            self._queue_copy(peer.remote_pool, chunk)
+            peer.copy_event.record(stream)
+        header.copy_done_event = peer.copy_event_handle
+        peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
+        _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
+        stream.synchronize()
 
     def _call(self, peer: _Peer, request) -> kv_pb2.SideChannelReply:
         """A request whose answer is needed now; earlier commits' replies come first."""
@@ -736,17 +788,22 @@ class UcxSender(ChunkedSender):
         self._chunk_done(chunk, header.payload_bytes, time.perf_counter() - started)
 
     def _write_in_place(self, remote, chunk: Chunk) -> None:
-        """Device copy of the chunk's blocks into the receiver's mapped pool."""
+        """Device copy of the chunk's blocks into the receiver's mapped pool, done when
+        this returns."""
+        with self._copy_stream:  # synced on exit
+            self._queue_copy(remote, chunk)
+
+    def _queue_copy(self, remote, chunk: Chunk) -> None:
+        """Queue the copy on the current stream."""
+        if len(chunk.runs) <= self.settings.copy_runs_max:
+            # one device memcpy per contiguous run: no staging buffer, copy bandwidth
+            for s, d, n in chunk.runs:
+                remote.kv[d:d + n].copy_(self.pool.kv[s:s + n], non_blocking=True)
+            return
         device = self.pool.device
-        with self._copy_stream:  # synced on exit: done before the receiver is told
-            if len(chunk.runs) <= self.settings.copy_runs_max:
-                # one device memcpy per contiguous run: no staging buffer, copy bandwidth
-                for s, d, n in chunk.runs:
-                    remote.kv[d:d + n].copy_(self.pool.kv[s:s + n], non_blocking=True)
-                return
-            src = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=device)
-            dst = torch.tensor(chunk.dst_block_ids, dtype=torch.long, device=device)
-            remote.kv.index_copy_(0, dst, self.pool.kv.index_select(0, src))
+        src = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=device)
+        dst = torch.tensor(chunk.dst_block_ids, dtype=torch.long, device=device)
+        remote.kv.index_copy_(0, dst, self.pool.kv.index_select(0, src))
 
     def _should_pack(self, chunk: Chunk) -> bool:
         """Many short runs cost a message each; one gather copy on the device is cheaper."""

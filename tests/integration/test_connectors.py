@@ -274,6 +274,17 @@ def test_in_place_transfer_admitted_then_chunks_committed(ucx_receiver):
     assert reply.status == status.REJECTED and "unknown transfer" in reply.error
 
 
+def test_in_place_copy_event_on_a_host_pool_is_refused(ucx_receiver):
+    receiver, _, client = ucx_receiver
+    receiver.expect("ev", [4])
+    assert client.call(_admit("ev")).chunk.status == kv_pb2.KVChunkReply.ACCEPTED
+    commit = _in_place("ev", 0, [(4, 1)])
+    commit.chunk_header.copy_done_event = b"\x01" * 64
+    reply = client.call(commit).chunk
+    assert reply.status == kv_pb2.KVChunkReply.REJECTED and "host-memory pool" in reply.error
+    assert receiver.poll()["ev"].state is not TransferState.DONE
+
+
 def _released_into(receiver, transfer_id, blocks, out=None):
     released = []
     destination = receiver.expect(transfer_id, blocks,
