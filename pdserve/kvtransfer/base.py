@@ -166,7 +166,9 @@ class KVSender(ABC):
                    first_token: int | None = None) -> None:
         """Queue local blocks src_block_ids for destination positions
         start .. start+len-1 of the transfer (positions index destination.block_ids).
-        Chunks go out in call order; `last` completes the transfer. Non-blocking.
+        Chunks go out in call order; `last` completes the transfer. Must not wait for
+        the device or the peer (it may queue a copy and send a message from the
+        caller's thread when its own thread is idle).
         `ready` marks the device work that writes those blocks (a CUDA event recorded
         after the step): the sender waits for it on its own thread before reading them,
         so the caller never stalls the device queue; None = the blocks are readable.

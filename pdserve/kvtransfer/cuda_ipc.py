@@ -57,6 +57,28 @@ class RemotePool:
     def __init__(self, tensor: torch.Tensor, keepalive) -> None:
         self.kv = tensor
         self._keepalive = keepalive
+        self._block_bytes = tensor[0].numel() * tensor.element_size() if len(tensor) else 0
+
+    def queue_copy_runs(self, source: torch.Tensor, runs, stream: torch.cuda.Stream | None
+                        ) -> None:
+        """Copy runs (src_first, dst_first, count) of whole blocks from `source` (a pool
+        of our block shape) into this pool: queued on `stream` on a GPU, done on return
+        on the host. On a GPU each run is one cudaMemcpyAsync issued straight to the
+        runtime: a sliced tensor copy_ costs ~25 us of Python and dispatch per run on a
+        virtual machine's CPU, the runtime call a few."""
+        if self.kv.device.type != "cuda":
+            for s, d, n in runs:
+                self.kv[d:d + n].copy_(source[s:s + n])
+            return
+        from cupy.cuda import runtime
+
+        device = self.kv.device.index or 0
+        if runtime.getDevice() != device:  # a thread's current device starts at 0
+            runtime.setDevice(device)
+        bpb, dst, src = self._block_bytes, self.kv.data_ptr(), source.data_ptr()
+        for s, d, n in runs:
+            runtime.memcpyAsync(dst + d * bpb, src + s * bpb, n * bpb, runtime.memcpyDefault,
+                                stream.cuda_stream)
 
 
 def open_pool(reply, local: KVCachePool) -> RemotePool | None:

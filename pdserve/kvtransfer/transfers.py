@@ -252,6 +252,9 @@ def paired_runs(src_block_ids: Sequence[int],
     if len(src_block_ids) != len(dst_block_ids):
         raise ValueError(f"{len(src_block_ids)} source blocks for "
                          f"{len(dst_block_ids)} destination blocks")
+    n = len(src_block_ids)
+    if n and _consecutive(src_block_ids) and _consecutive(dst_block_ids):
+        return [(src_block_ids[0], dst_block_ids[0], n)]  # the common case, at C speed
     runs: list[tuple[int, int, int]] = []
     for s, d in zip(src_block_ids, dst_block_ids):
         if runs:
@@ -261,6 +264,11 @@ def paired_runs(src_block_ids: Sequence[int],
                 continue
         runs.append((s, d, 1))
     return runs
+
+
+def _consecutive(block_ids: Sequence[int]) -> bool:
+    first = block_ids[0]
+    return list(block_ids) == list(range(first, first + len(block_ids)))
 
 
 def split_runs(runs: list[tuple[int, int, int]],

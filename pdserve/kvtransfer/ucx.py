@@ -21,8 +21,9 @@ the sender maps it) skip ucx and talk on the receiver's control channel (control
     sender (one thread per peer)                  receiver
     begin:  InPlaceAdmit                 ---->    hold the transfer's blocks for this
                                          <----    connection: ACCEPTED | REJECTED
-    per chunk: wait for its ready event, queue the copy into the mapped pool and
-    record an interprocess CUDA event after it
+    per chunk: wait for its ready event, queue the copy into the mapped pool (one
+    cudaMemcpyAsync per run) and record an interprocess CUDA event after it (a ready
+    chunk on the caller's thread when the sender thread is idle)
             KVTransferHeader (commit,    ---->    wait for that event, then store:
               names the event)                    STORED | REJECTED (the last chunk's
                                                   commit ends the hold)
@@ -57,12 +58,13 @@ cuda_ipc / RDMA are picked; GPU buffers are passed as CUDA tensors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +78,7 @@ from pdserve.kvtransfer.messages import (HandshakeInfo, abort_header, chunk_head
 from pdserve.kvtransfer.receiving import RegisteringReceiver
 from pdserve.kvtransfer.cuda_ipc import export_pool, open_pool
 from pdserve.kvtransfer.sending import Chunk, ChunkedSender
+from pdserve.kvtransfer.serial import SerialThread
 from pdserve.kvtransfer.transfers import (ChunkRejected, InvalidTransition, UnknownTransfer,
                                          admit_chunk, store_chunk)
 from pdserve.wire import kv_pb2
@@ -395,6 +398,7 @@ class UcxReceiver(RegisteringReceiver):
             blocks = admit_chunk(self.table, header, self.pool.spec)
             if blocks is not None:
                 self._wait_copy(header.copy_done_event)
+                _trace(header.transfer_id, f"kv: copy {header.chunk_index} landed")
                 store_chunk(self.table, header, blocks, time.monotonic() - admission[1])
             reply.status = kv_pb2.KVChunkReply.STORED
             _trace(header.transfer_id, f"kv: commit {header.chunk_index} stored")
@@ -491,7 +495,7 @@ class _Peer:
     remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
     control: ControlClient | None = None  # in-place chunks: used by `direct` only
     # in-place transfers admitted (id -> control session) and commits not yet answered
-    # (chunk, bytes, start): both only touched by the `direct` thread
+    # (chunk, bytes, start): both only touched by calls run on `direct`
     admitted: dict = field(default_factory=dict)
     unanswered: deque = field(default_factory=deque)
     # GPU pools: recorded after each in-place copy; its IPC handle rides with the commit
@@ -499,17 +503,13 @@ class _Peer:
     copy_event_handle: bytes = b""
     # one sender thread per same-host peer: a receiver that stops answering stalls only
     # the chunks bound for it (each waits up to io_timeout_s), not every peer's
-    direct: ThreadPoolExecutor | None = None
+    direct: SerialThread | None = None
 
 
 def _run_on(peer: _Peer, fn, *args) -> bool:
     """Queue fn on the peer's sender thread; False once that thread was shut down (the
     peer failed and was forgotten between lookup and submit)."""
-    try:
-        peer.direct.submit(fn, *args)
-    except RuntimeError:
-        return False
-    return True
+    return peer.direct.submit(fn, *args)
 
 
 class UcxSender(ChunkedSender):
@@ -539,7 +539,7 @@ class UcxSender(ChunkedSender):
         if peer.remote_pool is not None:
             peer.control = ControlClient(reply.control_address, self.settings.io_timeout_s)
             self._make_copy_event(peer)
-            peer.direct = ThreadPoolExecutor(1, thread_name_prefix="kv-in-place")
+            peer.direct = SerialThread("kv-in-place")
         else:
             try:
                 self.runtime.call(self._open(peer), self.settings.connect_timeout_s + 1)
@@ -572,6 +572,8 @@ class UcxSender(ChunkedSender):
             return
         if peer.remote_pool is None:
             self.runtime.submit(self._send_chunk(peer, chunk))
+        elif chunk.ready is None and peer.direct.run_if_idle(self._send_in_place, peer, chunk):
+            return
         elif not _run_on(peer, self._send_in_place, peer, chunk):
             self.fail(chunk.transfer_id, f"connection to {chunk.address} was dropped")
 
@@ -581,6 +583,9 @@ class UcxSender(ChunkedSender):
     # computes), then per chunk: wait for the device, copy, send the commit. Commits of
     # chunks before the last are not waited for (their replies are read before the next
     # request that needs an answer), so a ready chunk costs the copy plus one message.
+    # A chunk that needs no waiting (ready=None) is committed on the caller's thread
+    # when the sender thread is idle, one thread wake-up sooner; its settling (wait for
+    # the copy, read the replies) still goes to the sender thread.
     def begin(self, destination, *, lease_s=None, on_release=None) -> None:
         super().begin(destination, lease_s=lease_s, on_release=on_release)
         peer = self._peer(destination.address)
@@ -608,38 +613,61 @@ class UcxSender(ChunkedSender):
                   1000 * (time.perf_counter() - started))
 
     def _send_in_place(self, peer: _Peer, chunk: Chunk) -> None:
+        """Commit the chunk now; settle it (wait for the copy, read replies) on the sender
+        thread after what is queued there by then, so chunks ready together are copied
+        back to back."""
+        if self._commit_chunk(peer, chunk) and \
+                not _run_on(peer, self._settle_chunk, peer, chunk):
+            self.table.unhold(chunk.transfer_id)  # the peer failed meanwhile
+
+    def _commit_chunk(self, peer: _Peer, chunk: Chunk) -> bool:
+        """Copy the chunk into the mapped pool and send its commit; True if sent (the
+        transfer stays held until _settle_chunk)."""
         if self._ended(chunk.transfer_id):
-            return
+            return False
         if peer.admitted.get(chunk.transfer_id) != peer.control.session or \
                 not peer.control.connected:  # refused, or its connection was reset
             self.fail(chunk.transfer_id, "in-place transfer is not admitted on the receiver")
-            return
+            return False
         self.table.hold(chunk.transfer_id)
         try:
             _trace(chunk.transfer_id, f"kv: chunk {chunk.index} picked up")
-            queued = time.perf_counter()
             chunk.wait_ready()
-            started = time.perf_counter()
             header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                                   chunk_index=chunk.index, last=chunk.last,
                                   dst_runs=[(d, n) for _, d, n in chunk.runs],
                                   first_token=chunk.first_token)
             header.written_in_place = True
+            peer.unanswered.append((chunk, header.payload_bytes, time.perf_counter()))
             self._copy_and_commit(peer, chunk, header)
-            copied = time.perf_counter()
-            peer.unanswered.append((chunk, header.payload_bytes, started))
-            log.debug("in-place chunk %s/%d (%d blocks, %d runs): ready after %.2f ms, "
-                      "copied and committed in %.2f ms", chunk.transfer_id, chunk.index,
-                      chunk.num_blocks, len(chunk.runs), 1000 * (started - queued),
-                      1000 * (copied - started))
+        except Exception as exc:  # control channel silent, device copy failed: peer is done
+            self._peer_failed(peer, chunk.transfer_id, exc)
+            self.table.unhold(chunk.transfer_id)
+            return False
+        return True
+
+    def _settle_chunk(self, peer: _Peer, chunk: Chunk, deferred: bool = False) -> None:
+        """After the commit: wait for the copy (the source blocks stay until it is done),
+        then read replies if the chunk was the last or too many are unread. A copy still
+        running lets calls queued meanwhile (the next chunks' commits) go first, once."""
+        if not deferred and peer.direct.waiting() and not self._copies_done(peer) and \
+                _run_on(peer, self._settle_chunk, peer, chunk, True):
+            return
+        try:
+            if peer.copy_event is not None:
+                self._copy_stream.stream.synchronize()
             if chunk.last:
                 peer.admitted.pop(chunk.transfer_id, None)  # its commit ends the hold
             if chunk.last or len(peer.unanswered) >= self.settings.unanswered_max:
                 self._drain(peer)
-        except Exception as exc:  # control channel silent, device copy failed: peer is done
+        except Exception as exc:
             self._peer_failed(peer, chunk.transfer_id, exc)
         finally:
             self.table.unhold(chunk.transfer_id)
+
+    @staticmethod
+    def _copies_done(peer: _Peer) -> bool:
+        return peer.copy_event is None or peer.copy_event.query()
 
     def _make_copy_event(self, peer: _Peer) -> None:
         if self.pool.device.type != "cuda":
@@ -652,21 +680,19 @@ class UcxSender(ChunkedSender):
     def _copy_and_commit(self, peer: _Peer, chunk: Chunk, header) -> None:
         """Copy the chunk into the mapped pool and send its commit. On a GPU the commit
         goes out as soon as the copy is queued, naming the event that marks its end;
-        the receiver waits for that event, and this thread waits for the copy only after
-        sending (the source blocks must stay until then)."""
-        if peer.copy_event is None:
-            self._write_in_place(peer.remote_pool, chunk)   # synced on return
+        the receiver waits for that event (the sender, in _settle_chunk)."""
+        if peer.copy_event is None:  # a host pool: the copy is done on return
+            self._queue_copy(peer.remote_pool, chunk, None)
             peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
             _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
             return
         stream = self._copy_stream.stream
-        with torch.cuda.stream(stream):
-            self._queue_copy(peer.remote_pool, chunk)
-            peer.copy_event.record(stream)
+        self._queue_copy(peer.remote_pool, chunk, stream)
+        peer.copy_event.record(stream)
+        _trace(chunk.transfer_id, f"kv: copy {chunk.index} queued")
         header.copy_done_event = peer.copy_event_handle
         peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
         _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
-        stream.synchronize()
 
     def _call(self, peer: _Peer, request) -> kv_pb2.SideChannelReply:
         """A request whose answer is needed now; earlier commits' replies come first."""
@@ -787,23 +813,18 @@ class UcxSender(ChunkedSender):
             return
         self._chunk_done(chunk, header.payload_bytes, time.perf_counter() - started)
 
-    def _write_in_place(self, remote, chunk: Chunk) -> None:
-        """Device copy of the chunk's blocks into the receiver's mapped pool, done when
-        this returns."""
-        with self._copy_stream:  # synced on exit
-            self._queue_copy(remote, chunk)
-
-    def _queue_copy(self, remote, chunk: Chunk) -> None:
-        """Queue the copy on the current stream."""
+    def _queue_copy(self, remote, chunk: Chunk, stream) -> None:
+        """Copy the chunk's blocks into the receiver's mapped pool: queued on `stream`
+        (None: a host pool, done on return)."""
         if len(chunk.runs) <= self.settings.copy_runs_max:
-            # one device memcpy per contiguous run: no staging buffer, copy bandwidth
-            for s, d, n in chunk.runs:
-                remote.kv[d:d + n].copy_(self.pool.kv[s:s + n], non_blocking=True)
+            # one memcpy per contiguous run: no staging buffer, copy bandwidth
+            remote.queue_copy_runs(self.pool.kv, chunk.runs, stream)
             return
-        device = self.pool.device
-        src = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=device)
-        dst = torch.tensor(chunk.dst_block_ids, dtype=torch.long, device=device)
-        remote.kv.index_copy_(0, dst, self.pool.kv.index_select(0, src))
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            device = self.pool.device
+            src = torch.tensor(chunk.src_block_ids, dtype=torch.long, device=device)
+            dst = torch.tensor(chunk.dst_block_ids, dtype=torch.long, device=device)
+            remote.kv.index_copy_(0, dst, self.pool.kv.index_select(0, src))
 
     def _should_pack(self, chunk: Chunk) -> bool:
         """Many short runs cost a message each; one gather copy on the device is cheaper."""

@@ -8,6 +8,7 @@ import hashlib
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -335,16 +336,15 @@ def test_in_place_admission_holds_blocks_until_the_sender_lets_go(ucx_receiver):
 def _in_place_peer(sender, receiver):
     """The sender's peer for `receiver`, switched to the in-place path with the
     receiver's pool mapped in-process (what CUDA IPC gives two processes on one GPU)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from pdserve.kvtransfer.cuda_ipc import RemotePool
     from pdserve.kvtransfer.control import ControlClient
+    from pdserve.kvtransfer.cuda_ipc import RemotePool
+    from pdserve.kvtransfer.serial import SerialThread
 
     sender.connect(receiver.address)
     peer = sender._peer(receiver.address)
     peer.remote_pool = RemotePool(receiver.pool.kv, None)
     peer.control = ControlClient(receiver.control_address, 5)
-    peer.direct = ThreadPoolExecutor(1)
+    peer.direct = SerialThread("kv-in-place")
     return peer
 
 
@@ -373,6 +373,33 @@ def test_in_place_sender_path_end_to_end(ucx_receiver):
         status = sender.wait("ips2", 10)
         assert status.state is TransferState.FAILED and "in-place send" in status.error
         assert sender._peer(receiver.address) is None  # forgotten: re-handshake next time
+
+
+def test_in_place_ready_chunk_is_committed_from_the_callers_thread(ucx_receiver):
+    """A chunk with nothing to wait for is copied and committed by the thread that
+    queues it when the sender thread is idle (one wake-up less before the decode worker
+    hears of it); one that must wait for the device still goes to the sender thread."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    receiver, pool, _ = ucx_receiver
+    source = random_pool(seed=21)
+    with make_sender("ucx", source, hello("ucx", "prefill"), UcxSettings(io_timeout_s=2)) as sender:
+        peer = _in_place_peer(sender, receiver)
+        committed_on = []
+        copy_and_commit = sender._copy_and_commit
+        sender._copy_and_commit = lambda *args: (
+            committed_on.append(threading.current_thread().name), copy_and_commit(*args))
+        for transfer_id, ready in (("inline", None), ("queued", _WritesOnSync(source, SRC, 21))):
+            destination = receiver.expect(transfer_id, DST)
+            sender.begin(destination)
+            assert _eventually(lambda: peer.direct.run_if_idle(lambda: None))  # admitted
+            sender.send_chunk(transfer_id, SRC, start=0, last=True, ready=ready)
+            assert sender.wait(transfer_id, 10).state is TransferState.DONE
+            assert receiver.wait(transfer_id, 10).state is TransferState.DONE
+            assert torch.equal(pool.read_blocks(DST), source.read_blocks(SRC))
+            sender.release(transfer_id)
+            receiver.release(transfer_id)
+        assert committed_on == [threading.current_thread().name, "kv-in-place"]
+        assert sender.table.active_ids() == [] and not peer.unanswered
 
 
 def test_in_place_sender_abort_ends_the_receivers_hold():

@@ -335,8 +335,10 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if end <= job.positions_sent and not last:
             return
         # the sender waits for the device to write these blocks on its own thread; the
-        # engine thread goes on queueing the next prefill chunk meanwhile
-        ready = engine.runner.ready_event()
+        # engine thread goes on queueing the next prefill chunk meanwhile. The last
+        # chunk's blocks are written: its token was sampled and read back, so the sender
+        # may commit it from this thread at once
+        ready = None if last else engine.runner.ready_event()
         src = request.block_ids[dst.first_block_index + job.positions_sent:dst.first_block_index + end]
         if not job.send_started:
             job.send_started = time.monotonic()
