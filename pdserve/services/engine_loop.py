@@ -100,7 +100,8 @@ class EngineLoop:
                 runnable = self._iterate(item)
 
     def _iterate(self, item) -> bool:
-        """Queued commands, one step if anything can run, the tick; True if more can run."""
+        """Queued commands, one step if anything can run, the commands queued meanwhile,
+        the tick; True if more can run."""
         self._drain_commands(item)
         outputs: list[RequestOutput] = []
         if self.engine.has_runnable():
@@ -109,6 +110,9 @@ class EngineLoop:
             except Exception:  # pragma: no cover - a bug; fail loudly, keep serving
                 log.exception("engine step failed")
                 self._fail_all("internal error in the engine step")
+            # what arrived during the step (e.g. a call claiming the prompt just computed)
+            # is seen by this step's tick, not one loop round later
+            self._drain_commands(self._next_command(0.0))
         self._deliver(outputs)
         if self._tick is not None:
             try:

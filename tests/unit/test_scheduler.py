@@ -262,6 +262,18 @@ def test_hold_blocks_keeps_kv_until_released():
     assert alloc.num_free == alloc.num_blocks
 
 
+def test_aborting_a_held_request_frees_its_blocks():
+    sched, alloc = make()
+    r = req("p", 40, max_tokens=1, hold_blocks=True)
+    sched.add(r)
+    run_to_end(sched)
+    sched.finish(r, FinishReason.STOP)  # finishing again keeps it held
+    assert sched.held == {"p": r}
+    sched.finish(r, FinishReason.ABORT)
+    assert not sched.held and sched.get("p") is None
+    assert alloc.num_free == alloc.num_blocks
+
+
 def test_aborted_request_is_not_held():
     sched, alloc = make()
     r = req("p", 40, hold_blocks=True)

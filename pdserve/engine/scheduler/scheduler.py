@@ -169,8 +169,11 @@ class Scheduler:
             request.output_ids.append(sampled)
 
     def finish(self, request: Request, reason: FinishReason) -> None:
-        """Stop a request wherever it is; its blocks go back unless held for a transfer."""
+        """Stop a request wherever it is; its blocks go back unless held for a transfer.
+        Aborting a finished request that is held lets go of its blocks."""
         if request.is_finished:
+            if reason is FinishReason.ABORT:
+                self.release_held(request.request_id)
             return
         if request in self.running:
             self.running.remove(request)
