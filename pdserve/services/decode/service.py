@@ -170,7 +170,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             early = landed.done() and landed.result().first_token is not None
             if early:  # _kv_landed already had the engine thread put it in the batch
                 first_token, error = landed.result().first_token, None
-                self._record_received(landed.result(), started)
+                # bookkeeping after the first token went out (the next suspension)
+                aio_loop.call_soon(self._record_received, landed.result(), started)
                 stats = asyncio.ensure_future(_stats_of(call))
             else:
                 first_token, known, error = await self._check_answer(await call, transfer_id,
@@ -184,8 +185,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self._remote.discard(request_id)
         trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
         if error is None:
-            self.receiver.release(transfer_id)
-            if not early:
+            if early:
+                aio_loop.call_soon(self.receiver.release, transfer_id)
+            else:
+                self.receiver.release(transfer_id)
                 await loop.call(self._join_batch, request_id, first_token, inline=True)
             return stats
         await self._cancel_transfer(transfer_id, released, address, request_id)
