@@ -60,8 +60,6 @@ def print_traces(cluster, n: int) -> None:
                 _, rest = line.split(" trace ", 1)
                 request_id, *event, stamp = rest.split(" ")
                 lines.append((float(stamp), request_id[-12:], " ".join(event)))
-            elif "in-place chunk" in line:
-                lines.append((lines[-1][0] if lines else 0.0, "", line.split(": ", 1)[1]))
     lines.sort(key=lambda x: x[0])
     start = lines[-n][0] if len(lines) >= n else 0.0
     for stamp, request_id, event in lines[-n:]:

@@ -17,6 +17,9 @@ chunk and the clock starts at the chunk, as in serving: the decode worker's dest
 reaches the prefill worker while the prompt computes, so setting the transfer up (for
 same-host GPU peers: the receiver admitting it) is off the path.
 
+With --trace (ucx) both processes log the transfer's hops at DEBUG on the host-wide
+monotonic clock, and the hops of the last transfer are printed in time order to stderr.
+
 Output: JSON (machine, commit, config, results) to stdout and --out.
 """
 
@@ -34,6 +37,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -93,9 +97,11 @@ def connector_settings(name: str, redis_url: str | None):
 
 
 # -- receiver process -------------------------------------------------------------------
-def receiver_main(conn, name, spec, device, redis_url, run_blocks):
+def receiver_main(conn, name, spec, device, redis_url, run_blocks, trace_log=""):
     """Decode side: for each transfer id received, expect it, send the destination back,
     report 'STATE seconds' once terminal."""
+    if trace_log:
+        _log_hops_to(trace_log)
     if device == "cuda":
         torch.cuda.set_device(0)
     pool = KVCachePool(spec, device=device)
@@ -110,13 +116,50 @@ def receiver_main(conn, name, spec, device, redis_url, run_blocks):
         done_at: list[float] = []  # stamped on the connector thread that saw DONE
         destination = receiver.expect(transfer_id, dst,
                                       block_keys=block_keys(transfer_id, len(dst)),
-                                      on_done=lambda _status: done_at.append(time.time()))
+                                      on_done=lambda _status: _done(done_at, transfer_id))
         conn.send_bytes(destination_to_proto(destination).SerializeToString())
         status = receiver.wait(transfer_id, 600)
         finished = done_at[0] if done_at else time.time()
         conn.send_bytes(f"{status.state.name} {finished:.6f}".encode())
         receiver.release(transfer_id)
     receiver.close()
+
+
+def _done(done_at: list[float], transfer_id: str) -> None:
+    done_at.append(time.time())
+    _hop(transfer_id, "bench: receiver DONE")
+
+
+def _hop(transfer_id: str, event: str) -> None:
+    """A hop in the connectors' trace format (kvtransfer/ucx.py _trace)."""
+    if trace_log.isEnabledFor(logging.DEBUG):
+        trace_log.debug("trace %s %s %.3f", transfer_id, event, time.monotonic() * 1000)
+
+
+trace_log = logging.getLogger("bench.kv_transfer")
+
+
+def _log_hops_to(path: str) -> None:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("pdserve.kvtransfer", "bench.kv_transfer"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+
+
+def print_hops(paths: list[Path], transfer_id: str) -> None:
+    """The traced hops of one transfer from every process, in time order."""
+    hops = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.startswith(f"trace {transfer_id} "):
+                *event, stamp = line.split(" ")[2:]
+                hops.append((float(stamp), " ".join(event)))
+    hops.sort()
+    for stamp, event in hops:
+        print(f"{stamp - hops[0][0]:8.3f} ms  {event}", file=sys.stderr)
 
 
 def run_connector(name: str, spec: KVCacheSpec, args, redis_url: str | None) -> dict:
@@ -130,8 +173,12 @@ def run_connector(name: str, spec: KVCacheSpec, args, redis_url: str | None) -> 
         return _run_in_process(name, spec, args, sender, src)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
+    trace_dir = Path(args.trace_dir) if args.trace else None
+    if trace_dir is not None:
+        _log_hops_to(str(trace_dir / f"{name}-sender.log"))
     process = ctx.Process(target=receiver_main,
-                          args=(child, name, spec, device, redis_url, args.run_blocks))
+                          args=(child, name, spec, device, redis_url, args.run_blocks,
+                                str(trace_dir / f"{name}-receiver.log") if trace_dir else ""))
     process.start()
     try:
         assert parent.poll(120) and parent.recv_bytes() == b"ready"
@@ -154,6 +201,8 @@ def run_connector(name: str, spec: KVCacheSpec, args, redis_url: str | None) -> 
             sender.release(transfer_id)
         parent.send_bytes(b"exit")
         process.join(30)
+        if trace_dir is not None:
+            print_hops(sorted(trace_dir.glob(f"{name}-*.log")), transfer_id)
     finally:
         sender.close()
         if process.is_alive():
@@ -213,10 +262,12 @@ def _send_chunked(sender, destination, src, chunks: int, begin_ahead_ms: float,
     or with begin_ahead_ms > 0 at the first chunk, begin() having run that much earlier
     (as in serving, where the destination arrives while the prompt still computes)."""
     started = clock()
+    _hop(destination.transfer_id, "bench: begin")
     sender.begin(destination)
     if begin_ahead_ms > 0:
         time.sleep(begin_ahead_ms / 1000)
         started = clock()
+        _hop(destination.transfer_id, "bench: first chunk")
     per_chunk = -(-len(src) // chunks)
     for start in range(0, len(src), per_chunk):
         sender.send_chunk(destination.transfer_id, src[start:start + per_chunk], start=start,
@@ -299,11 +350,14 @@ def main(argv=None) -> int:
     parser.add_argument("--begin-ahead-ms", type=float, default=0.0,
                         help="call begin() this long before the first chunk and time from "
                              "the chunk (0: time from begin)")
+    parser.add_argument("--trace", action="store_true",
+                        help="print the traced hops of the last transfer (ucx)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype, args.model_shape)
+    args.trace_dir = tempfile.mkdtemp(prefix="kv-trace-") if args.trace else ""
     args.copy_seconds = device_copy_seconds(spec, args.device, max(args.repeats, 5))
     results, server = [], None
     try:
