@@ -53,6 +53,7 @@ from pdserve.kvtransfer.messages import (HandshakeInfo, destination_from_proto, 
 from pdserve.wire import kv_pb2  # noqa: E402
 
 FINGERPRINT = "bench-kv-transfer"
+trace_log = logging.getLogger("bench.kv_transfer")
 
 
 BLOCK_SHAPES = {
@@ -97,11 +98,11 @@ def connector_settings(name: str, redis_url: str | None):
 
 
 # -- receiver process -------------------------------------------------------------------
-def receiver_main(conn, name, spec, device, redis_url, run_blocks, trace_log=""):
+def receiver_main(conn, name, spec, device, redis_url, run_blocks, hops_file=""):
     """Decode side: for each transfer id received, expect it, send the destination back,
     report 'STATE seconds' once terminal."""
-    if trace_log:
-        _log_hops_to(trace_log)
+    if hops_file:
+        _log_hops_to(hops_file)
     if device == "cuda":
         torch.cuda.set_device(0)
     pool = KVCachePool(spec, device=device)
@@ -134,9 +135,6 @@ def _hop(transfer_id: str, event: str) -> None:
     """A hop in the connectors' trace format (kvtransfer/ucx.py _trace)."""
     if trace_log.isEnabledFor(logging.DEBUG):
         trace_log.debug("trace %s %s %.3f", transfer_id, event, time.monotonic() * 1000)
-
-
-trace_log = logging.getLogger("bench.kv_transfer")
 
 
 def _log_hops_to(path: str) -> None:
