@@ -174,7 +174,8 @@ def _try_send(conn: socket.socket, reply: kv_pb2.SideChannelReply) -> None:
 
 
 class ControlClient:
-    """One connection to a receiver's ControlServer. Not thread-safe: one thread uses it.
+    """One connection to a receiver's ControlServer. Not thread-safe: its calls must not
+    overlap (the in-place sender runs them one at a time, on its SerialThread or inline).
     A request that fails or times out closes the connection (a late reply would be taken
     for the next request's) and raises ConnectorError; the next request reconnects, in a
     new `session`: the receiver forgets what the closed connection held."""

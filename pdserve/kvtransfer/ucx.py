@@ -493,7 +493,7 @@ class _Peer:
     endpoint: object = None
     uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
     remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
-    control: ControlClient | None = None  # in-place chunks: used by `direct` only
+    control: ControlClient | None = None  # in-place chunks: used by calls run on `direct`
     # in-place transfers admitted (id -> control session) and commits not yet answered
     # (chunk, bytes, start): both only touched by calls run on `direct`
     admitted: dict = field(default_factory=dict)

@@ -170,8 +170,6 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             early = landed.done() and landed.result().first_token is not None
             if early:  # _kv_landed already had the engine thread put it in the batch
                 first_token, error = landed.result().first_token, None
-                # bookkeeping after the first token went out (the next suspension)
-                aio_loop.call_soon(self._record_received, landed.result(), started)
                 stats = asyncio.ensure_future(_stats_of(call))
             else:
                 first_token, known, error = await self._check_answer(await call, transfer_id,
@@ -185,8 +183,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self._remote.discard(request_id)
         trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
         if error is None:
-            if early:
-                aio_loop.call_soon(self.receiver.release, transfer_id)
+            if early:  # bookkeeping after the first token went out (the next suspension)
+                aio_loop.call_soon(self._kv_received, transfer_id, landed.result(), started)
             else:
                 self.receiver.release(transfer_id)
                 await loop.call(self._join_batch, request_id, first_token, inline=True)
@@ -249,6 +247,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             return 0, None, f"receiver saw {status.state.name}: {status.error}"
         self._record_received(status, started)
         return response.first_token_id, response.stats, None
+
+    def _kv_received(self, transfer_id: str, status, started: float) -> None:
+        self._record_received(status, started)
+        self.receiver.release(transfer_id)
 
     def _record_received(self, status, started: float) -> None:
         self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)

@@ -249,21 +249,22 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 f"{dst.first_block_index + len(dst.block_ids)} but the prompt has "
                 f"{-(-job.num_tokens // bs)} blocks of {bs} tokens")
         if not job.transfer_begun:
-            self.sender.begin(dst, lease_s=self.core.settings.kv_lease_s,
-                              on_release=functools.partial(self._transfer_ended_for,
-                                                           job.request_id))
+            self._register_transfer(job)
             job.transfer_begun = True
 
     def _begin_now(self, job: PrefillJob) -> bool:
         """asyncio thread: sender.begin for a call about to claim an early job; False if
         that failed (the engine thread then tries again and reports why)."""
         try:
-            self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
-                              on_release=functools.partial(self._transfer_ended_for,
-                                                           job.request_id))
+            self._register_transfer(job)
         except (ConnectorError, ValueError):
             return False
         return True
+
+    def _register_transfer(self, job: PrefillJob) -> None:
+        self.sender.begin(job.destination, lease_s=self.core.settings.kv_lease_s,
+                          on_release=functools.partial(self._transfer_ended_for,
+                                                       job.request_id))
 
     def _transfer_ended_for(self, request_id: str, status, blocks) -> None:
         """Connector thread: the job holding this transfer now (the one that claimed an
