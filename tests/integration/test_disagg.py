@@ -166,12 +166,11 @@ def test_two_prefill_one_decode_survives_prefill_killed_mid_transfer(tok, prompt
         wait_pools_free(cluster)
 
 
-def wait_for_prefill_work(cluster, timeout_s: float = 30.0) -> None:
-    import time
-
+def wait_for_prefill_work(cluster, timeout_s: float = 30.0,
+                          names: tuple[str, ...] = ("prefill-0", "prefill-1")) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for name in ("prefill-0", "prefill-1"):
+        for name in names:
             s = worker_stats(cluster.proc(name).address, "prefill")
             if s.num_requests_running or s.num_transfers_in_flight:
                 return
@@ -202,9 +201,10 @@ def test_cancel_mid_stream_frees_every_block(ucx_cluster, prompts):
 
 
 def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, reference):
-    """StartPrefill computes at once; a Prefill with the same key claims the job (here
-    compute only: no destination); one nobody claims is dropped after the KV lease,
-    freeing its blocks, and a later Prefill with its key simply starts anew."""
+    """StartPrefill computes at once and is answered when its job ends; a Prefill with
+    the same key claims the job (here compute only: no destination); one nobody claims
+    is dropped after the KV lease, freeing its blocks, and a later Prefill with its key
+    simply starts anew."""
     def prefill_request(i: int, key: str) -> worker_pb2.PrefillRequest:
         return worker_pb2.PrefillRequest(request_id=f"early-{i}", token_ids=prompts[i],
                                          sampling=sampling_to_proto(GREEDY), early_start_key=key)
@@ -214,14 +214,18 @@ def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, r
         with grpc.insecure_channel(cluster.proc("prefill-0").address) as channel:
             stub = worker_pb2_grpc.PrefillServiceStub(channel)
             claimed = prefill_request(0, "key-0")
-            assert stub.StartPrefill(claimed, timeout=30).started
+            start = stub.StartPrefill.future(claimed, timeout=60)
+            wait_for_prefill_work(cluster, names=("prefill-0",))  # its job is registered
             again = stub.StartPrefill(claimed, timeout=30)
             assert not again.started and "already being prefilled" in again.reason
+            assert not start.done()  # answered when its job ends
             answer = stub.Prefill(claimed, timeout=60)
             assert answer.stats.started_early and answer.first_token_id == reference[0][0]
+            assert start.result().started and start.result().reason == "done"
             lone = prefill_request(1, "key-1")
-            assert stub.StartPrefill(lone, timeout=30).started
-            prefill = wait_pools_free(cluster)["prefill-0"]  # the lone one's lease ran out
+            dropped = stub.StartPrefill(lone, timeout=30)  # the lone one's lease runs out
+            assert dropped.started and "no Prefill call claimed" in dropped.reason
+            prefill = wait_pools_free(cluster)["prefill-0"]
             assert (prefill.early_starts_claimed, prefill.early_starts_dropped) == (1, 1)
             late = stub.Prefill(lone, timeout=60)
             assert not late.stats.started_early and late.first_token_id == reference[1][0]

@@ -8,7 +8,10 @@ Lifecycle of one Prefill call (state per job: COMPUTING -> SENDING -> DONE | FAI
      blocks computed so far go out at the next tick); a Prefill that comes first starts
      the job itself, and a StartPrefill arriving later (even after that job ended: the
      worker remembers recent keys) is refused as late. A started job that no Prefill
-     claims within the KV lease is dropped and its blocks freed.
+     claims within the KV lease is dropped and its blocks freed. StartPrefill is
+     answered when its job ends (or at once if it did not start): answering sooner
+     would put that gRPC work on this process's GIL while the prompt's kernels are
+     being launched, which on a slow host delays the compute itself.
   1. The handshake with the destination's receiver happens on first contact (a layout
      mismatch fails the call at once with a message naming both values).
   2. The prompt joins the engine with max_tokens=1 and hold_blocks: its KV stays after
@@ -64,6 +67,7 @@ class PrefillJob:
     request_id: str
     destination: KVDestination | None
     future: asyncio.Future | None  # None while an early start awaits its Prefill call
+    start_future: asyncio.Future | None = None  # StartPrefill's answer (early starts)
     arrival: float = field(default_factory=time.monotonic)
     state: JobState = JobState.COMPUTING
     positions_sent: int = 0  # destination positions already handed to the connector
@@ -133,14 +137,15 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             # the early job is computing and the engine thread is busy with it: register
             # the transfer now, so the receiver admits it meanwhile, not after the step
             job.transfer_begun = self._begin_now(job)
+        # queued, not awaited: this thread is woken once, by the answer (a wake-up when
+        # the claim runs would compete with the engine thread sending the KV)
+        self.core.loop.submit(self._claim_or_start, job, list(request.token_ids), params)
         try:
-            await self.core.loop.call(self._claim_or_start, job, list(request.token_ids), params)
+            return await job.future
         except InvalidRequest as exc:
             if job.transfer_begun:
                 self.sender.release(job.transfer_id)  # tells the receiver to let go
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        try:
-            return await job.future
         except asyncio.CancelledError:
             self.core.loop.submit(self._abort_job, job.request_id, "caller cancelled")
             raise
@@ -154,13 +159,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         except InvalidRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         job = PrefillJob(request.request_id, None, None, early_key=request.early_start_key,
-                         started_early=True,
+                         start_future=self._aio_loop.create_future(), started_early=True,
                          expires=time.monotonic() + self.core.settings.kv_lease_s)
-        try:
-            await self.core.loop.call(self._start_early, job, list(request.token_ids), params)
-        except InvalidRequest as exc:  # e.g. its Prefill call came first and started it
-            return worker_pb2.StartPrefillResponse(started=False, reason=str(exc))
-        return worker_pb2.StartPrefillResponse(started=True)
+        # queued, not awaited, and answered when the job ends (or at once if it does not
+        # start): this thread stays idle while the prompt's kernels are being launched. A
+        # caller that gives up on the answer leaves the job to the Prefill that claims it
+        self.core.loop.submit(self._start_early, job, list(request.token_ids), params)
+        return await job.start_future
 
     async def Abort(self, request, context):
         found = await self.core.loop.call(self._abort_job, request.request_id,
@@ -179,6 +184,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     # ---- engine thread ---------------------------------------------------------------
     def _claim_or_start(self, job: PrefillJob, token_ids: list[int], params) -> None:
+        """A Prefill call's job; what it raises fails the call's future (its answer)."""
+        try:
+            self._claim_or_start_job(job, token_ids, params)
+        except Exception as exc:  # InvalidRequest: INVALID_ARGUMENT; anything else: a bug
+            self._aio_loop.call_soon_threadsafe(_fail, job.future, exc)
+
+    def _claim_or_start_job(self, job: PrefillJob, token_ids: list[int], params) -> None:
         early = self.jobs.get(job.request_id)
         if early is not None and early.awaiting and job.early_key == early.early_key \
                 and early.num_tokens == len(token_ids):
@@ -189,10 +201,17 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 self._remember_key(job.early_key)
 
     def _start_early(self, job: PrefillJob, token_ids: list[int], params) -> None:
-        if job.early_key in self._keys_started_by_prefill:
-            self.early_starts["late"] += 1
-            raise InvalidRequest("late: the Prefill call with this key came first")
-        self._start_job(job, token_ids, params)
+        """StartPrefill's job; one that cannot start is answered started=false at once."""
+        try:
+            if job.early_key in self._keys_started_by_prefill:
+                self.early_starts["late"] += 1
+                raise InvalidRequest("late: the Prefill call with this key came first")
+            self._start_job(job, token_ids, params)
+        except InvalidRequest as exc:  # e.g. its Prefill call came first and started it
+            response = worker_pb2.StartPrefillResponse(started=False, reason=str(exc))
+            self._aio_loop.call_soon_threadsafe(_resolve, job.start_future, response)
+        except Exception as exc:  # a bug: the call fails (UNKNOWN), the worker serves on
+            self._aio_loop.call_soon_threadsafe(_fail, job.start_future, exc)
 
     def _remember_key(self, key: str) -> None:
         keys = self._keys_started_by_prefill
@@ -208,8 +227,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if early.destination is not None:  # None: compute only, answered when computed
             try:
                 self._begin_transfer(early)
-            except InvalidRequest:
+            except InvalidRequest as exc:
                 self.jobs.pop(early.request_id, None)
+                self._answer_start(early, f"claimed, then aborted: {exc}")
                 raise
         trace(log, early.request_id, "prefill: early job claimed")
 
@@ -367,6 +387,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if job.future is not None:
             response = self._response(job, state, error, status)
             self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
+        self._answer_start(job, f"{state.value}: {error}" if error else state.value)
+
+    def _answer_start(self, job: PrefillJob, reason: str) -> None:
+        """Answer the StartPrefill call of an early-started job that ended."""
+        if job.start_future is not None:
+            response = worker_pb2.StartPrefillResponse(started=True, reason=reason)
+            self._aio_loop.call_soon_threadsafe(_resolve, job.start_future, response)
 
     def _response(self, job: PrefillJob, state: JobState, error: str, status):
         kv_state = {JobState.DONE: kv_pb2.TRANSFER_DONE}.get(state, kv_pb2.TRANSFER_FAILED)
@@ -387,6 +414,11 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 def _resolve(future: asyncio.Future, response) -> None:
     if not future.done():
         future.set_result(response)
+
+
+def _fail(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _first_token_params(request: worker_pb2.PrefillRequest):

@@ -42,6 +42,9 @@ from pdserve.wire import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "pdserve.v1.Router"
+# StartPrefill is answered when its job ends: queueing, compute and the KV's transfer,
+# or the prefill worker's KV lease for a job nobody claims
+START_PREFILL_TIMEOUT_S = 600.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -149,7 +152,7 @@ class RouterCore:
         self._tasks.append(asyncio.create_task(self._poll_stats(), name="worker-stats"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
         if self.watcher is not None:
             await self.watcher.stop()
@@ -263,7 +266,9 @@ class RouterCore:
         start = worker_pb2.PrefillRequest(request_id=req.request_id, token_ids=req.token_ids,
                                           sampling=req.sampling, early_start_key=key)
         stub = worker_pb2_grpc.PrefillServiceStub(self._channel(prefill.address))
-        self._spawn(self._call_quietly(stub.StartPrefill, start, "StartPrefill"))
+        # answered when the job ends (its KV sent, or dropped unclaimed after the lease)
+        self._spawn(self._call_quietly(stub.StartPrefill, start, "StartPrefill",
+                                       timeout_s=START_PREFILL_TIMEOUT_S))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -276,9 +281,9 @@ class RouterCore:
             request_id=request_id, reason="the router retries the request"), "Abort")
 
     @staticmethod
-    async def _call_quietly(method, message, name: str) -> None:
+    async def _call_quietly(method, message, name: str, timeout_s: float = 5.0) -> None:
         try:
-            await method(message, timeout=5.0)
+            await method(message, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:  # an optimisation or clean-up: never fatal
             log.debug("request %s: %s failed: %s", message.request_id, name, exc.code().name)
 
