@@ -34,7 +34,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
                    help="on CUDA, run norms/rotary/SiLU as plain PyTorch ops instead of the "
                         "fused Triton kernels")
-    p.add_argument("--prefill-graph-tokens", type=int, default=1024,
+    p.add_argument("--prefill-graph-tokens", type=int, default=2048,
                    help="with --cuda-graphs, replay a captured graph for a step that computes "
                         "one chunk of one prompt of up to this many tokens (0: eager)")
     p.add_argument("--cpu-blas", default="numpy", choices=["numpy", "torch"],

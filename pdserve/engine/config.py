@@ -75,7 +75,7 @@ class EngineConfig:
     cuda_graphs: bool = False
     # with cuda_graphs, a step computing one chunk of one sequence of up to this many
     # tokens replays a captured prefill graph (0: always eager)
-    prefill_graph_max_tokens: int = 1024
+    prefill_graph_max_tokens: int = 2048
     # triton backend on CUDA: a whole prompt of this many tokens or more with nothing
     # cached runs cuDNN attention over its contiguous K/V (0: the paged kernel always)
     dense_prefill_min_tokens: int = 3072

@@ -268,7 +268,7 @@ def test_worker_engine_flags_reach_the_engine_config():
         ["decode", "--device", "cuda", "--attention-backend", "triton", "--cuda-graphs"]), "decode")
     assert on.engine.fused_kernels and on.engine.cuda_graphs and on.engine.dtype == "bfloat16"
     assert on.engine.async_scheduling is None  # auto: on with CUDA graphs
-    assert on.engine.prefill_graph_max_tokens == 1024
+    assert on.engine.prefill_graph_max_tokens == 2048
     off = cli._worker_settings(cli.build_parser().parse_args(
         ["prefill", "--no-fused-kernels", "--no-async-scheduling", "--prefill-graph-tokens",
          "0"]), "prefill")
