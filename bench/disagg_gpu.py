@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -60,10 +61,30 @@ def print_traces(cluster, n: int) -> None:
                 _, rest = line.split(" trace ", 1)
                 request_id, *event, stamp = rest.split(" ")
                 lines.append((float(stamp), request_id[-12:], " ".join(event)))
+            elif "step profile: " in line:  # PDSERVE_STEP_PROFILE=1
+                event = line.split("step profile: ", 1)[1]
+                stamp = float(event.rsplit("began at ", 1)[1].rstrip(")"))
+                lines.append((stamp, name, event.split(" (began")[0]))
     lines.sort(key=lambda x: x[0])
     start = lines[-n][0] if len(lines) >= n else 0.0
     for stamp, request_id, event in lines[-n:]:
         print(f"{stamp - start:9.3f} ms  {request_id}  {event}")
+
+
+def step_profiles(cluster) -> dict:
+    """PDSERVE_STEP_PROFILE=1: per process, the median (host queued, device end, step) ms
+    of its steps by token count (a prompt's compute on each worker, side by side)."""
+    result = {}
+    for name in ("prefill-0", "decode-0"):
+        by_tokens: dict[int, list[tuple[float, float, float]]] = {}
+        for line in (cluster.log_dir / f"{name}.log").read_text().splitlines():
+            if "step profile: " not in line:
+                continue
+            tokens, *times = re.findall(r"[\d.]+", line.split("step profile: ", 1)[1])
+            by_tokens.setdefault(int(tokens), []).append(tuple(map(float, times[:3])))
+        result[name] = {n: [round(statistics.median(v[i] for v in rows), 3) for i in range(3)]
+                        for n, rows in sorted(by_tokens.items()) if len(rows) > 2}
+    return result
 
 
 def main() -> None:
@@ -72,15 +93,21 @@ def main() -> None:
     p.add_argument("--lengths", default="512,2048,8000")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prefill-chunk", type=int, default=2048)
+    p.add_argument("--router-arg", action="append", default=None,
+                   help="passed to the router, e.g. --router-arg=--no-early-prefill-start")
+    p.add_argument("--worker-arg", action="append", default=None,
+                   help="passed to both workers, e.g. --worker-arg=--prefill-graph-tokens=2048")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     worker_args = ("--attention-backend", "triton", "--cuda-graphs", "--kv-cache-gb", "6",
-                   "--max-batch-tokens", "8192", "--max-num-seqs", "64", "--kv-lease-s", "120")
+                   "--max-batch-tokens", "8192", "--max-num-seqs", "64", "--kv-lease-s", "120",
+                   *(args.worker_arg or ()))
     spec = ClusterSpec(connector="ucx", model=f"synthetic:{args.shape}", device="cuda",
                        worker_args=worker_args,
                        # the prefill worker computes long prompts in chunks so chunk i's
                        # KV is on the wire while chunk i+1 computes
                        prefill_args=("--max-batch-tokens", str(args.prefill_chunk)),
+                       router_args=tuple(args.router_arg or ()),
                        env={"PDSERVE_LOG_LEVEL": os.environ.get("PDSERVE_LOG_LEVEL", "INFO")})
     results = {"gpu": torch.cuda.get_device_name(), "shape": args.shape, "connector": "ucx",
                "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
@@ -116,6 +143,10 @@ def main() -> None:
             results["rows"].append(row)
         if os.environ.get("PDSERVE_LOG_LEVEL", "").upper() == "DEBUG":
             print_traces(cluster, n=40)
+            if os.environ.get("PDSERVE_STEP_PROFILE") == "1":
+                results["step_profiles"] = step_profiles(cluster)
+                print("step profiles (host queued, device end, step ms):",
+                      json.dumps(results["step_profiles"]))
     write_report(results, args.out)
 
 

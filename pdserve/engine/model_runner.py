@@ -3,9 +3,17 @@
 execute() runs a step and returns its tokens; launch_decode() only queues a decode step
 and hands back PendingTokens, so the host can prepare the next step while the device
 works (the engine's asynchronous scheduling).
+
+PDSERVE_STEP_PROFILE=1 logs (DEBUG) where each synchronous step's time went on a GPU:
+the host's time to queue the forward, the device's time from the step's start to the
+forward's end, and the whole step (its tokens read back).
 """
 
 from __future__ import annotations
+
+import logging
+import os
+import time
 
 import torch
 
@@ -17,6 +25,8 @@ from pdserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from pdserve.engine.model.llama import LlamaForCausalLM
 from pdserve.engine.sampling import make_generator, sample, sample_tokens
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
+
+log = logging.getLogger(__name__)
 
 
 def build_model(config: ModelConfig, max_model_len: int, device: torch.device,
@@ -54,6 +64,31 @@ class PendingTokens:
         return self._host.tolist()
 
 
+class StepProfile:
+    """Host and device timings of one step (PDSERVE_STEP_PROFILE=1, CUDA only)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.begin = time.perf_counter()
+        self.begin_monotonic = time.monotonic()  # the hop traces' clock
+        self.launched = 0.0
+        self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        self.events[0].record()
+
+    def mark_launched(self) -> None:
+        self.launched = time.perf_counter()
+        self.events[1].record()
+
+    def report(self) -> None:
+        """After the step's tokens were read back (so both events have completed)."""
+        done = time.perf_counter()
+        log.debug("step profile: %d tokens, host queued the forward in %.3f ms, device "
+                  "reached its end at %.3f ms, step %.3f ms (began at %.3f)", self.tokens,
+                  1000 * (self.launched - self.begin),
+                  self.events[0].elapsed_time(self.events[1]), 1000 * (done - self.begin),
+                  1000 * self.begin_monotonic)
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig,
                  weights: dict[str, torch.Tensor], num_blocks: int, max_model_len: int) -> None:
@@ -86,6 +121,9 @@ class ModelRunner:
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.graphs is not None)
         self._seed_rng = torch.Generator().manual_seed(config.seed)
+        self.profile_steps = (self.device.type == "cuda"
+                              and os.environ.get("PDSERVE_STEP_PROFILE") == "1")
+        self._profile: StepProfile | None = None
 
     def _make_graphs(self, config: EngineConfig, max_model_len: int) -> None:
         if config.attention_backend != "triton":
@@ -132,64 +170,51 @@ class ModelRunner:
 
     def build_batch(self, scheduled: list[ScheduledRequest], device: torch.device | None = None):
         """Flattened step inputs; tensors on `device` (default: the model's)."""
-        bs = self.config.block_size
-        input_ids, positions, slots, starts = [], [], [], [0]
-        seq_lens, query_lens, tables = [], [], []
-        for s in scheduled:
-            r = s.request
-            begin, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
-            if s.num_new_tokens == 1:  # decode: skip slicing the whole token list
-                n_prompt = len(r.prompt_ids)
-                input_ids.append(r.prompt_ids[begin] if begin < n_prompt
-                                 else r.output_ids[begin - n_prompt])
-                positions.append(begin)
-                slots.append(r.block_ids[begin // bs] * bs + begin % bs)
-            else:
-                input_ids += r.all_token_ids[begin:end]
-                positions += range(begin, end)
-                slots += [r.block_ids[p // bs] * bs + p % bs for p in range(begin, end)]
-            starts.append(starts[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            query_lens.append(s.num_new_tokens)
-            tables.append(r.block_ids)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
-        dev = device or self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta, starts
+        return step_inputs(scheduled, self.config.block_size, device or self.device)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
         """Run the step; returns the sampled token per scheduled request (None mid-prompt)."""
+        if not self.profile_steps:
+            return self._execute(scheduled)
+        self._profile = StepProfile(sum(s.num_new_tokens for s in scheduled))
+        tokens = self._execute(scheduled)
+        torch.cuda.current_stream(self.device).synchronize()  # mid-prompt chunks read nothing
+        self._profile.report()
+        self._profile = None
+        return tokens
+
+    def _execute(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
         self._own_threads()
         sampling = [i for i, s in enumerate(scheduled) if s.samples]
         if self._graphable(scheduled, len(sampling)):
             # host tensors: the graph's static device buffers take them in one copy each
             ids, pos, meta, _ = self.build_batch(scheduled, torch.device("cpu"))
             logits = self.graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens, meta.block_tables)
+            self._mark_launched()
             return self._sample(scheduled, sampling, logits)
         if self._prefill_graphable(scheduled):
             ids, pos, meta, _ = self.build_batch(scheduled, torch.device("cpu"))
             logits = self.prefill_graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens_cpu[0],
                                              meta.block_tables)
+            self._mark_launched()
             return self._sample(scheduled, sampling, logits) if sampling else [None]
         ids, pos, meta, starts = self.build_batch(scheduled)
         hidden = self.model(ids, pos, self.pool, self.backend, meta)
+        self._mark_launched()
         if not sampling:
             return [None] * len(scheduled)
         if len(sampling) == len(scheduled) and meta.is_decode_only:
             last = hidden  # one row per request, all of them sample
         else:
-            last = hidden[torch.tensor([starts[i + 1] - 1 for i in sampling], device=self.device)]
+            # a non-blocking index: the host queues the logits and sampling behind the
+            # forward instead of waiting for it here
+            last = hidden[_index([starts[i + 1] - 1 for i in sampling], self.device)]
         return self._sample(scheduled, sampling, self.model.compute_logits(last))
+
+    def _mark_launched(self) -> None:
+        if self._profile is not None:
+            self._profile.mark_launched()
 
     @torch.inference_mode()
     def launch_decode(self, scheduled: list[ScheduledRequest], carried: list[tuple[int, int]],
@@ -259,6 +284,94 @@ class ModelRunner:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
         return event
+
+
+def step_inputs(scheduled: list[ScheduledRequest], bs: int, device: torch.device):
+    """A step's flattened inputs (input ids, positions, attention metadata, query starts)
+    as tensors on `device`; bs is the KV block size."""
+    input_ids, positions, slots = _Column(), _Column(), _Column()
+    starts, seq_lens, query_lens, tables = [0], [], [], []
+    for s in scheduled:
+        r = s.request
+        begin, end = r.num_computed_tokens, r.num_computed_tokens + s.num_new_tokens
+        if s.num_new_tokens == 1:  # decode: skip slicing the whole token list
+            n_prompt = len(r.prompt_ids)
+            input_ids.add(r.prompt_ids[begin] if begin < n_prompt
+                          else r.output_ids[begin - n_prompt])
+            positions.add(begin)
+            slots.add(r.block_ids[begin // bs] * bs + begin % bs)
+        elif s.num_new_tokens >= TENSOR_CHUNK_MIN_TOKENS:
+            for column, values in zip((input_ids, positions, slots),
+                                      _chunk_tensors(r, begin, end, bs)):
+                column.add_tensor(values)
+        else:
+            input_ids.extend(r.all_token_ids[begin:end])
+            positions.extend(range(begin, end))
+            slots.extend([r.block_ids[p // bs] * bs + p % bs for p in range(begin, end)])
+        starts.append(starts[-1] + s.num_new_tokens)
+        seq_lens.append(end)
+        query_lens.append(s.num_new_tokens)
+        tables.append(r.block_ids)
+    width = max(len(t) for t in tables)
+    table = [t + [0] * (width - len(t)) for t in tables]
+    meta = AttentionMetadata(
+        slot_mapping=slots.tensor(device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(table, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+    return input_ids.tensor(device), positions.tensor(device), meta, starts
+
+
+# a prompt chunk this long builds its positions and slots with tensor ops (~50 us on the
+# host) instead of Python lists (~250 us at 2k tokens): the step's host time is what a
+# lone prompt's TTFT waits on, and what other threads' GIL use stretches
+TENSOR_CHUNK_MIN_TOKENS = 256
+
+
+class _Column:
+    """One flattened int64 step input, from single values and list runs (decode rows,
+    short chunks) and from whole tensors (long chunks), in order."""
+
+    def __init__(self) -> None:
+        self.pieces: list[torch.Tensor] = []
+        self.values: list[int] = []
+
+    def add(self, value: int) -> None:
+        self.values.append(value)
+
+    def extend(self, values) -> None:
+        self.values.extend(values)
+
+    def add_tensor(self, values: torch.Tensor) -> None:
+        self._flush()
+        self.pieces.append(values)
+
+    def tensor(self, device: torch.device) -> torch.Tensor:
+        if not self.pieces:
+            return torch.tensor(self.values, dtype=torch.int64, device=device)
+        self._flush()
+        flat = self.pieces[0] if len(self.pieces) == 1 else torch.cat(self.pieces)
+        return flat.to(device)
+
+    def _flush(self) -> None:
+        if self.values:
+            self.pieces.append(torch.tensor(self.values, dtype=torch.int64))
+            self.values = []
+
+
+def _chunk_tensors(request, begin: int, end: int, block_size: int):
+    """(input ids, positions, slots) of tokens begin..end of one request, on the host."""
+    # positions, slots: [end - begin] int64
+    positions = torch.arange(begin, end, dtype=torch.int64)
+    first_block = begin // block_size
+    blocks = torch.tensor(request.block_ids[first_block:(end - 1) // block_size + 1],
+                          dtype=torch.int64)
+    slots = blocks[positions // block_size - first_block] * block_size + positions % block_size
+    n_prompt = len(request.prompt_ids)
+    ids = request.prompt_ids[begin:end] if end <= n_prompt else request.all_token_ids[begin:end]
+    return torch.tensor(ids, dtype=torch.int64), positions, slots
 
 
 def _index(values, device: torch.device) -> torch.Tensor:
