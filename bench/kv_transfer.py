@@ -17,6 +17,9 @@ chunk and the clock starts at the chunk, as in serving: the decode worker's dest
 reaches the prefill worker while the prompt computes, so setting the transfer up (for
 same-host GPU peers: the receiver admitting it) is off the path.
 
+Both processes run with the workers' GIL switch interval (--switch-interval-s), as the
+connectors do in serving.
+
 With --trace (ucx) both processes log the transfer's hops at DEBUG on the host-wide
 monotonic clock, and the hops of the last transfer are printed in time order to stderr.
 
@@ -50,6 +53,7 @@ from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec  # noqa: E402
 from pdserve.kvtransfer import TransferState, make_receiver, make_sender  # noqa: E402
 from pdserve.kvtransfer.messages import (HandshakeInfo, destination_from_proto,  # noqa: E402
                                          destination_to_proto)
+from pdserve.services.serve import WORKER_SWITCH_INTERVAL_S  # noqa: E402
 from pdserve.wire import kv_pb2  # noqa: E402
 
 FINGERPRINT = "bench-kv-transfer"
@@ -98,9 +102,11 @@ def connector_settings(name: str, redis_url: str | None):
 
 
 # -- receiver process -------------------------------------------------------------------
-def receiver_main(conn, name, spec, device, redis_url, run_blocks, hops_file=""):
+def receiver_main(conn, name, spec, device, redis_url, run_blocks, hops_file="",
+                  switch_interval_s=WORKER_SWITCH_INTERVAL_S):
     """Decode side: for each transfer id received, expect it, send the destination back,
     report 'STATE seconds' once terminal."""
+    sys.setswitchinterval(switch_interval_s)
     if hops_file:
         _log_hops_to(hops_file)
     if device == "cuda":
@@ -176,7 +182,8 @@ def run_connector(name: str, spec: KVCacheSpec, args, redis_url: str | None) -> 
         _log_hops_to(str(trace_dir / f"{name}-sender.log"))
     process = ctx.Process(target=receiver_main,
                           args=(child, name, spec, device, redis_url, args.run_blocks,
-                                str(trace_dir / f"{name}-receiver.log") if trace_dir else ""))
+                                str(trace_dir / f"{name}-receiver.log") if trace_dir else "",
+                                args.switch_interval_s))
     process.start()
     try:
         assert parent.poll(120) and parent.recv_bytes() == b"ready"
@@ -350,8 +357,11 @@ def main(argv=None) -> int:
                              "the chunk (0: time from begin)")
     parser.add_argument("--trace", action="store_true",
                         help="print the traced hops of the last transfer (ucx)")
+    parser.add_argument("--switch-interval-s", type=float, default=WORKER_SWITCH_INTERVAL_S,
+                        help="both processes' GIL switch interval (default: the workers')")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
+    sys.setswitchinterval(args.switch_interval_s)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype, args.model_shape)
