@@ -633,13 +633,16 @@ class UcxSender(ChunkedSender):
         try:
             _trace(chunk.transfer_id, f"kv: chunk {chunk.index} picked up")
             chunk.wait_ready()
+            started = time.perf_counter()
+            # the copy first: the header is built while the device copies
+            self._queue_chunk_copy(peer, chunk)
             header = chunk_header(self.pool.spec, transfer_id=chunk.transfer_id,
                                   chunk_index=chunk.index, last=chunk.last,
                                   dst_runs=[(d, n) for _, d, n in chunk.runs],
                                   first_token=chunk.first_token)
             header.written_in_place = True
-            peer.unanswered.append((chunk, header.payload_bytes, time.perf_counter()))
-            self._copy_and_commit(peer, chunk, header)
+            peer.unanswered.append((chunk, header.payload_bytes, started))
+            self._send_commit(peer, chunk, header)
         except Exception as exc:  # control channel silent, device copy failed: peer is done
             self._peer_failed(peer, chunk.transfer_id, exc)
             self.table.unhold(chunk.transfer_id)
@@ -677,20 +680,22 @@ class UcxSender(ChunkedSender):
             event.record()  # created on this device before its handle is taken
         peer.copy_event, peer.copy_event_handle = event, bytes(event.ipc_handle())
 
-    def _copy_and_commit(self, peer: _Peer, chunk: Chunk, header) -> None:
-        """Copy the chunk into the mapped pool and send its commit. On a GPU the commit
-        goes out as soon as the copy is queued, naming the event that marks its end;
-        the receiver waits for that event (the sender, in _settle_chunk)."""
-        if peer.copy_event is None:  # a host pool: the copy is done on return
+    def _queue_chunk_copy(self, peer: _Peer, chunk: Chunk) -> None:
+        """Copy the chunk into the mapped pool: on a GPU queued on the copy stream, its
+        end marked by the peer's copy event; a host pool's copy is done on return."""
+        if peer.copy_event is None:
             self._queue_copy(peer.remote_pool, chunk, None)
-            peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
-            _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
             return
         stream = self._copy_stream.stream
         self._queue_copy(peer.remote_pool, chunk, stream)
         peer.copy_event.record(stream)
         _trace(chunk.transfer_id, f"kv: copy {chunk.index} queued")
-        header.copy_done_event = peer.copy_event_handle
+
+    def _send_commit(self, peer: _Peer, chunk: Chunk, header) -> None:
+        """On a GPU the commit goes out while the copy runs, naming the event that marks
+        its end; the receiver waits for that event (the sender, in _settle_chunk)."""
+        if peer.copy_event is not None:
+            header.copy_done_event = peer.copy_event_handle
         peer.control.send(kv_pb2.SideChannelRequest(chunk_header=header))
         _trace(chunk.transfer_id, f"kv: commit {chunk.index} sent")
 

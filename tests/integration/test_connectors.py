@@ -385,9 +385,9 @@ def test_in_place_ready_chunk_is_committed_from_the_callers_thread(ucx_receiver)
     with make_sender("ucx", source, hello("ucx", "prefill"), UcxSettings(io_timeout_s=2)) as sender:
         peer = _in_place_peer(sender, receiver)
         committed_on = []
-        copy_and_commit = sender._copy_and_commit
-        sender._copy_and_commit = lambda *args: (
-            committed_on.append(threading.current_thread().name), copy_and_commit(*args))
+        send_commit = sender._send_commit
+        sender._send_commit = lambda *args: (
+            committed_on.append(threading.current_thread().name), send_commit(*args))
         for transfer_id, ready in (("inline", None), ("queued", _WritesOnSync(source, SRC, 21))):
             destination = receiver.expect(transfer_id, DST)
             sender.begin(destination)
