@@ -286,9 +286,16 @@ class ModelRunner:
         return event
 
 
-def step_inputs(scheduled: list[ScheduledRequest], bs: int, device: torch.device):
+# a prompt chunk this long builds its positions and slots with tensor ops (~50 us on the
+# host) instead of Python lists (~250 us at 2k tokens): the step's host time is what a
+# lone prompt's TTFT waits on, and what other threads' GIL use stretches
+TENSOR_CHUNK_MIN_TOKENS = 256
+
+
+def step_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device):
     """A step's flattened inputs (input ids, positions, attention metadata, query starts)
-    as tensors on `device`; bs is the KV block size."""
+    as tensors on `device`."""
+    bs = block_size
     input_ids, positions, slots = _Column(), _Column(), _Column()
     starts, seq_lens, query_lens, tables = [0], [], [], []
     for s in scheduled:
@@ -322,12 +329,6 @@ def step_inputs(scheduled: list[ScheduledRequest], bs: int, device: torch.device
         max_query_len=max(query_lens), max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
     return input_ids.tensor(device), positions.tensor(device), meta, starts
-
-
-# a prompt chunk this long builds its positions and slots with tensor ops (~50 us on the
-# host) instead of Python lists (~250 us at 2k tokens): the step's host time is what a
-# lone prompt's TTFT waits on, and what other threads' GIL use stretches
-TENSOR_CHUNK_MIN_TOKENS = 256
 
 
 class _Column:
