@@ -142,12 +142,12 @@ class EngineLoop:
             result = fn(*args)
         except Exception as exc:  # handed to the awaiting coroutine
             if future is not None:
-                self._loop.call_soon_threadsafe(_set_exception, future, exc)
+                self._loop.call_soon_threadsafe(set_exception_if_pending, future, exc)
             else:
                 log.exception("engine command failed")
             return
         if future is not None:
-            self._loop.call_soon_threadsafe(_set_result, future, result)
+            self._loop.call_soon_threadsafe(set_result_if_pending, future, result)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -169,11 +169,13 @@ def _noop() -> None:
     pass
 
 
-def _set_result(future: asyncio.Future, result: Any) -> None:
+def set_result_if_pending(future: asyncio.Future, result: Any) -> None:
+    """For loop.call_soon_threadsafe from another thread: the future may have been
+    cancelled (its caller gave up) by the time this runs."""
     if not future.done():
         future.set_result(result)
 
 
-def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+def set_exception_if_pending(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)

@@ -36,6 +36,7 @@ from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
 from pdserve.services.common import (ChannelPool, chunk_from_output, remote_timing,
                                      sampling_from_proto, sampling_to_proto, trace)
+from pdserve.services.engine_loop import set_result_if_pending
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -46,11 +47,6 @@ FINAL_ERROR_KEY = "pdserve-final-error"
 
 class TransferFailed(Exception):
     pass
-
-
-def _settle(future: asyncio.Future, value) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def _done(loop: asyncio.AbstractEventLoop, value) -> asyncio.Future:
@@ -205,7 +201,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         trace(log, request_id, "decode: KV landed")
         if status.first_token is not None:
             self.core.loop.submit(self._join_batch, request_id, status.first_token, inline=True)
-        aio_loop.call_soon_threadsafe(_settle, landed, status)
+        aio_loop.call_soon_threadsafe(set_result_if_pending, landed, status)
 
     def _join_batch(self, request_id: str, first_token: int) -> None:
         """Engine thread: the request decodes from here and its first token goes to the

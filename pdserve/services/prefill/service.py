@@ -47,6 +47,7 @@ from pdserve.kvtransfer import ConnectorError, TransferState
 from pdserve.kvtransfer.base import KVDestination
 from pdserve.kvtransfer.messages import destination_from_proto
 from pdserve.services.common import finish_reason_proto, sampling_from_proto, trace
+from pdserve.services.engine_loop import set_exception_if_pending, set_result_if_pending
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -188,7 +189,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         try:
             self._claim_or_start_job(job, token_ids, params)
         except Exception as exc:  # InvalidRequest: INVALID_ARGUMENT; anything else: a bug
-            self._aio_loop.call_soon_threadsafe(_fail, job.future, exc)
+            self._aio_loop.call_soon_threadsafe(set_exception_if_pending, job.future, exc)
 
     def _claim_or_start_job(self, job: PrefillJob, token_ids: list[int], params) -> None:
         early = self.jobs.get(job.request_id)
@@ -209,9 +210,9 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             self._start_job(job, token_ids, params)
         except InvalidRequest as exc:  # e.g. its Prefill call came first and started it
             response = worker_pb2.StartPrefillResponse(started=False, reason=str(exc))
-            self._aio_loop.call_soon_threadsafe(_resolve, job.start_future, response)
+            self._aio_loop.call_soon_threadsafe(set_result_if_pending, job.start_future, response)
         except Exception as exc:  # a bug: the call fails (UNKNOWN), the worker serves on
-            self._aio_loop.call_soon_threadsafe(_fail, job.start_future, exc)
+            self._aio_loop.call_soon_threadsafe(set_exception_if_pending, job.start_future, exc)
 
     def _remember_key(self, key: str) -> None:
         keys = self._keys_started_by_prefill
@@ -254,7 +255,7 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         if status.state is TransferState.DONE and job.first_token is not None \
                 and not job.aborting:
             response = self._response(job, JobState.DONE, "", status)
-            self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
+            self._aio_loop.call_soon_threadsafe(set_result_if_pending, job.future, response)
             trace(log, job.request_id, "prefill: answered from the connector thread")
 
     def _begin_transfer(self, job: PrefillJob) -> None:
@@ -386,14 +387,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         job.state = state
         if job.future is not None:
             response = self._response(job, state, error, status)
-            self._aio_loop.call_soon_threadsafe(_resolve, job.future, response)
+            self._aio_loop.call_soon_threadsafe(set_result_if_pending, job.future, response)
         self._answer_start(job, f"{state.value}: {error}" if error else state.value)
 
     def _answer_start(self, job: PrefillJob, reason: str) -> None:
         """Answer the StartPrefill call of an early-started job that ended."""
         if job.start_future is not None:
             response = worker_pb2.StartPrefillResponse(started=True, reason=reason)
-            self._aio_loop.call_soon_threadsafe(_resolve, job.start_future, response)
+            self._aio_loop.call_soon_threadsafe(set_result_if_pending, job.start_future, response)
 
     def _response(self, job: PrefillJob, state: JobState, error: str, status):
         kv_state = {JobState.DONE: kv_pb2.TRANSFER_DONE}.get(state, kv_pb2.TRANSFER_FAILED)
@@ -409,16 +410,6 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             transfer_id=job.transfer_id, kv_state=kv_state, kv_error=error,
             finish_reason=finish_reason_proto(job.finish_reason),
             stats=stats, worker_id=self.core.settings.worker_id)
-
-
-def _resolve(future: asyncio.Future, response) -> None:
-    if not future.done():
-        future.set_result(response)
-
-
-def _fail(future: asyncio.Future, exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
 
 
 def _first_token_params(request: worker_pb2.PrefillRequest):
