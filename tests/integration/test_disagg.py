@@ -239,6 +239,28 @@ def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, r
         wait_pools_free(cluster)
 
 
+def test_prefill_call_refused_by_the_engine_thread_gets_invalid_argument(prompts):
+    """A Prefill call whose job the engine thread refuses (here: its request id is held
+    by an early start under another key) fails with INVALID_ARGUMENT, the worker keeps
+    serving, and the early job's blocks come back when its lease runs out."""
+    def prefill_request(key: str) -> worker_pb2.PrefillRequest:
+        return worker_pb2.PrefillRequest(request_id="clash", token_ids=prompts[0],
+                                         sampling=sampling_to_proto(GREEDY), early_start_key=key)
+
+    with Cluster(ClusterSpec(connector="ucx", prefill_args=("--kv-lease-s", "2"))) as cluster:
+        cluster.start()
+        with grpc.insecure_channel(cluster.proc("prefill-0").address) as channel:
+            stub = worker_pb2_grpc.PrefillServiceStub(channel)
+            start = stub.StartPrefill.future(prefill_request("key-a"), timeout=60)
+            wait_for_prefill_work(cluster, names=("prefill-0",))
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Prefill(prefill_request("key-b"), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "already being prefilled" in refused.value.details()
+            assert "no Prefill call claimed" in start.result().reason
+        assert wait_pools_free(cluster)["prefill-0"].early_starts_dropped == 1
+
+
 def test_handshake_mismatch_is_refused_with_both_values(prompts, reference):
     spec = ClusterSpec(prefill_args=("--block-size", "32"))
     with Cluster(spec) as cluster:
