@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-PROTOCOL_VERSION = 3  # 3: in-place chunks admitted/committed on the control channel
+PROTOCOL_VERSION = 4  # 4: in-place chunks committed by transfer position (InPlaceCommit)
 POOL_LAYOUT = "block_major_v1"   # pdserve.engine.kvcache.pool: [blocks, layers, 2, bs, h, d]
 
 

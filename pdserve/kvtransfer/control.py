@@ -8,8 +8,8 @@ Here each sender (prefill) keeps one TCP connection per receiver and a receiver 
 per connection answers in place: one wake per direction (bench/control_rtt.py).
 
 Frames, both directions: a 4-byte big-endian length, then one protobuf message -
-SideChannelRequest (admit: hold a transfer's blocks; chunk_header: commit a copied chunk
-or abort) from the sender, SideChannelReply{chunk} back, one per request, in order (a
+SideChannelRequest (admit: hold a transfer's blocks; commit: a chunk copied in place;
+chunk_header: an abort notice) from the sender, SideChannelReply{chunk} back, one per request, in order (a
 sender may send several requests before reading their replies). The address
 is learned from an accepted handshake on the side channel (HandshakeReply
 .control_address), so a peer only gets here after the version and layout checks.
@@ -36,7 +36,7 @@ MAX_FRAME_BYTES = 1 << 20   # a header lists at most a few thousand runs
 IDLE_TICK_S = 0.05
 # handler(request, connection id): every request of one connection comes from one sender
 ChunkHandler = Callable[[kv_pb2.SideChannelRequest, int], kv_pb2.KVChunkReply]
-CONTROL_KINDS = ("admit", "chunk_header")
+CONTROL_KINDS = ("admit", "commit", "chunk_header")
 
 
 class FrameTooLarge(ConnectionError):

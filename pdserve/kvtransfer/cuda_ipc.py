@@ -7,6 +7,7 @@ will not open."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from pathlib import Path
@@ -70,8 +71,7 @@ class RemotePool:
             for s, d, n in runs:
                 self.kv[d:d + n].copy_(source[s:s + n])
             return
-        from cupy.cuda import runtime
-
+        runtime = _cuda_runtime()
         device = self.kv.device.index or 0
         if runtime.getDevice() != device:  # a thread's current device starts at 0
             runtime.setDevice(device)
@@ -79,6 +79,12 @@ class RemotePool:
         for s, d, n in runs:
             runtime.memcpyAsync(dst + d * bpb, src + s * bpb, n * bpb, runtime.memcpyDefault,
                                 stream.cuda_stream)
+
+
+@functools.cache
+def _cuda_runtime():
+    from cupy.cuda import runtime  # imported on first use: CuPy is optional on the CPU
+    return runtime
 
 
 def open_pool(reply, local: KVCachePool) -> RemotePool | None:

@@ -85,7 +85,8 @@ class LocalReceiver(RegisteringReceiver):
         if blocks is not None:
             for run, source in zip(header.runs, sources):
                 self.pool.block_run_bytes(run.first, run.count).copy_(source)
-            store_chunk(self.table, header, blocks, time.perf_counter() - started)
+            store_chunk(self.table, header, blocks, time.perf_counter() - started,
+                        header.payload_bytes)
         reply.status = kv_pb2.KVChunkReply.STORED
         return reply.SerializeToString()
 

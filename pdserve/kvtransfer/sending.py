@@ -18,7 +18,8 @@ from pdserve.engine.kvcache.pool import KVCachePool
 from pdserve.kvtransfer.base import (ConnectorMetrics, KVDestination, KVSender, ReadyEvent,
                                      ReleaseCallback, TransferState, TransferStatus)
 from pdserve.kvtransfer.messages import HandshakeInfo
-from pdserve.kvtransfer.transfers import TransferTable, chunk_destination, paired_runs
+from pdserve.kvtransfer.transfers import (TransferTable, chunk_destination, chunk_run_starts,
+                                         paired_runs)
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,17 @@ class ChunkedSender(KVSender):
     def begin(self, destination: KVDestination, *, lease_s: float | None = None,
               on_release: ReleaseCallback | None = None) -> None:
         self.connect(destination.address)
-        self.table.add(destination, (), lease_s=lease_s, on_release=on_release)
+        record = self.table.add(destination, (), lease_s=lease_s, on_release=on_release)
+        record.destination_run_starts  # noqa: B018 (computed now, off the chunks' path)
 
     def send_chunk(self, transfer_id: str, src_block_ids: Sequence[int], *, start: int,
                    last: bool, ready: ReadyEvent | None = None,
                    first_token: int | None = None) -> None:
-        destination = self.table.get(transfer_id).destination
+        record = self.table.get(transfer_id)
+        destination = record.destination
         dst_block_ids = chunk_destination(destination, src_block_ids, start)
-        runs = paired_runs(list(src_block_ids), dst_block_ids)
+        runs = paired_runs(list(src_block_ids), dst_block_ids, chunk_run_starts(
+            record.destination_run_starts, start, len(dst_block_ids)))
         index = self.table.mark_queued(transfer_id, last, src_block_ids)
         self._submit(Chunk(transfer_id, destination.address, index, tuple(runs), last, start,
                            ready, first_token))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 from pdserve.engine.kvcache.pool import KVCacheSpec
@@ -58,6 +60,12 @@ class Transfer:
     @property
     def transfer_id(self) -> str:
         return self.destination.transfer_id
+
+    @cached_property
+    def destination_run_starts(self) -> list[int]:
+        """run_starts(destination.block_ids): a sender takes it at begin(), while the
+        prompt computes, so pairing a chunk's blocks costs a pass over its source only."""
+        return run_starts(self.destination.block_ids)
 
     def status(self) -> TransferStatus:
         end = self.finished if self.finished is not None else time.monotonic()
@@ -244,31 +252,50 @@ def chunk_destination(destination: KVDestination, src_block_ids: Sequence[int],
     return list(destination.block_ids[start:end])
 
 
-def paired_runs(src_block_ids: Sequence[int],
-                dst_block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+def paired_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
+                dst_run_starts: Sequence[int] | None = None) -> list[tuple[int, int, int]]:
     """Coalesce (src, dst) block pairs into (src_first, dst_first, count) runs where both
     sides are consecutive, order kept: each run is one contiguous byte range on both
-    sides of a block-major pool."""
+    sides of a block-major pool. dst_run_starts: run_starts(dst_block_ids), if known."""
     if len(src_block_ids) != len(dst_block_ids):
         raise ValueError(f"{len(src_block_ids)} source blocks for "
                          f"{len(dst_block_ids)} destination blocks")
     n = len(src_block_ids)
-    if n and _consecutive(src_block_ids) and _consecutive(dst_block_ids):
-        return [(src_block_ids[0], dst_block_ids[0], n)]  # the common case, at C speed
-    runs: list[tuple[int, int, int]] = []
-    for s, d in zip(src_block_ids, dst_block_ids):
-        if runs:
-            s0, d0, n = runs[-1]
-            if s0 + n == s and d0 + n == d:
-                runs[-1] = (s0, d0, n + 1)
-                continue
-        runs.append((s, d, 1))
-    return runs
+    if dst_run_starts is None:
+        dst_run_starts = run_starts(dst_block_ids)
+    src_run_starts = run_starts(src_block_ids)
+    starts = src_run_starts if dst_run_starts == [0] else \
+        dst_run_starts if src_run_starts == [0] else sorted({*src_run_starts, *dst_run_starts})
+    ends = [*starts[1:], n]
+    return [(src_block_ids[a], dst_block_ids[a], b - a) for a, b in zip(starts, ends)]
 
 
-def _consecutive(block_ids: Sequence[int]) -> bool:
+def run_starts(block_ids: Sequence[int]) -> list[int]:
+    """Positions where a run of consecutive block ids starts ([] for no blocks)."""
+    n = len(block_ids)
+    if not n:
+        return []
     first = block_ids[0]
-    return list(block_ids) == list(range(first, first + len(block_ids)))
+    if list(block_ids) == list(range(first, first + n)):
+        return [0]   # the common case, at C speed
+    # a plain loop that records starts only: rebuilding a run per block cost twice as
+    # much, and a prompt's blocks are walked on the time-to-first-token path
+    starts = [0]
+    for i in range(1, n):
+        if block_ids[i] != block_ids[i - 1] + 1:
+            starts.append(i)
+    return starts
+
+
+def chunk_run_starts(destination_run_starts: Sequence[int], start: int,
+                     count: int) -> list[int]:
+    """run_starts of destination.block_ids[start:start + count], from the whole
+    destination's (computed once per transfer, not per chunk)."""
+    if not count:
+        return []
+    first = bisect_right(destination_run_starts, start)
+    last = bisect_left(destination_run_starts, start + count)
+    return [0, *(p - start for p in destination_run_starts[first:last])]
 
 
 def split_runs(runs: list[tuple[int, int, int]],
@@ -298,12 +325,7 @@ def admit_chunk(table: TransferTable, header, spec: KVCacheSpec) -> list[int] | 
     if problems:
         table.finish(header.transfer_id, TransferState.FAILED, "; ".join(problems))
         raise ChunkRejected("; ".join(problems))
-    try:
-        record = table.active(header.transfer_id)
-    except UnknownTransfer:
-        raise ChunkRejected(f"unknown transfer {header.transfer_id!r}") from None
-    except InvalidTransition as exc:
-        raise ChunkRejected(str(exc)) from None
+    record = _active_record(table, header.transfer_id)
     blocks = header_block_ids(header)
     stray = set(blocks) - set(record.destination.block_ids)
     if stray:
@@ -314,20 +336,48 @@ def admit_chunk(table: TransferTable, header, spec: KVCacheSpec) -> list[int] | 
     return blocks
 
 
-def store_chunk(table: TransferTable, header, blocks: list[int], seconds: float) -> None:
-    """Record a chunk whose payload is in place; the last chunk completes the transfer
-    (DONE when every destination block was filled, FAILED otherwise)."""
-    table.record_chunk(header.transfer_id, blocks=blocks, nbytes=header.payload_bytes,
-                       seconds=seconds, sent=False)
-    if not header.last_chunk:
+def in_place_blocks(table: TransferTable, commit) -> list[int]:
+    """The destination blocks an InPlaceCommit names by position in its transfer; raises
+    ChunkRejected with the reason (positions outside the transfer also fail it)."""
+    record = _active_record(table, commit.transfer_id)
+    block_ids = record.destination.block_ids
+    first, end = commit.first_position, commit.first_position + commit.num_blocks
+    if commit.num_blocks == 0 or end > len(block_ids):
+        reason = (f"positions {first}..{end - 1} are outside the {len(block_ids)} "
+                  f"destination blocks of {commit.transfer_id!r}")
+        table.finish(commit.transfer_id, TransferState.FAILED, reason)
+        raise ChunkRejected(reason)
+    table.mark_started(commit.transfer_id)
+    return list(block_ids[first:end])
+
+
+def _active_record(table: TransferTable, transfer_id: str) -> Transfer:
+    try:
+        return table.active(transfer_id)
+    except UnknownTransfer:
+        raise ChunkRejected(f"unknown transfer {transfer_id!r}") from None
+    except InvalidTransition as exc:
+        raise ChunkRejected(str(exc)) from None
+
+
+def store_chunk(table: TransferTable, message, blocks: list[int], seconds: float,
+                nbytes: int) -> None:
+    """Record a chunk whose payload is in place (message: its KVTransferHeader or
+    InPlaceCommit); the last chunk completes the transfer (DONE when every destination
+    block was filled, FAILED otherwise)."""
+    table.record_chunk(message.transfer_id, blocks=blocks, nbytes=nbytes, seconds=seconds,
+                       sent=False)
+    if not message.last_chunk:
         return
-    record = table.get(header.transfer_id)
-    if header.HasField("first_token_id"):
-        table.set_first_token(header.transfer_id, header.first_token_id)
+    record = table.get(message.transfer_id)
+    if message.HasField("first_token_id"):
+        table.set_first_token(message.transfer_id, message.first_token_id)
         table.metrics.add(first_tokens_received=1)
-    missing = set(record.destination.block_ids) - record.filled
+    # filled holds destination blocks only: as many as the destination means all of them
+    missing = () if len(record.filled) >= len(record.destination.block_ids) else \
+        set(record.destination.block_ids) - record.filled
     if missing:
-        table.finish(header.transfer_id, TransferState.FAILED,
+        table.finish(message.transfer_id, TransferState.FAILED,
                      f"last chunk arrived with {len(missing)} destination blocks unfilled")
     else:
-        table.finish(header.transfer_id, TransferState.DONE)
+        table.finish(message.transfer_id, TransferState.DONE)

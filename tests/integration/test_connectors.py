@@ -217,12 +217,10 @@ def test_local_receiver_gone_fails_sender():
 
 
 # -- ucx in-place chunks (same-host GPU peers), protocol on the control channel --------
-def _in_place(transfer_id, index, runs, last=True):
-    from pdserve.kvtransfer.messages import chunk_header
-    header = chunk_header(SPEC, transfer_id=transfer_id, chunk_index=index, last=last,
-                          dst_runs=runs)
-    header.written_in_place = True
-    return kv_pb2.SideChannelRequest(chunk_header=header)
+def _in_place(transfer_id, index, first_position, num_blocks, last=True):
+    return kv_pb2.SideChannelRequest(commit=kv_pb2.InPlaceCommit(
+        transfer_id=transfer_id, chunk_index=index, first_position=first_position,
+        num_blocks=num_blocks, last_chunk=last))
 
 
 def _admit(transfer_id):
@@ -253,34 +251,39 @@ def test_in_place_transfer_admitted_then_chunks_committed(ucx_receiver):
     source = random_pool(seed=7)
     receiver.expect("ip", DST[:4])
     status = kv_pb2.KVChunkReply
-    reply = client.call(_in_place("ip", 0, [(10, 2)], last=False)).chunk
+    reply = client.call(_in_place("ip", 0, 0, 2, last=False)).chunk
     assert reply.status == status.REJECTED and "not admitted" in reply.error
     assert client.call(_admit("ip")).chunk.status == status.ACCEPTED
     assert client.call(_admit("ip")).chunk.status == status.ACCEPTED   # idempotent
     pool.kv[10:12].copy_(source.kv[3:5])            # the peer's device copy
-    assert client.call(_in_place("ip", 0, [(10, 2)], last=False)).chunk.status == status.STORED
+    assert client.call(_in_place("ip", 0, 0, 2, last=False)).chunk.status == status.STORED
     assert receiver.poll()["ip"].state is TransferState.IN_FLIGHT
-    pool.kv[40:42].copy_(source.kv[5:7])
-    assert client.call(_in_place("ip", 1, [(40, 2)])).chunk.status == status.STORED
+    pool.kv[40:42].copy_(source.kv[5:7])            # positions 2, 3 are blocks 40, 41
+    assert client.call(_in_place("ip", 1, 2, 2)).chunk.status == status.STORED
     assert receiver.wait("ip", 5).state is TransferState.DONE
     assert torch.equal(pool.read_blocks(DST[:4]), source.read_blocks([3, 4, 5, 6]))
-    reply = client.call(_in_place("ip", 2, [(10, 1)])).chunk    # the last commit ended it
+    reply = client.call(_in_place("ip", 2, 0, 1)).chunk    # the last commit ended it
     assert reply.status == status.REJECTED
-    # blocks outside the transfer are refused; unknown transfers are not admitted
+    # positions past the transfer are refused (and fail it); unknown transfers are not
+    # admitted; a chunk header that is not an abort notice is not a commit
     receiver.expect("ip2", [1, 2])
     assert client.call(_admit("ip2")).chunk.status == status.ACCEPTED
-    reply = client.call(_in_place("ip2", 0, [(50, 2)])).chunk
-    assert reply.status == status.REJECTED and "not destinations" in reply.error
+    reply = client.call(_in_place("ip2", 0, 1, 2)).chunk
+    assert reply.status == status.REJECTED and "outside the 2 destination blocks" in reply.error
+    assert receiver.poll()["ip2"].state is TransferState.FAILED
     reply = client.call(_admit("nope")).chunk
     assert reply.status == status.REJECTED and "unknown transfer" in reply.error
+    header = kv_pb2.KVTransferHeader(transfer_id="ip", runs=[kv_pb2.BlockRun(first=1, count=1)])
+    reply = client.call(kv_pb2.SideChannelRequest(chunk_header=header)).chunk
+    assert reply.status == status.REJECTED and "InPlaceCommit" in reply.error
 
 
 def test_in_place_copy_event_on_a_host_pool_is_refused(ucx_receiver):
     receiver, _, client = ucx_receiver
     receiver.expect("ev", [4])
     assert client.call(_admit("ev")).chunk.status == kv_pb2.KVChunkReply.ACCEPTED
-    commit = _in_place("ev", 0, [(4, 1)])
-    commit.chunk_header.copy_done_event = b"\x01" * 64
+    commit = _in_place("ev", 0, 0, 1)
+    commit.commit.copy_done_event = b"\x01" * 64
     reply = client.call(commit).chunk
     assert reply.status == kv_pb2.KVChunkReply.REJECTED and "host-memory pool" in reply.error
     assert receiver.poll()["ev"].state is not TransferState.DONE

@@ -1,5 +1,6 @@
 """Transfer bookkeeping: run pairing, state machine, leases, deferred release."""
 
+import random
 import time
 
 import pytest
@@ -9,7 +10,8 @@ from pdserve.engine.kvcache.pool import contiguous_runs
 from pdserve.kvtransfer import get_connector
 from pdserve.kvtransfer.base import ConnectorMetrics, KVDestination, TransferState
 from pdserve.kvtransfer.transfers import (InvalidTransition, TransferTable, chunk_destination,
-                                          paired_runs, split_runs)
+                                          chunk_run_starts, paired_runs, run_starts,
+                                          split_runs)
 
 
 def dest(tid="t", blocks=(1, 2, 3, 7)):
@@ -27,6 +29,36 @@ def test_paired_runs_coalesce_only_where_both_sides_are_consecutive():
     assert paired_runs(list(range(8)), list(range(100, 108))) == [(0, 100, 8)]
     with pytest.raises(ValueError):
         paired_runs([1, 2], [3])
+
+
+def _runs_by_definition(src, dst):
+    """One run per block, merged into the previous run while both sides count up by one."""
+    runs = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
+
+
+def test_paired_runs_match_their_definition_on_shuffled_block_lists():
+    rng = random.Random(3)
+    for _ in range(200):
+        n = rng.randrange(0, 60)
+        src = rng.sample(range(200), n) if rng.random() < 0.3 else \
+            list(range(rng.randrange(50), 200))[:n]
+        pieces = [list(range(i, i + rng.randrange(1, 6))) for i in range(0, 400, 6)]
+        rng.shuffle(pieces)
+        whole = [b for piece in pieces for b in piece]
+        start = rng.randrange(0, len(whole) - len(src) + 1)
+        dst = whole[start:start + len(src)]
+        expected = _runs_by_definition(src, dst)
+        assert paired_runs(src, dst) == expected
+        assert paired_runs(tuple(src), tuple(dst)) == expected
+        # a chunk's destination runs cut from the whole destination's, as senders do
+        assert paired_runs(src, dst, chunk_run_starts(run_starts(whole), start,
+                                                      len(src))) == expected
 
 
 def test_paired_runs_agree_with_pool_run_coalescing():
