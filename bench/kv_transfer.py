@@ -17,6 +17,12 @@ chunk and the clock starts at the chunk, as in serving: the decode worker's dest
 reaches the prefill worker while the prompt computes, so setting the transfer up (for
 same-host GPU peers: the receiver admitting it) is off the path.
 
+With --busy-ahead (CUDA) the device computes through that gap and the host syncs with it
+before the first chunk, as a prefill worker's prompt computes and its sampled token is read
+back before the last chunk goes out: the copy then starts on a busy device, as in serving,
+not on one that sat idle (an idle H100 copies 0.5 GB ~15% slower; the results also give the
+baseline copy after the same idle gap).
+
 Both processes run with the workers' GIL switch interval (--switch-interval-s), as the
 connectors do in serving.
 
@@ -41,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -105,7 +112,8 @@ def connector_settings(name: str, redis_url: str | None):
 def receiver_main(conn, name, spec, device, redis_url, run_blocks, hops_file="",
                   switch_interval_s=WORKER_SWITCH_INTERVAL_S):
     """Decode side: for each transfer id received, expect it, send the destination back,
-    report 'STATE seconds' once terminal."""
+    report 'STATE seconds' once terminal. Like the decode worker, it learns the outcome
+    from the connector's callbacks (on_done / on_release), not by polling."""
     sys.setswitchinterval(switch_interval_s)
     if hops_file:
         _log_hops_to(hops_file)
@@ -121,20 +129,24 @@ def receiver_main(conn, name, spec, device, redis_url, run_blocks, hops_file="",
         if transfer_id == "exit":
             break
         done_at: list[float] = []  # stamped on the connector thread that saw DONE
-        destination = receiver.expect(transfer_id, dst,
-                                      block_keys=block_keys(transfer_id, len(dst)),
-                                      on_done=lambda _status: _done(done_at, transfer_id))
+        ended = threading.Event()
+        destination = receiver.expect(
+            transfer_id, dst, block_keys=block_keys(transfer_id, len(dst)),
+            on_done=lambda _status: _done(done_at, transfer_id, ended),
+            on_release=lambda _status, _blocks: ended.set())
         conn.send_bytes(destination_to_proto(destination).SerializeToString())
-        status = receiver.wait(transfer_id, 600)
+        ended.wait(600)
+        status = receiver.poll()[transfer_id]
         finished = done_at[0] if done_at else time.time()
         conn.send_bytes(f"{status.state.name} {finished:.6f}".encode())
         receiver.release(transfer_id)
     receiver.close()
 
 
-def _done(done_at: list[float], transfer_id: str) -> None:
+def _done(done_at: list[float], transfer_id: str, ended: threading.Event) -> None:
     done_at.append(time.time())
     _hop(transfer_id, "bench: receiver DONE")
+    ended.set()
 
 
 def _hop(transfer_id: str, event: str) -> None:
@@ -193,8 +205,7 @@ def run_connector(name: str, spec: KVCacheSpec, args, redis_url: str | None) -> 
             parent.send_bytes(transfer_id.encode())
             destination = destination_from_proto(
                 kv_pb2.KVDestination.FromString(parent.recv_bytes()))
-            started = _send_chunked(sender, destination, src, args.chunks,
-                                    args.begin_ahead_ms, time.time)
+            started = _send_chunked(sender, destination, src, args, time.time)
             sent = sender.wait(transfer_id, 600)
             state, finished = parent.recv_bytes().decode().split()
             if sent.state is not TransferState.DONE or state != "DONE":
@@ -224,8 +235,7 @@ def _run_in_process(name, spec, args, sender, src) -> dict:
     for rep in range(args.warmup + args.repeats):
         transfer_id = f"{name}-{rep}"
         destination = receiver.expect(transfer_id, dst)
-        started = _send_chunked(sender, destination, src, args.chunks, args.begin_ahead_ms,
-                                time.perf_counter)
+        started = _send_chunked(sender, destination, src, args, time.perf_counter)
         status = receiver.wait(transfer_id, 600)
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -243,8 +253,10 @@ def _run_in_process(name, spec, args, sender, src) -> dict:
     return _result(name, spec, args, seconds, sender_seconds, sender.metrics)
 
 
-def device_copy_seconds(spec: KVCacheSpec, device: str, repeats: int) -> list[float]:
-    """The baseline: one copy of the whole payload between two buffers on the device."""
+def device_copy_seconds(spec: KVCacheSpec, device: str, repeats: int,
+                        idle_ms: float = 0.0) -> list[float]:
+    """The baseline: one copy of the whole payload between two buffers on the device, back
+    to back (idle_ms > 0: each after the device sat idle that long)."""
     src = torch.empty(spec.num_blocks * spec.bytes_per_block, dtype=torch.uint8,
                       device=device)
     dst = torch.empty_like(src)
@@ -252,6 +264,8 @@ def device_copy_seconds(spec: KVCacheSpec, device: str, repeats: int) -> list[fl
     for rep in range(repeats + 1):
         if device == "cuda":
             torch.cuda.synchronize()
+        if idle_ms > 0:
+            time.sleep(idle_ms / 1000)
         started = time.perf_counter()
         dst.copy_(src)
         if device == "cuda":
@@ -261,23 +275,36 @@ def device_copy_seconds(spec: KVCacheSpec, device: str, repeats: int) -> list[fl
     return seconds
 
 
-def _send_chunked(sender, destination, src, chunks: int, begin_ahead_ms: float,
-                  clock) -> float:
-    """Send the payload in `chunks` chunks; returns when the clock started: at begin(),
+def _send_chunked(sender, destination, src, args, clock) -> float:
+    """Send the payload in args.chunks chunks; returns when the clock started: at begin(),
     or with begin_ahead_ms > 0 at the first chunk, begin() having run that much earlier
     (as in serving, where the destination arrives while the prompt still computes)."""
     started = clock()
     _hop(destination.transfer_id, "bench: begin")
     sender.begin(destination)
-    if begin_ahead_ms > 0:
-        time.sleep(begin_ahead_ms / 1000)
+    if args.begin_ahead_ms > 0:
+        _wait_ahead(args.begin_ahead_ms / 1000, args.busy_ahead and args.device == "cuda")
         started = clock()
         _hop(destination.transfer_id, "bench: first chunk")
-    per_chunk = -(-len(src) // chunks)
+    per_chunk = -(-len(src) // args.chunks)
     for start in range(0, len(src), per_chunk):
         sender.send_chunk(destination.transfer_id, src[start:start + per_chunk], start=start,
                           last=start + per_chunk >= len(src))
     return started
+
+
+def _wait_ahead(seconds: float, busy: bool) -> None:
+    """The gap between begin() and the first chunk: idle, or (busy) the device computing
+    until the chunk is sent and the host synced with it, as a prefill worker's prompt
+    computes and its sampled token is read back before the last chunk goes out."""
+    if not busy:
+        time.sleep(seconds)
+        return
+    end = time.perf_counter() + seconds
+    x = torch.ones(4096, 4096, dtype=torch.bfloat16, device="cuda")  # ~0.1 ms a matmul
+    while time.perf_counter() < end:
+        torch.mm(x, x)
+        torch.cuda.synchronize()
 
 
 def _result(name, spec, args, seconds, sender_seconds, metrics) -> dict:
@@ -288,6 +315,7 @@ def _result(name, spec, args, seconds, sender_seconds, metrics) -> dict:
         "bytes_per_block": spec.bytes_per_block, "run_blocks": args.run_blocks,
         "chunks": args.chunks, "repeats": len(seconds),
         "clock_from": (f"first send_chunk, begin() {args.begin_ahead_ms:g} ms earlier"
+                       + (", the device computing meanwhile" if args.busy_ahead else "")
                        if args.begin_ahead_ms > 0 else "begin()"),
         "seconds": [round(s, 5) for s in seconds],
         "gbps_median": round(payload / statistics.median(seconds) / 1e9, 3),
@@ -295,6 +323,9 @@ def _result(name, spec, args, seconds, sender_seconds, metrics) -> dict:
         "sender_seconds_median": round(statistics.median(sender_seconds), 4),
         "receiver_process": "same" if name == "local" else "separate",
         "device_copy_gbps_median": round(payload / statistics.median(args.copy_seconds) / 1e9, 3),
+        "device_copy_after_idle_gap_gbps_median": (
+            round(payload / statistics.median(args.idle_copy_seconds) / 1e9, 3)
+            if args.idle_copy_seconds else None),
         "fraction_of_copy": round(statistics.median(args.copy_seconds)
                                   / statistics.median(seconds), 3),
         "metrics": {k: v for k, v in vars(metrics).items() if not k.startswith("_")},
@@ -355,6 +386,9 @@ def main(argv=None) -> int:
     parser.add_argument("--begin-ahead-ms", type=float, default=0.0,
                         help="call begin() this long before the first chunk and time from "
                              "the chunk (0: time from begin)")
+    parser.add_argument("--busy-ahead", action="store_true",
+                        help="keep the device computing in the begin-ahead gap and sync "
+                             "before the first chunk (a prefill worker's prompt)")
     parser.add_argument("--trace", action="store_true",
                         help="print the traced hops of the last transfer (ucx)")
     parser.add_argument("--switch-interval-s", type=float, default=WORKER_SWITCH_INTERVAL_S,
@@ -367,6 +401,9 @@ def main(argv=None) -> int:
     spec = bench_spec(int(args.payload_mb * (1 << 20)), args.dtype, args.model_shape)
     args.trace_dir = tempfile.mkdtemp(prefix="kv-trace-") if args.trace else ""
     args.copy_seconds = device_copy_seconds(spec, args.device, max(args.repeats, 5))
+    args.idle_copy_seconds = (device_copy_seconds(spec, args.device, max(args.repeats, 5),
+                                                  idle_ms=args.begin_ahead_ms)
+                              if args.begin_ahead_ms > 0 else [])
     results, server = [], None
     try:
         for name in [c.strip() for c in args.connectors.split(",") if c.strip()]:
