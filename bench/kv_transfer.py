@@ -1,9 +1,9 @@
 """KV transfer throughput per connector.
 
 Moves a KV payload (default ~0.5 GB) from a prefill pool to a decode pool through each
-connector and reports GB/s from begin() to the receiver reporting DONE (stamped by its on_done callback), next
-to the baseline: one copy of the same payload between two buffers of that device, measured
-in the same run (`fraction_of_copy`). The receiver
+connector and reports GB/s from begin() to the receiver reporting DONE (stamped by its
+on_done callback), next to the baseline: one copy of the same payload between two buffers
+of that device, measured in the same run (`fraction_of_copy`). The receiver
 (decode) runs in a separate spawned process for ucx and redis (for local it must share
 the process). Destination blocks are scattered as shuffled runs of --run-blocks blocks.
 
@@ -20,8 +20,8 @@ same-host GPU peers: the receiver admitting it) is off the path.
 With --busy-ahead (CUDA) the device computes through that gap and the host syncs with it
 before the first chunk, as a prefill worker's prompt computes and its sampled token is read
 back before the last chunk goes out: the copy then starts on a busy device, as in serving,
-not on one that sat idle (an idle H100 copies 0.5 GB ~15% slower; the results also give the
-baseline copy after the same idle gap).
+not on one that sat idle (after 5 ms idle, the H100 copied 0.5 GB 1-20% slower than back to
+back; the results also give the baseline copy after the same idle gap).
 
 Both processes run with the workers' GIL switch interval (--switch-interval-s), as the
 connectors do in serving.

@@ -33,10 +33,11 @@ The admission is answered while the prompt still computes, and the commit travel
 the copy runs, so a chunk costs little more than its copy. The commit names the chunk by
 its positions in the transfer, not by block ids: building and checking it costs a few
 fields on each side, not a run list (on the H100 VM the receiver's check of a 256-block
-commit took 0.07-0.09 ms with a run list, 0.02 ms by position). The sender reads the replies of earlier commits
-before its next request that needs an answer (always after the last chunk). The receiver also lets go
-of an admission on an abort notice, when the sender's connection closes, or io_timeout_s
-after the transfer ended on its side (the sender never said it stopped writing).
+commit took 0.07-0.09 ms with a run list, 0.02 ms by position). The sender reads the
+replies of earlier commits before its next request that needs an answer (always after
+the last chunk). The receiver also lets go of an admission on an abort notice, when the
+sender's connection closes, or io_timeout_s after the transfer ended on its side (the
+sender never said it stopped writing).
 
 An abort is a header with abort_reason and no runs (receiver -> CANCELLED). Transfer
 states: see base.py. The sender marks a transfer FAILED when any step raises (peer
@@ -354,7 +355,7 @@ class UcxReceiver(RegisteringReceiver):
 
     # ---- in-place chunks (control channel threads) ------------------------------------
     # A sender admits a transfer once (its blocks are held for that sender's connection),
-    # copies chunk after chunk into the mapped pool and commits each with its header.
+    # copies chunk after chunk into the mapped pool and commits each (InPlaceCommit).
     def _control_request(self, request: kv_pb2.SideChannelRequest,
                          conn_id: int) -> kv_pb2.KVChunkReply:
         kind = request.WhichOneof("kind")
