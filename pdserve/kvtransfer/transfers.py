@@ -263,9 +263,7 @@ def paired_runs(src_block_ids: Sequence[int], dst_block_ids: Sequence[int],
     n = len(src_block_ids)
     if dst_run_starts is None:
         dst_run_starts = run_starts(dst_block_ids)
-    src_run_starts = run_starts(src_block_ids)
-    starts = src_run_starts if dst_run_starts == [0] else \
-        dst_run_starts if src_run_starts == [0] else sorted({*src_run_starts, *dst_run_starts})
+    starts = sorted({*run_starts(src_block_ids), *dst_run_starts})
     ends = [*starts[1:], n]
     return [(src_block_ids[a], dst_block_ids[a], b - a) for a, b in zip(starts, ends)]
 
