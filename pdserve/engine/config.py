@@ -37,11 +37,29 @@ class ModelConfig:
     qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Per layer: how many most recent positions (itself included) a query attends to; 0 = all.
+    # Empty = no layer is windowed. A query at position p sees keys j with p - w < j <= p.
+    layer_sliding_windows: tuple[int, ...] = ()
+    # Gemma 2 style tanh soft cap on attention scores (0 = none): s -> cap * tanh(s / cap)
+    attn_logit_softcap: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
+        if self.layer_sliding_windows and len(self.layer_sliding_windows) != self.num_layers:
+            raise ValueError(f"layer_sliding_windows has {len(self.layer_sliding_windows)} "
+                             f"entries for {self.num_layers} layers")
+
+    def sliding_window(self, layer: int) -> int:
+        """Layer's attention window in positions; 0 = full attention."""
+        return self.layer_sliding_windows[layer] if self.layer_sliding_windows else 0
+
+    @property
+    def droppable_window(self) -> int:
+        """A window every layer shares (blocks wholly before it are never read again), or 0."""
+        windows = self.layer_sliding_windows
+        return max(windows) if windows and all(w > 0 for w in windows) else 0
 
     def num_parameters(self) -> int:
         """Parameters the model allocates (embeddings, layers, norms, LM head)."""
