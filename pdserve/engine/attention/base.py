@@ -51,6 +51,8 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int = 0,
+        logits_soft_cap: float = 0.0,
     ) -> torch.Tensor:
         """Called once per layer per step.
 
@@ -59,6 +61,14 @@ class AttentionBackend(ABC):
         Writes k/v at meta.slot_mapping first, then each new query at position p of its
         sequence attends causally to context positions 0..p. GQA: query head h reads KV
         head h // (num_heads // num_kv_heads).
+
+        sliding_window w > 0 (this layer's, fixed for the model's lifetime): the query at
+        p sees only keys j with p - w < j <= p (w positions, itself included), as
+        transformers' Mistral / Qwen2 / Gemma 2 masks do. Blocks wholly before the first
+        visible key of a sequence's first new query must never be read: the scheduler
+        may have returned them to the allocator (their block-table entries stay, stale).
+        logits_soft_cap c > 0 (Gemma 2): scaled scores s = scale * q.k become
+        c * tanh(s / c) before masking and softmax. 0 / 0.0 turn either off.
         Returns [num_tokens, num_heads, head_dim] in q's dtype. Must not synchronize
         the host with the device (the decode step is captured in a CUDA graph).
         """
