@@ -34,7 +34,11 @@ class TritonAttentionBackend(AttentionBackend):
     runs torch's cuDNN attention on them (1.2x the paged kernel at 4k tokens, 1.4x at
     8k on an H100; equal at 2k: bench/prefill_dense.py; the engine's default is 3,072).
     The paged kernel serves every other prefill (batches, prefix hits, later chunks).
-    0 turns it off.
+    0 turns it off. Windowed or soft-capped layers always take the paged kernel.
+
+    Sliding window and soft cap (per layer, fixed for the model's lifetime) are launch
+    arguments: graph-safe. A windowed layer's decode split count is chosen for a context
+    of at most its window (the same for every replay of one batch size).
     """
 
     name = "triton"
@@ -46,25 +50,30 @@ class TritonAttentionBackend(AttentionBackend):
         self.dense_prefill_min_tokens = dense_prefill_min_tokens
 
     def num_splits_for(self, meta: AttentionMetadata, num_kv_heads: int,
-                       device: torch.device) -> int:
+                       device: torch.device, sliding_window: int = 0) -> int:
         if self.decode_splits is not None:
             return self.decode_splits
         bound = self.graph_max_seq_len if self.graph_max_seq_len is not None else meta.max_seq_len
-        return choose_num_splits(meta.num_seqs, num_kv_heads, bound, device_sms(device))
+        return choose_num_splits(meta.num_seqs, num_kv_heads, bound, device_sms(device),
+                                 sliding_window)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int = 0, logits_soft_cap: float = 0.0):
         # q: [num_tokens, num_heads, d]; k, v: [num_tokens, kv_heads, d]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode_only:
-            splits = self.num_splits_for(meta, k_cache.shape[2], q.device)
+            splits = self.num_splits_for(meta, k_cache.shape[2], q.device, sliding_window)
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                           meta.query_start_loc, scale, meta.max_seq_len,
-                                          num_splits=splits)
-        if self._dense(meta) and q.dtype in (torch.float16, torch.bfloat16):
+                                          num_splits=splits, sliding_window=sliding_window,
+                                          logits_soft_cap=logits_soft_cap)
+        if (self._dense(meta) and q.dtype in (torch.float16, torch.bfloat16)
+                and logits_soft_cap <= 0 and not 0 < sliding_window < meta.max_seq_len):
             return dense_causal_attention(q, k, v, scale)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens, meta.max_query_len,
-                                       scale)
+                                       scale, sliding_window=sliding_window,
+                                       logits_soft_cap=logits_soft_cap)
 
     def _dense(self, meta: AttentionMetadata) -> bool:
         """One sequence, all of it new (host ints: a padded graph step never qualifies)."""

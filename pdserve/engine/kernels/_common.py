@@ -7,8 +7,27 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+def score_scales(scale: float, logits_soft_cap: float) -> tuple[float, float]:
+    """(qk_scale, cap_scale) for the kernels, which work in base 2 (exp2).
+
+    Without a cap: s2 = dot * qk_scale with qk_scale = scale * log2(e).
+    With cap c: s2 = tanh(dot * scale / c) * c * log2(e), i.e. qk_scale = scale / c and
+    cap_scale = c * log2(e) (one extra multiply and a tanh per score)."""
+    if logits_soft_cap > 0:
+        return scale / logits_soft_cap, logits_soft_cap * LOG2E
+    return scale * LOG2E, 1.0
+
+
+@triton.jit
+def soft_cap_tanh(x):
+    """tanh from exp2 (portable to the interpreter; no libdevice): saturates to +-1 for
+    large |x| (exp2 overflows to inf -> 1 - 0), absolute error ~1e-7 near 0."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2.885... = 2 * log2(e)
 
 
 def interpreting() -> bool:

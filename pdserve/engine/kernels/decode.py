@@ -9,6 +9,12 @@ The split count is a launch argument fixed by the host (graph-capture safe): eac
 sequence divides its own tiles evenly among the splits on the device, so a short
 sequence leaves trailing splits empty (they write m=-inf, l=0, acc=0 and the merge
 weighs them 0). With num_splits == 1 the first kernel writes the output directly.
+
+Sliding window w: the query at seq_len - 1 sees keys from seq_len - w on. The splits
+divide only the tiles from that key's tile on; earlier tiles are never loaded (their
+pages may be back in the allocator) and loads below the key are masked. A windowed layer
+wants fewer splits (its context is at most w): choose_num_splits takes the window.
+Soft cap c: scores become c * tanh(score / c) before the mask and the softmax.
 """
 
 from __future__ import annotations
@@ -17,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.engine.kernels._common import (LOG2E, check_cache, device_sms, dot_precision,
-                                            head_block, interpreting)
+from pdserve.engine.kernels._common import (check_cache, device_sms, dot_precision, head_block,
+                                            interpreting, score_scales, soft_cap_tanh)
 
 MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
@@ -28,7 +34,7 @@ MAX_SPLITS = 64
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
-    qk_scale, num_splits,
+    qk_scale, cap_scale, window, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -36,7 +42,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -45,10 +51,16 @@ def _decode_split_kernel(
     q_row = tl.load(query_start_ptr + seq).to(tl.int64)
     has_query = tl.load(query_start_ptr + seq + 1) > q_row
 
-    # this split's tile range; every sequence splits its own length evenly
+    # this split's tile range; every sequence splits its own (windowed) length evenly
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
-    tile_lo = split * tiles_per_split
+    if WINDOW:
+        lo_key = tl.maximum(seq_len - window, 0)  # lowest key the query sees
+        first_tile = lo_key // BLOCK_N
+    else:
+        lo_key = 0
+        first_tile = 0
+    tiles_per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    tile_lo = first_tile + split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
     tile_hi = tl.where(has_query, tile_hi, tile_lo)
 
@@ -76,6 +88,8 @@ def _decode_split_kernel(
     for tile in range(tile_lo, tile_hi):
         pos = tile * BLOCK_N + offs_n  # [BLOCK_N] context positions
         valid = pos < seq_len
+        if WINDOW:
+            valid = valid & (pos >= lo_key)
         block = tl.load(table + pos // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offset = (pos % BLOCK_SIZE).to(tl.int64)
         kv_mask = valid[:, None] & d_mask[None, :]
@@ -88,6 +102,8 @@ def _decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_G, BLOCK_N]
+        if SOFT_CAP:
+            s = soft_cap_tanh(s) * cap_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -140,7 +156,8 @@ def _decode_merge_kernel(
              out.to(out_ptr.dtype.element_ty), mask=offs_d < tl.where(has_query, HEAD_DIM, 0))
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int) -> int:
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: int,
+                      sliding_window: int = 0) -> int:
     """KV splits per sequence from host ints only.
 
     Enough (seq, kv_head, split) programs to fill about one wave of the GPU (3 per SM;
@@ -148,7 +165,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sms: i
     costs more than it gains), and no split shorter than MIN_TOKENS_PER_SPLIT of
     max_seq_len. Under CUDA graphs pass a max_seq_len that is fixed for the captured
     batch size (e.g. the model's max length): the result then depends on num_seqs alone.
+    A windowed layer reads at most sliding_window keys (+ one tile of alignment).
     """
+    if sliding_window > 0:
+        max_seq_len = min(max_seq_len, sliding_window)
     want = (3 * sms) // max(1, num_seqs * num_kv_heads)
     cap = triton.cdiv(max(1, max_seq_len), MIN_TOKENS_PER_SPLIT)
     return max(1, min(want, cap, MAX_SPLITS))
@@ -177,7 +197,7 @@ def paged_decode_attention(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
     scale: float, max_seq_len: int, num_splits: int | None = None,
     out: torch.Tensor | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-    config: dict | None = None,
+    config: dict | None = None, sliding_window: int = 0, logits_soft_cap: float = 0.0,
 ) -> torch.Tensor:
     """Decode attention, at most one query per sequence.
 
@@ -185,7 +205,8 @@ def paged_decode_attention(
     sequence with no query is skipped). k_cache/v_cache: [blocks, bs, kv_heads, d].
     block_tables: int32 [num_seqs, max_blocks]; seq_lens: int32 [num_seqs] (context
     including the new token). max_seq_len: host int bound used only to pick num_splits
-    when it is None. Returns out [num_tokens, num_heads, d]. No host sync.
+    when it is None. sliding_window / logits_soft_cap as in paged_prefill_attention.
+    Returns out [num_tokens, num_heads, d]. No host sync.
     """
     check_cache(k_cache, v_cache)
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -201,7 +222,8 @@ def paged_decode_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, device_sms(q.device))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, device_sms(q.device),
+                                       sliding_window)
     cfg = {**default_decode_config(head_dim, k_cache.dtype), **(config or {})}
     block_d = head_block(head_dim)
     direct = num_splits == 1
@@ -210,10 +232,11 @@ def paged_decode_attention(
     else:
         part_acc, part_ml = workspace or decode_workspace(num_seqs, num_heads, num_splits,
                                                           head_dim, q.device)
+    qk_scale, cap_scale = score_scales(scale, logits_soft_cap)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
         out, part_acc, part_ml,
-        scale * LOG2E, num_splits,
+        qk_scale, cap_scale, max(0, sliding_window), num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -222,6 +245,7 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=cfg["BLOCK_N"], DIRECT=direct, UPCAST=interpreting(),
         DOT_PREC=dot_precision(k_cache.dtype),
+        WINDOW=sliding_window > 0, SOFT_CAP=logits_soft_cap > 0,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
