@@ -4,14 +4,21 @@ ucx and redis: every worker and the router is its own process (plus a Valkey ser
 redis); each is started, then awaited until it prints its READY line. local: the local
 connector moves KV inside one process, so router, prefill and decode share this one.
 Ctrl-C or SIGTERM stops everything, router first, then decode, then prefill.
+
+Supervision (`pdserve up`): a child that exits is logged (role, pid, exit status) and
+restarted on the same ports after a bounded exponential backoff, reset once it has
+stayed up for a while. Children die with `up`, even on kill -9: each gets
+PR_SET_PDEATHSIG (SIGTERM) and its own process group for a clean stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +26,40 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+try:  # resolved before any fork: the child only calls it
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def die_with_parent(parent_pid: int):
+    """A Popen preexec_fn: the child gets SIGTERM when the thread that forked it dies
+    (so spawn from a thread that lives as long as the cluster), and exits at once if
+    the parent died before the request took effect."""
+
+    def preexec() -> None:
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays: first_s doubling to max_s; a child that stayed up stable_s
+    starts over at first_s."""
+    first_s: float = 0.5
+    max_s: float = 10.0
+    stable_s: float = 30.0
+
+    def next(self, previous_s: float, uptime_s: float) -> float:
+        if previous_s <= 0 or uptime_s >= self.stable_s:
+            return self.first_s
+        return min(self.max_s, previous_s * 2)
 
 
 @dataclass(frozen=True)
@@ -37,6 +78,7 @@ class ClusterSpec:
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None
     env: dict = field(default_factory=dict)
+    backoff: Backoff = field(default_factory=Backoff)
 
 
 @dataclass
@@ -45,6 +87,25 @@ class Proc:
     popen: subprocess.Popen
     lines: "queue.Queue[str]"
     address: str = ""
+    cmd: list = field(default_factory=list)
+    env: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    delay_s: float = 0.0             # the last restart delay (backoff state)
+    restart_at: float | None = None  # set while a restart is pending
+
+    @property
+    def role(self) -> str:
+        return self.name.split("-")[0]
+
+
+def exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 class Cluster:
@@ -56,6 +117,9 @@ class Cluster:
         self.valkey = None
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-"))
         self.router_address = ""
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.Lock()  # procs: the supervisor restarts while tests kill
 
     def _blas_threads(self, role: str) -> dict:
         """CPU workers on one host split its cores among their BLAS thread pools (each
@@ -104,10 +168,32 @@ class Cluster:
             raise
 
     def _start_valkey(self) -> str:
+        """Valkey as one more child (same death and restart rules as the workers); kept
+        out of self.procs, which lists pdserve's own processes."""
         from pdserve.kvtransfer.valkey_server import ValkeyServer
 
-        self.valkey = ValkeyServer().start()
-        return self.valkey.url
+        server = ValkeyServer()
+        proc = Proc("valkey", None, queue.Queue(), cmd=server.command(),  # type: ignore[arg-type]
+                    env=dict(os.environ))
+        proc.address = f"{server.settings.host}:{server.port}"
+        self._launch(proc)
+        self.valkey = ValkeyChild(proc, server.url)
+        self._await_valkey(proc, server.settings.start_timeout_s)
+        return server.url
+
+    def _await_valkey(self, proc: Proc, timeout_s: float) -> None:
+        host, port = proc.address.rsplit(":", 1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.popen.poll() is None:
+            try:
+                with socket.create_connection((host, int(port)), 0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64)[:1] in (b"+", b"-"):  # PONG, or NOAUTH: it serves
+                        return
+            except OSError:
+                time.sleep(0.02)
+        tail = (self.log_dir / "valkey.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"valkey did not start (exit {proc.popen.poll()}):\n{tail}")
 
     def _spawn(self, name: str, role: str, extra: list[str]) -> Proc:
         cmd = [sys.executable, "-m", "pdserve.cli", role, "--port", "0"]
@@ -124,14 +210,25 @@ class Cluster:
             cmd += ["--model", self.spec.model]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._blas_threads(role),
                **self.spec.env}
-        log = open(self.log_dir / f"{name}.log", "wb")
-        popen = subprocess.Popen(cmd + extra, stdout=subprocess.PIPE, stderr=log, env=env,
-                                 start_new_session=True)
-        proc = Proc(name, popen, queue.Queue())
-        threading.Thread(target=_pump, args=(popen, proc.lines, self.log_dir / f"{name}.out"),
-                         daemon=True).start()
+        proc = Proc(name, None, queue.Queue(), cmd=cmd + extra, env=env)  # type: ignore[arg-type]
+        self._launch(proc)
         self.procs.append(proc)
         return proc
+
+    def _launch(self, proc: Proc) -> None:
+        """Start (or restart) proc's command: its own process group, dying with us."""
+        mode = "ab" if proc.restarts else "wb"
+        with open(self.log_dir / f"{proc.name}.log", mode) as log:
+            valkey = proc.role == "valkey"
+            proc.popen = subprocess.Popen(
+                proc.cmd, stdout=log if valkey else subprocess.PIPE, stderr=log, env=proc.env,
+                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+        proc.started = time.monotonic()
+        proc.lines = queue.Queue()
+        if not valkey:
+            threading.Thread(target=_pump, args=(proc.popen, proc.lines,
+                                                 self.log_dir / f"{proc.name}.out", mode),
+                             daemon=True).start()
 
     def _await_ready(self, proc: Proc, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
@@ -144,21 +241,85 @@ class Cluster:
                 continue
             if line.startswith("READY "):
                 proc.address = line.split()[2]
+                _pin_port(proc)
                 return proc.address
         tail = (self.log_dir / f"{proc.name}.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{proc.name} did not start (exit {proc.popen.poll()}):\n{tail}")
 
+    def children(self) -> list[Proc]:
+        """Every supervised process: pdserve's own and Valkey."""
+        return self.procs + ([self.valkey.proc] if self.valkey is not None else [])
+
     def proc(self, name: str) -> Proc:
-        return next(p for p in self.procs if p.name == name)
+        return next(p for p in self.children() if p.name == name)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         p = self.proc(name)
-        if p.popen.poll() is None:
-            os.killpg(p.popen.pid, sig)
-            p.popen.wait(timeout=30)
+        with self._lock:
+            popen = p.popen
+        if popen.poll() is None:
+            os.killpg(popen.pid, sig)
+            popen.wait(timeout=30)
+
+    # ---- supervision -------------------------------------------------------------------
+    def supervise(self, tick_s: float = 0.1) -> None:
+        """Restart children that exit, until stop(). Call on a thread that lives as long
+        as the cluster (children die with the thread that forked them)."""
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._supervise_loop, args=(tick_s,),
+                                                name="pdserve-supervisor", daemon=True)
+            self._supervisor.start()
+
+    def _supervise_loop(self, tick_s: float) -> None:
+        while not self._stopping.wait(tick_s):
+            for p in self.children():
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self._check(p)
+
+    def _check(self, p: Proc) -> None:
+        now = time.monotonic()
+        if p.restart_at is None:
+            code = p.popen.poll()  # reaps: no <defunct> children
+            if code is None:
+                return
+            p.delay_s = self.spec.backoff.next(p.delay_s, now - p.started)
+            p.restart_at = now + p.delay_s
+            say(f"{p.name} (pid {p.popen.pid}) died: {exit_description(code)}; restarting "
+                f"in {p.delay_s:.1f} s on {p.address or 'its ports'}")
+        elif now >= p.restart_at:
+            p.restart_at = None
+            p.restarts += 1
+            try:
+                self._launch(p)
+            except OSError as exc:
+                say(f"{p.name}: restart failed: {exc}")
+                p.started = time.monotonic()  # counts as a short life: backoff grows
+                p.restart_at = now + p.delay_s
+                return
+            say(f"{p.name} restarted (pid {p.popen.pid}, restart {p.restarts})")
+            if p.role != "valkey":
+                threading.Thread(target=self._log_ready, args=(p, p.popen), daemon=True).start()
+
+    def _log_ready(self, p: Proc, popen: subprocess.Popen) -> None:
+        started = time.monotonic()
+        while popen.poll() is None and not self._stopping.is_set():
+            try:
+                line = p.lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if line.startswith("READY "):
+                say(f"{p.name} (pid {popen.pid}) serving again at {line.split()[2]} after "
+                    f"{time.monotonic() - started:.1f} s")
+                return
 
     def stop(self, grace_s: float = 10.0) -> None:
-        order = sorted(self.procs, key=lambda p: ("router", "decode", "prefill").index(p.name.split("-")[0]))
+        self._stopping.set()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=5)
+        order = sorted(self.children(),
+                       key=lambda p: ("router", "decode", "prefill", "valkey").index(p.role))
         for p in order:
             if p.popen.poll() is None:
                 p.popen.send_signal(signal.SIGTERM)
@@ -168,9 +329,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 os.killpg(p.popen.pid, signal.SIGKILL)
                 p.popen.wait()
-        if self.valkey is not None:
-            self.valkey.stop()
-            self.valkey = None
+        self.valkey = None
 
     def __enter__(self) -> "Cluster":
         return self
@@ -179,10 +338,34 @@ class Cluster:
         self.stop()
 
 
-def _pump(popen: subprocess.Popen, lines: "queue.Queue[str]", log_path: Path) -> None:
+@dataclass
+class ValkeyChild:
+    """The cluster's Valkey server: its process and URL."""
+    proc: Proc
+    url: str
+
+    def stop(self) -> None:
+        if self.proc.popen.poll() is None:
+            self.proc.popen.terminate()
+            self.proc.popen.wait(10)
+
+
+def say(message: str) -> None:
+    print(f"pdserve up: {message}", file=sys.stderr, flush=True)
+
+
+def _pin_port(proc: Proc) -> None:
+    """A restart binds the port the first start got (the router and peers know it)."""
+    port = proc.address.rsplit(":", 1)[1]
+    if proc.role != "valkey" and proc.cmd[-2:] != ["--port", port]:
+        proc.cmd = [*proc.cmd, "--port", port]  # argparse: the last --port wins
+
+
+def _pump(popen: subprocess.Popen, lines: "queue.Queue[str]", log_path: Path,
+          mode: str = "w") -> None:
     """Hand stdout lines to the READY watcher and keep them (UCX prints its protocol
     reports there) in <name>.out beside the stderr log."""
-    with open(log_path, "w") as log:
+    with open(log_path, mode.replace("b", "")) as log:
         for raw in popen.stdout:
             line = raw.decode(errors="replace").rstrip()
             log.write(line + "\n")
@@ -242,6 +425,7 @@ def run_up(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         address = cluster.start()
+        cluster.supervise()
         print(f"pdserve is up: router {address}"
               + (f", OpenAI HTTP http://127.0.0.1:{spec.http_port}/v1" if spec.http_port else ""),
               flush=True)
