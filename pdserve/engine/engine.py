@@ -343,6 +343,10 @@ class LLMEngine:
     def _stop_reason(self, request: Request, token: int) -> FinishReason | None:
         p = request.params
         text = self._texts[request.request_id]
+        if len(request.output_ids) < p.min_tokens:  # min_tokens: no stop applies yet
+            if p.detokenize and token not in self.tokenizer.special_ids:
+                text.detok.push(token)
+            return FinishReason.LENGTH if self._stops_by_length(request) else None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return FinishReason.STOP
         if p.detokenize and token not in self.tokenizer.special_ids and text.push(token):

@@ -117,6 +117,7 @@ class ModelRunner:
             self.backend = get_attention_backend(config.attention_backend,
                                                  **self._backend_options(config))
         self._generators: dict[str, torch.Generator] = {}
+        self.eos_ids = tuple(model_config.eos_token_ids)  # masked before min_tokens
         # auto: where a decode step is queued without a host sync (CUDA graphs)
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
                                  else self.graphs is not None)
@@ -235,7 +236,8 @@ class ModelRunner:
                 ids.index_copy_(0, *carry)
             logits = self.model.compute_logits(self.model(ids, pos, self.pool, self.backend, meta))
         return PendingTokens(sample_tokens(logits, [r.params for r in reqs],
-                                           [self.generator_for(r) for r in reqs]))
+                                           [self.generator_for(r) for r in reqs],
+                                           [r.suppressed_ids(self.eos_ids) for r in reqs]))
 
     def _own_threads(self) -> None:
         """With numpy's BLAS, torch runs single-threaded (set again if the process changed
@@ -271,7 +273,8 @@ class ModelRunner:
         # logits: [len(sampling), vocab] fp32
         result: list[int | None] = [None] * len(scheduled)
         reqs = [scheduled[i].request for i in sampling]
-        tokens = sample(logits, [r.params for r in reqs], [self.generator_for(r) for r in reqs])
+        tokens = sample(logits, [r.params for r in reqs], [self.generator_for(r) for r in reqs],
+                        [r.suppressed_ids(self.eos_ids) for r in reqs])
         for i, t in zip(sampling, tokens):
             result[i] = t
         return result

@@ -35,16 +35,27 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     detokenize: bool = True  # False: token ids only (no text, no stop strings)
+    # EOS and stop_token_ids cannot be sampled, and stop strings do not apply, until
+    # this many tokens were generated (vLLM's min_tokens)
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequest(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                                 f"got {self.min_tokens}")
         if not self.temperature >= 0.0:  # also rejects NaN
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if math.isinf(self.temperature):
+            raise InvalidRequest("temperature must be finite")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        bad = next((t for t in self.stop_token_ids if not 0 <= t < 2**31), None)
+        if bad is not None:
+            raise InvalidRequest(f"stop_token_ids: token id {bad} is not a valid token id")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
         if self.stop and not self.detokenize:
@@ -55,6 +66,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def suppressed_ids(self, num_generated: int, eos_ids) -> tuple[int, ...]:
+        """Token ids the next sample must not be: the stopping ones while fewer than
+        min_tokens tokens were generated (EOS unless ignore_eos, and stop_token_ids)."""
+        if num_generated >= self.min_tokens:
+            return ()
+        return (*(() if self.ignore_eos else tuple(eos_ids)), *self.stop_token_ids)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
@@ -165,10 +183,27 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams],
     return probs.div_(_race_noise(probs, generators)).argmax(-1)
 
 
+def suppress(logits: torch.Tensor, banned: list[tuple[int, ...]]) -> torch.Tensor:
+    """Row i with its banned[i] token ids at -inf (ids outside the vocabulary ignored);
+    logits: [num_rows, vocab], returned as is when nothing is banned, else a copy."""
+    vocab = logits.shape[-1]
+    pairs = [(row, t) for row, ids in enumerate(banned) for t in ids if 0 <= t < vocab]
+    if not pairs:
+        return logits
+    rows, cols = zip(*pairs)
+    index = _to(torch.tensor([rows, cols]), logits.device)  # [2, num_banned]
+    return logits.index_put((index[0], index[1]),
+                            torch.tensor(_NEG_INF, dtype=logits.dtype, device=logits.device))
+
+
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
-                  generators: list[torch.Generator | None]) -> torch.Tensor:
+                  generators: list[torch.Generator | None],
+                  banned: list[tuple[int, ...]] | None = None) -> torch.Tensor:
     """logits: [num_rows, vocab] fp32 -> token ids [num_rows] int64, on logits' device;
-    queues the work and never waits for the device."""
+    queues the work and never waits for the device. banned[i]: ids row i must not draw
+    (min_tokens)."""
+    if banned:
+        logits = suppress(logits, banned)
     if all(p.greedy for p in params):
         return logits.argmax(-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -181,6 +216,7 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+           generators: list[torch.Generator | None],
+           banned: list[tuple[int, ...]] | None = None) -> list[int]:
     """logits: [num_rows, vocab] fp32 -> one token id per row (one host sync)."""
-    return sample_tokens(logits, params, generators).tolist()
+    return sample_tokens(logits, params, generators, banned).tolist()

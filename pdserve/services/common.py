@@ -45,21 +45,23 @@ def sampling_from_proto(msg: generate_pb2.SamplingParams) -> SamplingParams:
     """Proto params with documented defaults; raises InvalidRequest on bad values."""
     max_tokens = msg.max_tokens if msg.HasField("max_tokens") else DEFAULT_MAX_TOKENS
     temperature = msg.temperature if msg.HasField("temperature") else 1.0
-    if math.isnan(temperature) or (msg.HasField("top_p") and math.isnan(msg.top_p)):
-        raise InvalidRequest("temperature and top_p must be numbers")
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    # a float field holds inf for any JSON number beyond float32 (e.g. temperature 1e39)
+    if not (math.isfinite(temperature) and math.isfinite(top_p)):
+        raise InvalidRequest("temperature and top_p must be finite numbers")
     return SamplingParams(
-        max_tokens=int(max_tokens), temperature=float(temperature),
-        top_p=float(msg.top_p) if msg.HasField("top_p") else 1.0,
+        max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
         top_k=int(msg.top_k) if msg.HasField("top_k") else 0,
         seed=int(msg.seed) if msg.HasField("seed") else None,
         stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
-        ignore_eos=msg.ignore_eos)
+        ignore_eos=msg.ignore_eos, min_tokens=int(msg.min_tokens))
 
 
 def sampling_to_proto(p: SamplingParams) -> generate_pb2.SamplingParams:
     msg = generate_pb2.SamplingParams(
         max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos)
+        stop=list(p.stop), stop_token_ids=list(p.stop_token_ids), ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens)
     if p.seed is not None:
         msg.seed = p.seed
     return msg

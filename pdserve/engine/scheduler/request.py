@@ -67,4 +67,8 @@ class Request:
 
     def num_pending_tokens(self) -> int:
         """Tokens still to run through the model before the next sample."""
+    def suppressed_ids(self, eos_ids) -> tuple[int, ...]:
+        """Token ids its next sample must not be (min_tokens not reached yet)."""
+        return self.params.suppressed_ids(len(self.output_ids), eos_ids)
+
         return self.num_tokens - self.num_computed_tokens
