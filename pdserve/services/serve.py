@@ -97,8 +97,8 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
 
 
 async def start_router(settings, grace_s: float = 5.0) -> Running:
-    from pdserve.services.router.service import SERVICE_NAME, RouterCore, RouterServicer
-    from pdserve.wire import generate_pb2_grpc
+    from pdserve.services.router.service import (SERVICE_NAME, RouterCore, RouterServicer,
+                                                 add_router_servicer)
 
     credentials = grpc_server_credentials(settings)  # bad TLS files fail before anything starts
     core = await asyncio.to_thread(RouterCore, settings)
@@ -106,7 +106,7 @@ async def start_router(settings, grace_s: float = 5.0) -> Running:
     if settings.decode and not await core.wait_ready(timeout_s=60):
         log.warning("no decode worker became healthy; serving anyway")
     server, health = new_server([SERVICE_NAME])
-    generate_pb2_grpc.add_RouterServicer_to_server(RouterServicer(core), server)
+    add_router_servicer(RouterServicer(core), server)  # malformed bytes: INVALID_ARGUMENT
     address = f"{settings.host}:{settings.port}"
     port = (server.add_secure_port(address, credentials) if credentials
             else server.add_insecure_port(address))

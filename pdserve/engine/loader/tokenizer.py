@@ -32,9 +32,11 @@ class TextTokenizer:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
+        # encode_batch releases the GIL while it works (encode holds it: a 10 MB prompt
+        # tokenized on a thread would still stall the router's event loop for seconds)
         if self.uses_post_processor:
-            return self.tokenizer.encode(text, add_special_tokens=add_special).ids
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            return self.tokenizer.encode_batch([text], add_special_tokens=add_special)[0].ids
+        ids = self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         bos = self.tokenizer.token_to_id(self.bos_token) if self.bos_token else None
         if add_special and self.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]

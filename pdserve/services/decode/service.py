@@ -77,6 +77,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.receiver = self.core.connector
         self._channels = ChannelPool(settings.tls)
         self._remote: set[str] = set()
+        self._calls: set[str] = set()  # request ids whose Generate call is in flight
 
     def start(self) -> None:
         self.core.loop.start()
@@ -88,6 +89,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     # ---- RPCs ------------------------------------------------------------------------
     async def Generate(self, request, context):
         request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._calls:
+            # refused before taking anything: the stream and the engine request under
+            # this id belong to the call in flight, which must not notice
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request id {request_id!r} is already in use by a request in flight")
+        self._calls.add(request_id)
         stream = self.core.loop.open_stream(request_id)
         finished = False
         try:
@@ -124,6 +131,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             self.core.loop.close_stream(request_id)
             if not finished:
                 self.core.loop.submit(self.core.engine.abort, request_id)
+            self._calls.discard(request_id)
 
     async def Abort(self, request, context):
         found = await self.core.loop.call(self.core.engine.abort, request.request_id)

@@ -38,7 +38,7 @@ import ssl
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 import grpc
 import uvicorn
@@ -62,13 +62,16 @@ _STATUS = {  # RouterError (gRPC) code -> HTTP status, OpenAI error type
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "invalid_request_error"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
-_UINT32, _UINT64 = 2**32 - 1, 2**64 - 1
+_INT32, _UINT32, _UINT64 = 2**31 - 1, 2**32 - 1, 2**64 - 1
+# a token id as the wire carries it (int32); the router checks it against the vocabulary
+TokenId = Annotated[int, Field(ge=0, le=_INT32)]
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -110,33 +113,41 @@ def _validation_error(exc: ValidationError) -> ApiError:
 
 
 # ---- request models ----------------------------------------------------------------------
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class _Strict(BaseModel):
+    """JSON types as sent, as vLLM's request models take them: no "5" for an int, no
+    "yes" for a bool, no Infinity or NaN for a float (an int is a fine float)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
-class _SamplingBody(BaseModel):
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+
+
+class _SamplingBody(_Strict):
     """Fields shared by both endpoints; unknown fields are accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
 
     model: str = ""
     max_tokens: int | None = Field(None, ge=1, le=_UINT32)
+    min_tokens: int | None = Field(None, ge=0, le=_UINT32)  # extension (vLLM)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)  # extension; -1 or 0 = off
+    top_k: int | None = Field(None, ge=-1, le=_INT32)  # extension; -1 or 0 = off
     seed: int | None = Field(None, ge=-(2**63), le=_UINT64)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None  # extension (vLLM)
-    ignore_eos: bool = False  # extension (vLLM)
-    n: int = 1
-    stream: bool = False
+    stop_token_ids: list[TokenId] | None = None  # extension (vLLM)
+    ignore_eos: bool | None = False  # extension (vLLM)
+    n: int | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     session_id: str | None = None  # extension: router session affinity
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
             raise ValueError("only n=1 is supported")
         return n
 
@@ -164,16 +175,16 @@ class _SamplingBody(BaseModel):
 
 
 class CompletionBody(_SamplingBody):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
 
 
-class ContentPart(BaseModel):
+class ContentPart(_Strict):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
 
 
-class MessageIn(BaseModel):
+class MessageIn(_Strict):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -204,9 +215,11 @@ def _parse(model: type[BaseModel], raw: bytes):
 
 # ---- OpenAI request -> GenerateRequest ---------------------------------------------------
 def _sampling(body: _SamplingBody, max_tokens: int | None) -> generate_pb2.SamplingParams:
-    s = generate_pb2.SamplingParams(ignore_eos=body.ignore_eos)
+    s = generate_pb2.SamplingParams(ignore_eos=bool(body.ignore_eos))
     if max_tokens is not None:
         s.max_tokens = max_tokens
+    if body.min_tokens is not None:
+        s.min_tokens = body.min_tokens
     if body.temperature is not None:
         s.temperature = body.temperature
     if body.top_p is not None:
@@ -238,13 +251,10 @@ def completion_request(body: CompletionBody, request_id: str) -> generate_pb2.Ge
             raise ApiError(400, "batched prompts are not supported; send one prompt per request",
                            param="prompt")
         prompt = prompt[0]
-    try:
-        if isinstance(prompt, str):
-            req.text = prompt
-        else:
-            req.token_ids.ids.extend(prompt)
-    except ValueError:
-        raise ApiError(400, "prompt token ids must be 32-bit integers", param="prompt") from None
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)  # int32 range checked by TokenId
     return req
 
 
@@ -481,21 +491,40 @@ def create_app(core) -> FastAPI:
             "id": core.source.name, "object": "model", "created": started_at,
             "owned_by": "pdserve", "max_model_len": core.model_config.max_position}]})
 
+    limit = core.settings.max_request_bytes
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        body = _parse(CompletionBody, await request.body())
+        body = _parse(CompletionBody, await read_body(request, limit))
         request_id = uuid.uuid4().hex
         return await _serve(core, request, body, completion_request(body, request_id),
                             chat=False, rid=f"cmpl-{request_id}")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        body = _parse(ChatBody, await request.body())
+        body = _parse(ChatBody, await read_body(request, limit))
         request_id = uuid.uuid4().hex
         return await _serve(core, request, body, chat_request(body, request_id),
                             chat=True, rid=f"chatcmpl-{request_id}")
 
     return ApiKeyGate(app, core.settings.api_key)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (before reading it when
+    Content-Length says so, else as soon as the chunks read exceed it)."""
+    too_large = ApiError(413, f"request body is larger than this server's limit of {limit} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        parts.append(part)
+    return b"".join(parts)
 
 
 async def _serve(core, request: Request, body: _SamplingBody,

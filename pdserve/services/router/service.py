@@ -18,9 +18,12 @@ Lifecycle of one Generate call:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -47,6 +50,14 @@ SERVICE_NAME = "pdserve.v1.Router"
 START_PREFILL_TIMEOUT_S = 600.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+# a decode worker's answers about the request itself: passed on, never retried
+_REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}
+# prompts up to this many characters are tokenized on the event loop (well under 1 ms);
+# longer ones on the tokenizer threads
+_INLINE_TOKENIZE_CHARS = 2048
+# a token covers at most its vocabulary string's length in bytes (byte-level BPE) and
+# a character is at least one byte; the factor leaves room for normalizers
+_CHARS_PER_TOKEN_SLACK = 4
 
 
 def _is_final(exc: grpc.aio.AioRpcError) -> bool:
@@ -87,6 +98,8 @@ class RouterSettings:
     # disaggregated requests: StartPrefill goes to the prefill worker alongside the decode
     # worker's Generate, so the prompt computes while the decode worker reserves blocks
     early_prefill_start: bool = True
+    max_request_bytes: int = 32 << 20  # HTTP request bodies (413 beyond)
+    tokenizer_threads: int = 2         # prompts tokenized off the event loop
 
 
 _DISCOVERY_BACKENDS = {"static": "static", "k8s": "kubernetes", "kubernetes": "kubernetes"}
@@ -121,6 +134,11 @@ class RouterCore:
         self.settings = settings
         self.source, self.model_config, self.tokenizer = load_model_meta(settings.model)
         self.fingerprint = self.model_config.fingerprint()
+        self.max_prompt_chars = (self.model_config.max_position * _CHARS_PER_TOKEN_SLACK
+                                 * _longest_token_chars(self.tokenizer))
+        self._tokenize_pool = ThreadPoolExecutor(settings.tokenizer_threads,
+                                                 thread_name_prefix="tokenize")
+        self._active: set[str] = set()  # request ids of the calls in flight here
         self.watcher: ConfigWatcher | None = None
         if settings.config_path:
             self.watcher = ConfigWatcher(settings.config_path, build=build_policies,
@@ -159,6 +177,7 @@ class RouterCore:
         await self.health.stop()
         await self.discovery.stop()
         await self._channels.close()
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     async def wait_ready(self, timeout_s: float = 60.0) -> bool:
         """True once at least one decode worker is healthy."""
@@ -174,6 +193,20 @@ class RouterCore:
         return self.watcher.current.built if self.watcher is not None else self._default_policies
 
     # ---- requests --------------------------------------------------------------------
+    async def tokenize(self, request: generate_pb2.GenerateRequest) -> list[int]:
+        """prompt_ids, on a tokenizer thread unless the prompt is short: the tokenizer
+        releases the GIL, so the event loop (and /health) keeps answering meanwhile."""
+        chars = _prompt_chars(request)
+        if chars > self.max_prompt_chars:  # cannot fit: refused before any work
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.model_config.max_position} "
+                f"tokens. However, your prompt ({chars} characters) is longer than that. "
+                "Please reduce the length of the prompt.")
+        if chars <= _INLINE_TOKENIZE_CHARS:
+            return self.prompt_ids(request)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenize_pool, self.prompt_ids, request)
+
     def prompt_ids(self, request: generate_pb2.GenerateRequest) -> list[int]:
         kind = request.WhichOneof("input")
         try:
@@ -193,12 +226,32 @@ class RouterCore:
         if not ids:
             raise InvalidRequest("prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequest(f"token ids must be in [0, {vocab})")
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary [0, {vocab})")
         if len(ids) >= self.model_config.max_position:
-            raise InvalidRequest(f"prompt has {len(ids)} tokens; the model's context is "
-                                 f"{self.model_config.max_position}")
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.model_config.max_position} "
+                f"tokens. However, your prompt has {len(ids)} tokens, which leaves no room "
+                "for the completion. Please reduce the length of the prompt.")
         return ids
+
+    def sampling(self, msg: generate_pb2.SamplingParams, prompt_tokens: int):
+        """Validated engine parameters (raises InvalidRequest naming the field)."""
+        params = sampling_from_proto(msg)
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"stop_token_ids: token id {bad} is outside the vocabulary "
+                                 f"[0, {vocab})")
+        context = self.model_config.max_position
+        if msg.HasField("max_tokens") and prompt_tokens + params.max_tokens > context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_tokens + params.max_tokens} tokens ({prompt_tokens} in the "
+                f"prompt, {params.max_tokens} in the completion). Please reduce the length of "
+                "the prompt or completion.")
+        return params
 
     def check_model(self, model: str) -> None:
         if model and model not in (self.source.name, self.model_config.name):
@@ -210,17 +263,27 @@ class RouterCore:
         """Validate, route and stream one request; raises RouterError for the caller."""
         arrival = time.monotonic()
         self.check_model(request.model)
+        request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
+        if request_id in self._active:
+            # refused before it owns anything: the call holding the id is not touched
+            raise RouterError(grpc.StatusCode.ALREADY_EXISTS,
+                              f"request id {request_id!r} is already in use by a request in flight")
+        self._active.add(request_id)
         try:
-            ids = self.prompt_ids(request)
-            params = sampling_from_proto(request.sampling)
+            # closed here, not by the garbage collector: its decode stream ends with ours
+            async with contextlib.aclosing(self._generate(request, request_id, arrival)) as gen:
+                async for chunk in gen:
+                    yield chunk
+        finally:
+            self._active.discard(request_id)
+
+    async def _generate(self, request: generate_pb2.GenerateRequest, request_id: str,
+                        arrival: float) -> AsyncIterator[generate_pb2.GenerateChunk]:
+        try:
+            ids = await self.tokenize(request)
+            self.sampling(request.sampling, len(ids))
         except InvalidRequest as exc:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        explicit_max = request.sampling.HasField("max_tokens")
-        if explicit_max and len(ids) + params.max_tokens > self.model_config.max_position:
-            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                              f"exceeds the model's context of {self.model_config.max_position}")
-        request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
         session = request.session_id if request.HasField("session_id") else None
         failed: set[str] = set()
         last_error = ""
@@ -242,7 +305,7 @@ class RouterCore:
                     yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT or _is_final(exc):
+                if exc.code() in _REFUSALS or _is_final(exc):
                     raise RouterError(exc.code(), exc.details()) from exc
                 if sent or exc.code() not in _RETRYABLE:
                     raise RouterError(grpc.StatusCode.UNAVAILABLE,
@@ -432,11 +495,18 @@ class RouterServicer(generate_pb2_grpc.RouterServicer):
         metadata = dict(context.invocation_metadata() or ())
         supplied = metadata.get("authorization", "").removeprefix("Bearer ").strip() or \
             metadata.get("x-api-key", "")
-        if supplied != key:
+        if not hmac.compare_digest(_utf8(supplied), key.encode()):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
 
-    async def Generate(self, request, context):
+    async def _admit(self, request, context) -> None:
+        """The API key, then a request that could be decoded at all."""
         await self._check_key(context)
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed {request.type_name}: {request.error}")
+
+    async def Generate(self, request, context):
+        await self._admit(request, context)
         try:
             async for chunk in self.core.generate(request):
                 yield chunk
@@ -444,7 +514,7 @@ class RouterServicer(generate_pb2_grpc.RouterServicer):
             await context.abort(exc.code, str(exc))
 
     async def GenerateUnary(self, request, context):
-        await self._check_key(context)
+        await self._admit(request, context)
         parts: list[generate_pb2.GenerateChunk] = []
         try:
             async for chunk in self.core.generate(request):
@@ -459,7 +529,62 @@ class RouterServicer(generate_pb2_grpc.RouterServicer):
             prefill_worker=last.prefill_worker, decode_worker=last.decode_worker)
 
     async def ListModels(self, request, context):
-        await self._check_key(context)
+        await self._admit(request, context)
         return generate_pb2.ListModelsResponse(models=[generate_pb2.ModelInfo(
             id=self.core.source.name, fingerprint=self.core.fingerprint,
             max_context=self.core.model_config.max_position, owned_by="pdserve")])
+
+
+# ---- helpers -----------------------------------------------------------------------------
+def _longest_token_chars(tokenizer) -> int:
+    return max(map(len, tokenizer.tokenizer.get_vocab(with_added_tokens=True)), default=1)
+
+
+def _prompt_chars(request: generate_pb2.GenerateRequest) -> int:
+    kind = request.WhichOneof("input")
+    if kind == "text":
+        return len(request.text)
+    if kind == "chat":
+        return sum(len(m.content) + len(m.role) for m in request.chat.messages)
+    return 0
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Request bytes that did not decode; the method answers INVALID_ARGUMENT."""
+
+    type_name: str
+    error: str
+
+
+def _lenient(message_cls):
+    """A request deserializer that never raises: grpc aio turns a raising deserializer
+    into UNKNOWN with a logged traceback."""
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # DecodeError, or anything the parser throws at junk
+            return Malformed(message_cls.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+    return parse
+
+
+def add_router_servicer(servicer: RouterServicer, server) -> None:
+    """generate_pb2_grpc.add_RouterServicer_to_server with lenient request decoding."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(generate_pb2.GenerateRequest),
+            response_serializer=generate_pb2.GenerateChunk.SerializeToString),
+        "GenerateUnary": grpc.unary_unary_rpc_method_handler(
+            servicer.GenerateUnary, request_deserializer=_lenient(generate_pb2.GenerateRequest),
+            response_serializer=generate_pb2.GenerateResponse.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=_lenient(generate_pb2.ListModelsRequest),
+            response_serializer=generate_pb2.ListModelsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
