@@ -44,6 +44,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
     block_ids: list[int] = field(default_factory=list)
+    # leading block_ids already back in the allocator (outside a sliding window; stale)
+    num_dropped_blocks: int = 0
     block_keys: list[bytes] = field(default_factory=list)  # keys of full blocks, in order
     num_registered_blocks: int = 0
     finish_reason: FinishReason | None = None
@@ -65,10 +67,10 @@ class Request:
     def is_finished(self) -> bool:
         return self.state is RequestState.FINISHED
 
-    def num_pending_tokens(self) -> int:
-        """Tokens still to run through the model before the next sample."""
     def suppressed_ids(self, eos_ids) -> tuple[int, ...]:
         """Token ids its next sample must not be (min_tokens not reached yet)."""
         return self.params.suppressed_ids(len(self.output_ids), eos_ids)
 
+    def num_pending_tokens(self) -> int:
+        """Tokens still to run through the model before the next sample."""
         return self.num_tokens - self.num_computed_tokens

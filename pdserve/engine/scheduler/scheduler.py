@@ -5,6 +5,15 @@ token, a partly prefilled one gets the next chunk), then waiting requests are ad
 while the budget, max_num_seqs and free blocks allow. When a running request cannot get
 a block, the most recently admitted running request is preempted (blocks freed, it will
 be recomputed): the oldest requests always progress, so the engine never deadlocks.
+
+Sliding window (config.sliding_window = w > 0, a window every layer shares): before a
+request's next chunk or decode token, the blocks wholly before the first key its first
+new query sees (position num_computed_tokens - w + 1) go back to the allocator. Their
+entries stay in block_ids (stale, so block positions and tables keep their shape) and
+request.num_dropped_blocks counts them; the attention kernels never read them. A dropped
+block keeps its prefix key until the allocator hands it out again (which forgets the
+key), so a prefix hit on it is still valid KV. Requests held for a KV transfer
+(hold_blocks: a prefill worker ships the whole prompt) drop nothing.
 Pure CPU logic: no torch.
 """
 
@@ -30,6 +39,9 @@ class SchedulerConfig:
     # prefill workers: admit a prompt only with blocks for all of it, so a request whose
     # finished chunks are already on the wire is never preempted (its blocks stay put)
     allocate_whole_prompt: bool = False
+    # a sliding window every layer shares (ModelConfig.droppable_window): blocks wholly
+    # before it go back to the allocator while a request runs; 0 = keep every block
+    sliding_window: int = 0
 
 
 @dataclass
@@ -119,6 +131,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_pending_tokens(), budget)
+            self._drop_outside_window(request)
             if self._make_room(request, n, out):
                 out.scheduled.append(ScheduledRequest(request, n))
                 budget -= n
@@ -146,6 +159,7 @@ class Scheduler:
             n = min(request.num_pending_tokens(), budget)
             need = request.num_tokens if self.config.allocate_whole_prompt else \
                 request.num_computed_tokens + n
+            self._drop_outside_window(request)
             if not self._ensure_blocks(request, need):
                 if looked_up:  # a waiting request must not pin cached blocks
                     self._release(request)
@@ -231,9 +245,22 @@ class Scheduler:
         if full <= request.num_registered_blocks:
             return
         keys = self._keys_up_to(request, full)
-        for b in range(request.num_registered_blocks, full):
+        # a dropped block may belong to another request by now: never name it
+        for b in range(max(request.num_registered_blocks, request.num_dropped_blocks), full):
             self.allocator.register(request.block_ids[b], keys[b])
         request.num_registered_blocks = full
+
+    def _drop_outside_window(self, request: Request) -> None:
+        """Free the blocks no query from num_computed_tokens on can see (window w: the
+        query at p sees keys p - w < j <= p)."""
+        window = self.config.sliding_window
+        if window <= 0 or request.hold_blocks:
+            return
+        first_key = max(0, request.num_computed_tokens - window + 1)
+        keep_from = min(first_key // self.config.block_size, len(request.block_ids))
+        if keep_from > request.num_dropped_blocks:
+            self.allocator.free(request.block_ids[request.num_dropped_blocks:keep_from])
+            request.num_dropped_blocks = keep_from
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -245,10 +272,11 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _release(self, request: Request) -> None:
-        if request.block_ids:
-            self.allocator.free(request.block_ids)
+        live = request.block_ids[request.num_dropped_blocks:]
+        if live:
+            self.allocator.free(live)
         request.block_ids = []
-        request.num_registered_blocks = 0
+        request.num_registered_blocks = request.num_dropped_blocks = 0
 
     # ---- views -----------------------------------------------------------------------
     @property
