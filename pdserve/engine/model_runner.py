@@ -200,6 +200,8 @@ class ModelRunner:
                                              meta.block_tables)
             self._mark_launched()
             return self._sample(scheduled, sampling, logits) if sampling else [None]
+        if self._replayable_in_parts(scheduled):
+            return self._execute_in_parts(scheduled, sampling)
         ids, pos, meta, starts = self.build_batch(scheduled)
         hidden = self.model(ids, pos, self.pool, self.backend, meta)
         self._mark_launched()
@@ -269,6 +271,43 @@ class ModelRunner:
                 and scheduled[0].num_new_tokens > 1
                 and self.prefill_graphs.padded_size(scheduled[0].num_new_tokens) is not None)
 
+    def _replayable_in_parts(self, scheduled: list[ScheduledRequest]) -> bool:
+        """A mixed step small enough that queueing it eagerly would leave the device waiting
+        on the host: its decode rows replay one decode graph and each prompt chunk a prefill
+        graph (H200, Llama-3-8B shapes: eager 1k-token mixed steps took the host ~25 ms to
+        queue, for ~25 ms of device work). Each replay reads the weights once, so steps with
+        many chunks or many prompt tokens (device-bound anyway) stay eager."""
+        if self.prefill_graphs is None:
+            return False
+        chunks = [s.num_new_tokens for s in scheduled if not _is_decode_row(s)]
+        decode_rows = len(scheduled) - len(chunks)
+        return (0 < len(chunks) <= MAX_REPLAYED_CHUNKS
+                and sum(chunks) <= self.prefill_graphs.sizes[-1]
+                and (decode_rows == 0 or self.graphs.padded_size(decode_rows) is not None))
+
+    def _execute_in_parts(self, scheduled: list[ScheduledRequest],
+                          sampling: list[int]) -> list[int | None]:
+        cpu = torch.device("cpu")
+        logits_of: dict[int, torch.Tensor] = {}  # scheduled row -> [1, vocab] fp32
+        decode = [i for i, s in enumerate(scheduled) if _is_decode_row(s)]
+        if decode:
+            ids, pos, meta, _ = self.build_batch([scheduled[i] for i in decode], cpu)
+            # the graphs share one memory pool: a later replay may reuse this output's memory
+            out = self.graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens,
+                                  meta.block_tables).clone()
+            logits_of.update((i, out[j:j + 1]) for j, i in enumerate(decode))
+        for i, s in enumerate(scheduled):
+            if not _is_decode_row(s):
+                ids, pos, meta, _ = self.build_batch([s], cpu)
+                out = self.prefill_graphs.run(ids, pos, meta.slot_mapping, meta.seq_lens_cpu[0],
+                                              meta.block_tables)
+                if s.samples:
+                    logits_of[i] = out.clone()
+        self._mark_launched()
+        if not sampling:
+            return [None] * len(scheduled)
+        return self._sample(scheduled, sampling, torch.cat([logits_of[i] for i in sampling]))
+
     def _sample(self, scheduled, sampling: list[int], logits: torch.Tensor) -> list[int | None]:
         # logits: [len(sampling), vocab] fp32
         result: list[int | None] = [None] * len(scheduled)
@@ -293,6 +332,15 @@ class ModelRunner:
 # host) instead of Python lists (~250 us at 2k tokens): the step's host time is what a
 # lone prompt's TTFT waits on, and what other threads' GIL use stretches
 TENSOR_CHUNK_MIN_TOKENS = 256
+
+
+# Prompt chunks of one mixed step replayed as separate prefill graphs, at most
+MAX_REPLAYED_CHUNKS = 4
+
+
+def _is_decode_row(s: ScheduledRequest) -> bool:
+    """One new token that samples: a decode graph row (a prompt's last token included)."""
+    return s.num_new_tokens == 1 and s.samples
 
 
 def step_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device):
