@@ -132,7 +132,8 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
             fingerprint=self.fingerprint,
-            allocate_whole_prompt=config.allocate_whole_prompt), self.allocator)
+            allocate_whole_prompt=config.allocate_whole_prompt,
+            sliding_window=loaded.config.droppable_window), self.allocator)
         self.eos_ids = frozenset(loaded.config.eos_token_ids)
         self._texts: dict[str, _TextState] = {}
         self._ids = itertools.count()
