@@ -3,6 +3,11 @@
     pdserve bench --router 127.0.0.1:50051 --num-requests 200 --rate 4 \\
         --input-len 128 --input-len-spread 0.2 --output-len 64 \\
         --shared-prefix-len 256 --num-prefixes 8 --slo ttft=500,tpot=100 --json out.json
+    pdserve bench --openai http://127.0.0.1:8000/v1 [--model NAME] [--endpoint chat] ...
+
+`--router` drives pdserve's gRPC API; `--openai URL` drives any OpenAI-compatible server
+(vLLM, SGLang, pdserve's HTTP front end) through streamed /v1/completions or
+/v1/chat/completions with the same workload and metrics (pdserve/bench/openai_load.py).
 
 Workload. Each prompt is a list of random token ids: one of K shared prefixes (chosen at
 random per request, `--shared-prefix-len L --num-prefixes K`) followed by a unique part
@@ -26,7 +31,8 @@ Each as mean and p50/p90/p99 (linear interpolation). Throughput = completed requ
 and output tokens over the run's duration (first send to last completion). Prefix-cache
 hit rate = sum(usage.cached_tokens) / sum(usage.prompt_tokens) of completed requests.
 Goodput (with `--slo ttft=MS,tpot=MS`) = completed requests meeting every given bound,
-per second. A request fails on any gRPC error or an error/abort finish reason; failures
+per second. SLO attainment is always reported at (TTFT, TPOT) = (200, 30), (500, 50) and
+(1000, 100) ms: goodput and the share of all sent requests meeting both bounds. A request fails on any gRPC error or an error/abort finish reason; failures
 are counted and reported, never fatal.
 
 This module imports only the standard library at the top (grpc and the wire stubs are
@@ -90,6 +96,10 @@ class SLO:
     @property
     def empty(self) -> bool:
         return self.ttft_ms is None and self.tpot_ms is None
+
+
+# (TTFT, TPOT) bounds every summary reports attainment at (issue 15)
+DEFAULT_SLOS = (SLO(200.0, 30.0), SLO(500.0, 50.0), SLO(1000.0, 100.0))
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,19 @@ def meets_slo(r: RequestResult, slo: SLO) -> bool:
     return slo.tpot_ms is None or tpot is None or tpot * 1000 <= slo.tpot_ms
 
 
+def slo_attainment(results: Sequence[RequestResult], duration_s: float,
+                   slos: Sequence[SLO] = DEFAULT_SLOS) -> list[dict]:
+    """Per SLO: requests meeting it, goodput (per second) and attainment (share of all
+    sent requests; a failed request misses every SLO)."""
+    rows = []
+    for slo in slos:
+        good = sum(1 for r in results if meets_slo(r, slo))
+        rows.append({"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "good_requests": good,
+                     "goodput": round(good / duration_s, 4) if duration_s > 0 else 0.0,
+                     "attainment": round(good / len(results), 4) if results else None})
+    return rows
+
+
 def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SLO()) -> dict:
     """The run's metrics (latencies in ms, throughputs per second)."""
     ok = [r for r in results if r.ok]
@@ -250,6 +273,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO = SL
         "tpot_ms": distribution([r.tpot_s for r in ok if r.tpot_s is not None]),
         "itl_ms": distribution([g for r in ok for g in r.itl_s]),
         "e2e_ms": distribution([r.e2e_s for r in ok if r.e2e_s is not None]),
+        "slo_attainment": slo_attainment(results, duration_s),
     }
     if not slo.empty:
         good = sum(1 for r in ok if meets_slo(r, slo))
@@ -482,6 +506,10 @@ def format_report(summary: dict) -> str:
     if "goodput" in s:
         lines.append(f"goodput      {s['goodput']:.3f} req/s ({s['good_requests']} requests "
                      f"within ttft<={s['slo']['ttft_ms']} ms, tpot<={s['slo']['tpot_ms']} ms)")
+    for row in s.get("slo_attainment", ()):
+        share = row["attainment"] * 100 if row["attainment"] is not None else 0.0
+        lines.append(f"slo {row['ttft_ms']:g}/{row['tpot_ms']:g} ms  goodput "
+                     f"{row['goodput']:.3f} req/s, attainment {share:.1f}%")
     lines.append(f"{'ms':<6}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}")
     for name in ("ttft", "tpot", "itl", "e2e"):
         d = s[f"{name}_ms"]
@@ -521,7 +549,16 @@ def parse_slo(text: str) -> SLO:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--router", required=True, metavar="ADDR", help="host:port of the router")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--router", metavar="ADDR", help="host:port of a pdserve router (gRPC)")
+    target.add_argument("--openai", metavar="URL",
+                        help="base URL of any OpenAI-compatible server, e.g. "
+                             "http://127.0.0.1:8000/v1 (streamed completions)")
+    p.add_argument("--model", default=None,
+                   help="--openai: model name to request (default: the server's first model)")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
+                   help="--openai: /v1/completions with token-id prompts (default) or "
+                        "/v1/chat/completions with a text prompt of about --input-len words")
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--rate", type=parse_rate, default=math.inf,
                    help="requests per second; 'inf' = all at once (default)")
@@ -549,24 +586,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="write config, summary and every request here")
 
 
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    low, _, high = args.vocab_range.partition(":")
+def workload_from_args(args: argparse.Namespace) -> WorkloadSpec:
+    low, sep, high = args.vocab_range.partition(":")
+    try:
+        vocab_low, vocab_high = int(low), int(high)
+    except ValueError:
+        raise ValueError(f"--vocab-range {args.vocab_range!r}: use LOW:HIGH") from None
     for name in ("num_requests", "input_len", "output_len"):
         if getattr(args, name) < (0 if name == "num_requests" else 1):
             raise ValueError(f"--{name.replace('_', '-')} is too small")
-    workload = WorkloadSpec(
+    if args.shared_prefix_len < 0 or args.num_prefixes < 1:
+        raise ValueError("--shared-prefix-len must be >= 0 and --num-prefixes >= 1")
+    return WorkloadSpec(
         num_requests=args.num_requests, input_len=args.input_len,
         input_len_spread=args.input_len_spread, output_len=args.output_len,
         output_len_spread=args.output_len_spread, shared_prefix_len=args.shared_prefix_len,
-        num_prefixes=args.num_prefixes, vocab_low=int(low), vocab_high=int(high), seed=args.seed)
-    arrivals = ArrivalSpec(rate=args.rate, arrival=args.arrival, concurrency=args.concurrency,
-                           seed=args.seed)
-    return BenchConfig(router=args.router, workload=workload, arrivals=arrivals, slo=args.slo,
+        num_prefixes=args.num_prefixes, vocab_low=vocab_low, vocab_high=vocab_high,
+        seed=args.seed)
+
+
+def arrivals_from_args(args: argparse.Namespace) -> ArrivalSpec:
+    if args.concurrency < 0:
+        raise ValueError("--concurrency must be >= 0")
+    return ArrivalSpec(rate=args.rate, arrival=args.arrival, concurrency=args.concurrency,
+                       seed=args.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(router=args.router, workload=workload_from_args(args),
+                       arrivals=arrivals_from_args(args), slo=args.slo,
                        temperature=args.temperature, mode=args.mode, timeout_s=args.timeout,
                        ready_timeout_s=args.ready_timeout, api_key=args.api_key)
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if getattr(args, "openai", None):
+        from pdserve.bench.openai_load import run_cli as run_openai_cli
+
+        return run_openai_cli(args)
     cfg = config_from_args(args)
     try:
         result = run_benchmark(cfg)
