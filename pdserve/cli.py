@@ -171,6 +171,19 @@ def _internal_tls_args(p: argparse.ArgumentParser) -> None:
                    help="PEM CA for services' certificates: peers must present one (mTLS)")
     p.add_argument("--internal-tls-server-name", default=None,
                    help="name to check peers' certificates against (peers dialed by IP)")
+    _internal_token_arg(p)
+
+
+def _internal_token_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--internal-token-file", default=None, metavar="PATH",
+                   help="file holding the cluster's shared internal secret: workers accept "
+                        "only callers that have it (default: env PDSERVE_INTERNAL_TOKEN)")
+
+
+def _internal_auth(args):
+    from pdserve.services.auth import InternalAuth
+
+    return InternalAuth.from_env(args.internal_token_file)
 
 
 def _internal_tls(args):
@@ -188,7 +201,8 @@ def _worker_settings(args, role: str):
               metrics_port=args.metrics_port, connector=args.connector, kv_host=args.kv_host,
               kv_port=args.kv_port, redis_url=args.redis_url, kv_lease_s=args.kv_lease_s,
               fallback=args.fallback, engine=_engine_config(args, **extra),
-              tls=_internal_tls(args), health_port=args.health_port)
+              tls=_internal_tls(args), health_port=args.health_port,
+              internal_auth=_internal_auth(args))
     if args.worker_id:
         kw["worker_id"] = args.worker_id
     return WorkerSettings(**kw)
@@ -211,6 +225,7 @@ def _router_settings(args):
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         health_port=args.health_port, discovery=args.discovery, namespace=args.namespace,
         selector=args.selector, worker_tls=_internal_tls(args),
+        internal_auth=_internal_auth(args),
         early_prefill_start=args.early_prefill_start)
 
 
@@ -337,6 +352,9 @@ def _up_args(u: argparse.ArgumentParser) -> None:
     u.add_argument("--config", default=None)
     u.add_argument("--device", default="auto", help="cpu | cuda | auto (default: cuda when "
                    "a GPU is visible; every worker shares its memory equally)")
+    u.add_argument("--api-key", default=None,
+                   help="clients of the router must send it (env PDSERVE_API_KEY wins)")
+    _internal_token_arg(u)  # default: PDSERVE_INTERNAL_TOKEN, else a fresh secret
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,10 @@ class FrameTooLarge(ConnectionError):
     pass
 
 
+class StrangerRefused(ConnectionError):
+    pass
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
@@ -81,8 +85,14 @@ class ControlServer:
 
     def __init__(self, handler: ChunkHandler, host: str = "127.0.0.1", port: int = 0,
                  on_idle: Callable[[], None] | None = None,
-                 on_disconnect: Callable[[int], None] | None = None) -> None:
+                 on_disconnect: Callable[[int], None] | None = None,
+                 accept_first: Callable[[kv_pb2.SideChannelRequest], bool] | None = None
+                 ) -> None:
         self._handler = handler
+        # a connection whose first chunk request fails this (names no transfer the
+        # receiver expects: transfer ids travel only in authenticated calls) is closed
+        self._accept_first = accept_first or (lambda _: True)
+        self._vetted: set[int] = set()  # connections whose first chunk request passed
         self._on_idle = on_idle or (lambda: None)
         self._on_disconnect = on_disconnect or (lambda _: None)
         self._next_id = 0
@@ -122,7 +132,7 @@ class ControlServer:
             while True:
                 reply = self._answer(recv_frame(conn), conn_id)
                 send_frame(conn, reply.SerializeToString())
-        except FrameTooLarge as exc:
+        except (FrameTooLarge, StrangerRefused) as exc:
             log.warning("KV control channel: %s; closing the connection", exc)
             _try_send(conn, chunk_error(str(exc)))
         except OSError:
@@ -130,6 +140,7 @@ class ControlServer:
         finally:
             with self._lock:
                 self._connections.discard(conn)
+                self._vetted.discard(conn_id)
             conn.close()
             self._disconnected(conn_id)
 
@@ -148,11 +159,21 @@ class ControlServer:
         if kind not in CONTROL_KINDS:
             return chunk_error(f"control request {kind!r} is not served here "
                                "(handshakes go to the side channel)")
+        self._vet(request, conn_id)
         try:
             return kv_pb2.SideChannelReply(chunk=self._handler(request, conn_id))
         except Exception as exc:  # one bad chunk must not stop the channel
             log.exception("KV control %s request failed", kind)
             return chunk_error(f"{kind} failed on the receiver: {type(exc).__name__}: {exc}")
+
+    def _vet(self, request: kv_pb2.SideChannelRequest, conn_id: int) -> None:
+        if conn_id in self._vetted:
+            return
+        if not self._accept_first(request):
+            raise StrangerRefused("the first chunk request names no transfer this receiver "
+                                  "expects")
+        with self._lock:
+            self._vetted.add(conn_id)
 
     def close(self) -> None:
         self._stop.set()

