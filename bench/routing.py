@@ -74,15 +74,14 @@ def bench_config(router: str, s: RoutingBench) -> lg.BenchConfig:
                           ready_timeout_s=180)
 
 
-async def worker_stats(addresses: dict[str, tuple[str, str]]) -> dict[str, dict]:
+async def worker_stats(addresses: dict[str, tuple[str, str]], token: str) -> dict[str, dict]:
     """Stats RPC of each worker: name -> {queries, hits, ...}; addresses: name -> (role, addr)."""
-    import grpc
-
+    from pdserve.services.common import internal_channel
     from pdserve.wire import worker_pb2, worker_pb2_grpc
 
     out = {}
     for name, (role, address) in addresses.items():
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with internal_channel(address, None, internal_token=token) as channel:
             stub = (worker_pb2_grpc.PrefillServiceStub if role == "prefill"
                     else worker_pb2_grpc.DecodeServiceStub)(channel)
             s = await stub.Stats(worker_pb2.StatsRequest(), timeout=10)
@@ -120,9 +119,9 @@ def run_system(spec: ClusterSpec, cfg_for: "callable") -> dict:
 
         async def go() -> dict:
             await lg.wait_ready(router, cfg.ready_timeout_s)
-            before = await worker_stats(addresses)
+            before = await worker_stats(addresses, cluster.internal_token)
             result = await lg.run_benchmark_async(cfg)
-            result["workers"] = stats_delta(before, await worker_stats(addresses))
+            result["workers"] = stats_delta(before, await worker_stats(addresses, cluster.internal_token))
             return result
 
         result = asyncio.run(go())

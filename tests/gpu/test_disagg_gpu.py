@@ -42,7 +42,7 @@ def test_ucx_on_gpu_equals_colocated():
 def _wait_for_prefill_work(cluster, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        s = worker_stats(cluster.proc("prefill-0").address, "prefill")
+        s = worker_stats(cluster.proc("prefill-0").address, "prefill", cluster.internal_token)
         if s.num_requests_running or s.num_transfers_in_flight:
             return
         time.sleep(0.005)

@@ -16,7 +16,8 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.services.common import sampling_to_proto
 from pdserve.wire import generate_pb2, worker_pb2, worker_pb2_grpc
-from tests.support.cluster import GREEDY, run_request, wait_pools_free, worker_stats
+from tests.support.cluster import (GREEDY, run_request, wait_pools_free, worker_channel,
+                                   worker_stats)
 from tests.support.engines import bundled_engine, bundled_model
 
 pytestmark = pytest.mark.slow
@@ -84,7 +85,7 @@ def check_equal_to_colocated(cluster, prompts, reference):
     while prefill.early_starts_claimed + prefill.early_starts_late < requests \
             and time.monotonic() < deadline:  # a StartPrefill may still be on its way
         time.sleep(0.1)
-        prefill = worker_stats(cluster.proc("prefill-0").address, "prefill")
+        prefill = worker_stats(cluster.proc("prefill-0").address, "prefill", cluster.internal_token)
     assert prefill.early_starts_claimed + prefill.early_starts_late == requests
     assert prefill.early_starts_dropped == 0
     assert prefill.kv_transfer.bytes_sent > 0 and prefill.kv_transfer.transfers_done >= 17
@@ -124,7 +125,8 @@ def test_valkey_down_falls_back_to_recompute(redis_cluster, prompts, reference):
     fresh = prompts[-1][::-1]  # nothing of it is cached anywhere
     want = bundled_engine().generate([fresh], GREEDY)[0].token_ids
     assert run_request(address, fresh)[0] == want
-    decode = worker_stats(redis_cluster.proc("decode-0").address, "decode")
+    decode = worker_stats(redis_cluster.proc("decode-0").address, "decode",
+                          redis_cluster.internal_token)
     assert decode.kv_transfer.transfers_failed + decode.kv_transfer.transfers_cancelled >= 1
     wait_pools_free(redis_cluster)
 
@@ -171,7 +173,7 @@ def wait_for_prefill_work(cluster, timeout_s: float = 30.0,
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name in names:
-            s = worker_stats(cluster.proc(name).address, "prefill")
+            s = worker_stats(cluster.proc(name).address, "prefill", cluster.internal_token)
             if s.num_requests_running or s.num_transfers_in_flight:
                 return
         time.sleep(0.01)
@@ -211,7 +213,7 @@ def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, r
 
     with Cluster(ClusterSpec(connector="ucx", prefill_args=("--kv-lease-s", "2"))) as cluster:
         cluster.start()
-        with grpc.insecure_channel(cluster.proc("prefill-0").address) as channel:
+        with worker_channel(cluster.proc("prefill-0").address, cluster.internal_token) as channel:
             stub = worker_pb2_grpc.PrefillServiceStub(channel)
             claimed = prefill_request(0, "key-0")
             start = stub.StartPrefill.future(claimed, timeout=60)
@@ -232,7 +234,8 @@ def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, r
             # its StartPrefill arriving now must not compute the prompt a second time
             refused = stub.StartPrefill(lone, timeout=30)
             assert not refused.started and refused.reason.startswith("late")
-            assert worker_stats(cluster.proc("prefill-0").address, "prefill").early_starts_late == 1
+            late = worker_stats(cluster.proc("prefill-0").address, "prefill", cluster.internal_token)
+            assert late.early_starts_late == 1
             with pytest.raises(grpc.RpcError) as keyless:
                 stub.StartPrefill(prefill_request(2, ""), timeout=30)
             assert keyless.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -249,7 +252,7 @@ def test_prefill_call_refused_by_the_engine_thread_gets_invalid_argument(prompts
 
     with Cluster(ClusterSpec(connector="ucx", prefill_args=("--kv-lease-s", "2"))) as cluster:
         cluster.start()
-        with grpc.insecure_channel(cluster.proc("prefill-0").address) as channel:
+        with worker_channel(cluster.proc("prefill-0").address, cluster.internal_token) as channel:
             stub = worker_pb2_grpc.PrefillServiceStub(channel)
             start = stub.StartPrefill.future(prefill_request("key-a"), timeout=60)
             wait_for_prefill_work(cluster, names=("prefill-0",))

@@ -9,6 +9,7 @@ import pytest
 from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import worker_pb2, worker_pb2_grpc
 from tests.support.certs import _issue, have_openssl, make_certs
+from pdserve.services.auth import sync_channel
 from tests.support.cluster import run_request
 
 pytestmark = [pytest.mark.slow,
@@ -42,6 +43,7 @@ def test_services_talk_over_mutual_tls(tmp_path):
             root_certificates=certs.read("ca"), private_key=(tmp_path / "named.key").read_bytes(),
             certificate_chain=(tmp_path / "named.crt").read_bytes())
         name = [("grpc.ssl_target_name_override", "pdserve-internal")]
-        with grpc.secure_channel(decode, mutual, options=name) as good:
+        with sync_channel(grpc.secure_channel(decode, mutual, options=name),
+                          cluster.internal_token) as good:
             s = stats(good)
         assert s.num_free_blocks == s.num_total_blocks  # and the request left nothing behind

@@ -19,6 +19,7 @@ import pytest
 from pdserve.client import stream as grpc_stream
 from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import generate_pb2, worker_pb2, worker_pb2_grpc
+from tests.support.cluster import worker_channel
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +94,7 @@ def sse_events(response: httpx.Response) -> list[str]:
 
 
 def decode_stats(system: System) -> worker_pb2.WorkerStats:
-    with grpc.insecure_channel(system.decode_address) as ch:
+    with worker_channel(system.decode_address, system.cluster.internal_token) as ch:
         return worker_pb2_grpc.DecodeServiceStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
 
 

@@ -8,6 +8,7 @@ import grpc
 
 from pdserve.client import make_request, stream
 from pdserve.engine.sampling import SamplingParams
+from pdserve.services.auth import sync_channel
 from pdserve.wire import worker_pb2, worker_pb2_grpc
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -23,9 +24,15 @@ def run_request(address: str, token_ids: list[int], params: SamplingParams = GRE
     return tokens, last
 
 
-def worker_stats(address: str, role: str) -> worker_pb2.WorkerStats:
+def worker_channel(address: str, token: str | None) -> grpc.Channel:
+    """A blocking channel to a worker carrying the cluster's internal token (workers
+    refuse internal calls without it): `with worker_channel(addr, cluster.internal_token)`."""
+    return sync_channel(grpc.insecure_channel(address), token)
+
+
+def worker_stats(address: str, role: str, token: str | None = None) -> worker_pb2.WorkerStats:
     stub_cls = worker_pb2_grpc.PrefillServiceStub if role == "prefill" else worker_pb2_grpc.DecodeServiceStub
-    with grpc.insecure_channel(address) as channel:
+    with worker_channel(address, token) as channel:
         return stub_cls(channel).Stats(worker_pb2.StatsRequest(), timeout=10)
 
 
@@ -33,7 +40,7 @@ def wait_pools_free(cluster, timeout_s: float = 20.0) -> dict[str, worker_pb2.Wo
     """Every live worker's KV pool fully free (transfers and aborts settle asynchronously)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = {p.name: worker_stats(p.address, p.name.split("-")[0])
+        stats = {p.name: worker_stats(p.address, p.name.split("-")[0], cluster.internal_token)
                  for p in cluster.procs if p.name != "router" and p.popen.poll() is None}
         busy = {n: (s.num_free_blocks, s.num_total_blocks) for n, s in stats.items()
                 if s.num_free_blocks != s.num_total_blocks or s.num_requests_running
