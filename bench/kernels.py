@@ -9,7 +9,9 @@
 4. prefill: causal TFLOP/s at 1k/4k/16k tokens vs torch SDPA (flash backend and the
    default, cuDNN), and with half the context already cached (prefix hit), plus a
    config sweep.
-5. --elementwise (only this, with copy bandwidth and tests/gpu/test_fused_gpu.py): the
+5. window: sliding-window decode and prefill (window 4096, Mistral style) next to the
+   same calls without a window: time, and GB/s / TFLOP/s over what the window reads.
+6. --elementwise (only this, with copy bandwidth and tests/gpu/test_fused_gpu.py): the
    fused Triton norms/rotary/SiLU vs the model's unfused torch ops at 1/64/512/8000
    tokens, eager and CUDA-graph replay (the decode step runs as a graph).
 Timer: triton.testing.do_bench (median; it flushes L2 before every run). Prints a table
@@ -449,6 +451,60 @@ def elementwise_bench(results: dict) -> None:
     results["elementwise"] = rows
 
 
+# ---- sliding window ----------------------------------------------------------------------
+
+WINDOW = 4096
+WINDOW_DECODE_SHAPES = [(1, 32768), (16, 16384), (64, 8192)]
+WINDOW_PREFILL_SHAPES = [(8192, 8192), (32768, 4096), (16384, 2048)]  # (context, new tokens)
+
+
+def windowed_pairs(seq_len: int, q_len: int, window: int) -> int:
+    """Query-key pairs a windowed causal attention computes: min(p + 1, window) each."""
+    p = torch.arange(seq_len - q_len, seq_len, dtype=torch.float64)
+    return int(torch.clamp(p + 1, max=window).sum())
+
+
+def window_table(results: dict) -> None:
+    """Windowed kernels vs the same call without a window (graphed decode, eager prefill)."""
+    rows = []
+    for b, L in WINDOW_DECODE_SHAPES:
+        inp = decode_inputs(b, L)
+        _, k_cache, v_cache, tables, q, seq_lens, starts = inp
+
+        def call(window):
+            return lambda: paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, starts,
+                                                  D ** -0.5, L, sliding_window=window)
+        full_ms, win_ms = bench_ms(graphed(call(0))), bench_ms(graphed(call(WINDOW)))
+        row = {"kind": "decode", "shape": f"{b}x{L}", "window": WINDOW, "full_ms": full_ms,
+               "window_ms": win_ms, "speedup": full_ms / win_ms,
+               "window_GBps": decode_bytes(b, min(L, WINDOW)) / win_ms / 1e6}
+        rows.append(row)
+        log(f"window decode {row['shape']}: full {full_ms:.3f} ms, window {win_ms:.3f} ms "
+            f"(x{row['speedup']:.1f}), {row['window_GBps']:.0f} GB/s over the window")
+        del inp
+        torch.cuda.empty_cache()
+    for L, n in WINDOW_PREFILL_SHAPES:
+        inp = prefill_inputs(L, n)
+        _, k_cache, v_cache, tables, q, starts, seq_lens = inp
+
+        def call(window):
+            return lambda: paged_prefill_attention(q, k_cache, v_cache, tables, starts,
+                                                   seq_lens, n, D ** -0.5, sliding_window=window)
+        full_ms, win_ms = bench_ms(call(0)), bench_ms(call(WINDOW))
+        flops = 4 * H * D * windowed_pairs(L, n, WINDOW)
+        row = {"kind": "prefill", "shape": f"{n} new of {L}", "window": WINDOW,
+               "full_ms": full_ms, "window_ms": win_ms, "speedup": full_ms / win_ms,
+               "window_TFLOPs": flops / win_ms / 1e9,
+               "full_TFLOPs": causal_flops(L, n) / full_ms / 1e9}
+        rows.append(row)
+        log(f"window prefill {row['shape']}: full {full_ms:.3f} ms "
+            f"({row['full_TFLOPs']:.0f} TFLOP/s), window {win_ms:.3f} ms (x{row['speedup']:.1f}, "
+            f"{row['window_TFLOPs']:.0f} TFLOP/s over visible pairs)")
+        del inp
+        torch.cuda.empty_cache()
+    results["window"] = rows
+
+
 # ---- driver -----------------------------------------------------------------------------
 
 def run_tests(path: str = "tests/gpu/test_kernels_gpu.py") -> dict:
@@ -529,6 +585,7 @@ def main() -> None:
         steps.append(("store", lambda: store_bench(res)))
         steps.append(("decode", lambda: decode_table(res, res["copy"]["GBps"])))
         steps.append(("prefill", lambda: prefill_table(res)))
+        steps.append(("window", lambda: window_table(res)))
         if not args.no_sweep:
             steps.append(("decode_sweep", lambda: decode_sweep(res)))
             steps.append(("prefill_sweep", lambda: prefill_sweep(res)))
