@@ -112,14 +112,17 @@ def test_route_topk_bf16(shape, t):
 @pytest.mark.parametrize("t", [1, 64, 512])
 def test_fused_block_bf16(shape, t):
     """The whole block (router matmul, routing kernel, alignment, GEMMs) against fp32
-    math over the kernel's own routing (checked on its own above)."""
+    math over the kernel's own routing (checked on its own above); the budget is torch's
+    bf16 path against fp32 math over torch's routing (~5e-3 at these shapes)."""
     block = make_block(shape, seed=3 * t)
     x = inputs(t, block.hidden_size, seed=t)
     with torch.no_grad():
         out = block(x)  # CUDA: the fused path
         weights, ids = fm.route_topk(block.gate(x), block.top_k, block.norm_topk_prob)
-        ref = experts_fp32(x, block.w13, block.w2, weights, ids)
-    assert rel_err(out, ref) < 4e-3
+        err = rel_err(out, experts_fp32(x, block.w13, block.w2, weights, ids))
+        budget = rel_err(block.forward_torch(x),
+                         experts_fp32(x, block.w13, block.w2, *block.route(x)))
+    assert err <= max(1.5 * budget, 4e-3), (err, budget)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -97,8 +97,10 @@ def test_matches_transformers_block(style, norm, top_k):
 def test_forward_on_cpu_is_the_torch_path():
     ref = hf_block("qwen3_moe")
     ours = ours_from(in_memory_weights(ref, "", "mlp"), "", "qwen3_moe", True)
-    x = tokens(3, 5)
+    x = tokens(3, 6)
     assert torch.equal(ours(x), hf_out(ref, x))
+    # leading dims are flattened and restored
+    assert torch.equal(ours(x.view(2, 3, HIDDEN)), hf_out(ref, x).view(2, 3, HIDDEN))
 
 
 def test_norm_topk_prob_matters():

@@ -68,7 +68,8 @@ class SparseMoeBlock(nn.Module):
       w13:         [E, 2*I, H] each expert's gate_proj rows, then its up_proj rows
       w2:          [E, H, I]   each expert's down_proj
 
-    forward(x: [tokens, H]) -> [tokens, H].
+    forward(x: [tokens, H]) -> [tokens, H] (any leading dims are flattened and restored).
+    forward_torch syncs the host (it lists the experts in use): not for CUDA graphs.
     """
 
     def __init__(self, hidden_size: int, moe_intermediate_size: int, num_experts: int,
@@ -93,9 +94,11 @@ class SparseMoeBlock(nn.Module):
                 f"top_k={self.top_k}, norm_topk_prob={self.norm_topk_prob}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., H] -> [..., H]; the paths below take [tokens, H]
+        rows = x.reshape(-1, self.hidden_size)
         if x.is_cuda and self.use_triton:
-            return self.forward_fused(x)
-        return self.forward_torch(x)
+            return self.forward_fused(rows).view(x.shape)
+        return self.forward_torch(rows).view(x.shape)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # x: [tokens, H] -> (weights fp32 [tokens, k], ids int64 [tokens, k])
