@@ -8,7 +8,10 @@ be recomputed): the oldest requests always progress, so the engine never deadloc
 
 Sliding window (config.sliding_window = w > 0, a window every layer shares): before a
 request's next chunk or decode token, the blocks wholly before the first key its first
-new query sees (position num_computed_tokens - w + 1) go back to the allocator. Their
+new query sees (position num_computed_tokens - w + 1), less one position, go back to the
+allocator. The one position is for a decode step queued ahead (async scheduling): it may
+still be reading key num_computed_tokens - w on the device while this step's blocks are
+handed out (and a KV transfer on another stream writes into them). Their
 entries stay in block_ids (stale, so block positions and tables keep their shape) and
 request.num_dropped_blocks counts them; the attention kernels never read them. A dropped
 block keeps its prefix key until the allocator hands it out again (which forgets the
@@ -42,6 +45,13 @@ class SchedulerConfig:
     # a sliding window every layer shares (ModelConfig.droppable_window): blocks wholly
     # before it go back to the allocator while a request runs; 0 = keep every block
     sliding_window: int = 0
+
+
+def _share(budget: int, others: bool) -> int:
+    """Tokens one request may take this step: half of what is left while others run or
+    wait, so a long prompt's chunks share each step with short prompts and decode tokens
+    instead of starving them until it is done (a decode token needs 1)."""
+    return max(1, budget // 2) if others else budget
 
 
 @dataclass
@@ -130,7 +140,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_pending_tokens(), budget)
+            others = i + 1 < len(self.running) or bool(self.waiting)
+            n = min(request.num_pending_tokens(), _share(budget, others))
             self._drop_outside_window(request)
             if self._make_room(request, n, out):
                 out.scheduled.append(ScheduledRequest(request, n))
@@ -156,7 +167,7 @@ class Scheduler:
             looked_up = request.num_computed_tokens == 0 and not request.block_ids
             if looked_up:
                 self._lookup_prefix(request, request.num_tokens - 1)
-            n = min(request.num_pending_tokens(), budget)
+            n = min(request.num_pending_tokens(), _share(budget, len(self.waiting) > 1))
             need = request.num_tokens if self.config.allocate_whole_prompt else \
                 request.num_computed_tokens + n
             self._drop_outside_window(request)
@@ -251,12 +262,12 @@ class Scheduler:
         request.num_registered_blocks = full
 
     def _drop_outside_window(self, request: Request) -> None:
-        """Free the blocks no query from num_computed_tokens on can see (window w: the
-        query at p sees keys p - w < j <= p)."""
+        """Free the blocks that neither a query from num_computed_tokens on nor the step
+        before it can see (window w: the query at p sees keys p - w < j <= p)."""
         window = self.config.sliding_window
         if window <= 0 or request.hold_blocks:
             return
-        first_key = max(0, request.num_computed_tokens - window + 1)
+        first_key = max(0, request.num_computed_tokens - window)
         keep_from = min(first_key // self.config.block_size, len(request.block_ids))
         if keep_from > request.num_dropped_blocks:
             self.allocator.free(request.block_ids[request.num_dropped_blocks:keep_from])
