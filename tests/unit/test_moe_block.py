@@ -16,8 +16,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from pdserve.engine.model.moe import (SparseMoeBlock, load_hf_expert_weights,  # noqa: E402
-                                      route_softmax_topk)
+from pdserve.engine.model.moe import (SparseMoeBlock, load_gguf_expert_weights,  # noqa: E402
+                                      load_hf_expert_weights, route_softmax_topk)
 
 HIDDEN, INTER, EXPERTS, TOP_K, TOKENS = 32, 24, 8, 2, 40
 
@@ -178,3 +178,30 @@ def test_bad_names_and_shapes_are_errors():
         SparseMoeBlock(HIDDEN, INTER, EXPERTS, EXPERTS + 1, True)
     with pytest.raises(ValueError, match="routing"):
         SparseMoeBlock(HIDDEN, INTER, EXPERTS, 2, True, routing="sigmoid")
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gguf_expert_tensors(fused):
+    """llama.cpp's stacked expert tensors (numpy order) map onto the same parameters."""
+    ref = hf_block("mixtral")
+    state = {k: v.detach() for k, v in ref.state_dict().items()}
+    w13, w2 = state["experts.gate_up_proj"], state["experts.down_proj"]
+    tensors = {"blk.2.ffn_gate_inp.weight": state["gate.weight"],
+               "blk.2.ffn_down_exps.weight": w2}
+    if fused:
+        tensors["blk.2.ffn_gate_up_exps.weight"] = w13
+    else:
+        tensors["blk.2.ffn_gate_exps.weight"] = w13[:, :INTER].contiguous()
+        tensors["blk.2.ffn_up_exps.weight"] = w13[:, INTER:].contiguous()
+    consumed: set[str] = set()
+    ours = SparseMoeBlock(HIDDEN, INTER, EXPERTS, TOP_K, True)
+    params = load_gguf_expert_weights(tensors, 2, consumed)
+    with torch.no_grad():
+        for name, tensor in params.items():
+            ours.get_parameter(name).copy_(tensor)
+    assert consumed == set(tensors)
+    x = tokens(6)
+    assert torch.equal(ours.forward_torch(x), hf_out(ref, x))
+    del tensors["blk.2.ffn_down_exps.weight"]
+    with pytest.raises(ValueError, match="ffn_down_exps"):
+        load_gguf_expert_weights(tensors, 2)

@@ -238,3 +238,34 @@ def _check_shapes(base, gate, w13, w2) -> None:
     if w13.shape[1:] != (2 * inter, hidden) or w2.shape[1] != hidden:
         raise ValueError(f"{base}: expert shapes {tuple(w13.shape)} / {tuple(w2.shape)} do not "
                          f"fit hidden {hidden}, intermediate {inter}")
+
+
+def load_gguf_expert_weights(tensors: dict[str, torch.Tensor], layer: int,
+                             consumed: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """One layer's MoE tensors from a GGUF as llama.cpp's converter writes them (Mixtral
+    as arch `llama`, Qwen3-MoE as `qwen3moe`), dequantized, in numpy's (reversed ggml)
+    order: blk.{layer}.ffn_gate_inp.weight [E, H]; ffn_gate_exps / ffn_up_exps [E, I, H]
+    (or one ffn_gate_up_exps [E, 2I, H]); ffn_down_exps [E, H, I]. Returns SparseMoeBlock's
+    parameters as load_hf_expert_weights does; names read go into `consumed`."""
+    base = f"blk.{layer}."
+    names = {key: f"{base}{key}.weight" for key in
+             ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps", "ffn_down_exps")}
+    fused = names["ffn_gate_up_exps"] in tensors
+    needed = ["ffn_gate_inp", "ffn_down_exps"] + (
+        ["ffn_gate_up_exps"] if fused else ["ffn_gate_exps", "ffn_up_exps"])
+    missing = [names[k] for k in needed if names[k] not in tensors]
+    if missing:
+        raise ValueError(f"GGUF lacks MoE tensor {missing[0]}")
+    if fused:
+        w13 = tensors[names["ffn_gate_up_exps"]]
+    else:
+        gate, up = tensors[names["ffn_gate_exps"]], tensors[names["ffn_up_exps"]]
+        if gate.shape != up.shape:
+            raise ValueError(f"{names['ffn_gate_exps']} {tuple(gate.shape)} and "
+                             f"{names['ffn_up_exps']} {tuple(up.shape)} differ")
+        w13 = torch.cat([gate, up], dim=1)
+    gate_inp, w2 = tensors[names["ffn_gate_inp"]], tensors[names["ffn_down_exps"]]
+    _check_shapes(base, gate_inp, w13, w2)
+    if consumed is not None:
+        consumed.update(names[k] for k in needed)
+    return {"gate.weight": gate_inp, "w13": w13, "w2": w2}
