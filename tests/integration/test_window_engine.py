@@ -61,11 +61,13 @@ def loaded(folder):
     return model
 
 
-def test_colocated_frees_blocks_outside_the_window_and_matches_transformers(loaded, prompts,
-                                                                           expected):
-    # 3 prompts of up to 81 tokens would need 14 blocks together; 16-token chunks with
-    # a window of 8 need at most 3 each, so 9 blocks serve them all without preemption
-    engine = engine_on(loaded, num_blocks=9, max_num_batched_tokens=48)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_colocated_frees_blocks_outside_the_window_and_matches_transformers(
+        loaded, prompts, expected, async_scheduling):
+    # 3 prompts of up to 81 tokens would need 14 blocks together; with a window of 8,
+    # 9 blocks serve them all without preemption (decode steps queued ahead included)
+    engine = engine_on(loaded, num_blocks=9, max_num_batched_tokens=48,
+                       async_scheduling=async_scheduling)
     got = [c.token_ids for c in engine.generate(prompts, PARAMS)]
     assert got == expected
     assert engine.scheduler.num_preemptions == 0
