@@ -251,7 +251,8 @@ def _check_workers(docs, values_doc) -> None:
             assert "from" not in rule  # the kubelet probes from the node
         else:  # plaintext probes on the API port, no certs
             assert probe_ports == {50051} and not [a for a in args if a.startswith("--health-port")]
-            assert "health" not in ports and not [v for v in spec["volumes"] if "secret" in v]
+            certs = [v for v in spec["volumes"] if "secret" in v and v["name"] != "internal-auth"]
+            assert "health" not in ports and not certs
             assert "health" not in allowed
         assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "kv-ctl",
                                                                   "metrics"}

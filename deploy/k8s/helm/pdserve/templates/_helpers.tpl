@@ -137,3 +137,33 @@ capabilities:
 app.kubernetes.io/component: {{ .component }}
 pdserve.io/role: {{ .component }}
 {{- end -}}
+
+{{/* The internal plane's shared secret (internalAuth): its Secret, flag, volume, mount. */}}
+{{- define "pdserve.internalAuthSecret" -}}
+{{- default (printf "%s-internal-auth" (include "pdserve.fullname" .)) .Values.internalAuth.existingSecret -}}
+{{- end -}}
+
+{{- define "pdserve.internalAuthArgs" -}}
+{{- if .Values.internalAuth.enabled }}
+- --internal-token-file={{ .Values.internalAuth.mountPath }}/token
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.internalAuthVolume" -}}
+{{- if .Values.internalAuth.enabled }}
+- name: internal-auth
+  secret:
+    secretName: {{ include "pdserve.internalAuthSecret" . }}
+    defaultMode: 0440
+    items:
+      - {key: {{ .Values.internalAuth.secretKey }}, path: token}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.internalAuthMount" -}}
+{{- if .Values.internalAuth.enabled }}
+- name: internal-auth
+  mountPath: {{ .Values.internalAuth.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
