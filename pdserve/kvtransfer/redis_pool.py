@@ -62,7 +62,7 @@ class RedisSettings:
     poll_interval_s: float = 0.002    # receiver puller sleep when nothing arrived
     checksum: bool = False            # crc32 per block in its header
     # AUTH password (the server pdserve starts: derived from the internal token); a
-    # password in the URL wins
+    # password in the URL wins. A store without a password accepts any (ACL nopass).
     password: str | None = field(default=None, repr=False)
 
 

@@ -243,3 +243,68 @@ def test_up_valkey_refuses_clients_without_the_password(up_with_key):
             auth.new_token()), socket_timeout=5).keys("*")
     assert redis.Redis(host="127.0.0.1", port=port, password=password,
                        socket_timeout=5).keys("pdserve:kv:*")  # the workers' chunks
+
+
+# ---- the Helm chart --------------------------------------------------------------------
+def test_chart_shares_a_generated_secret_and_its_valkey_derives_the_password(tmp_path):
+    """Every pdserve container reads --internal-token-file from the chart's Secret; the
+    Valkey container's own script (run here with sh and a real valkey-server) sets
+    the password the workers derive from that token."""
+    import redis
+    import yaml
+
+    from pdserve.kvtransfer.valkey_server import find_server_binary, free_port
+
+    root = Path(__file__).resolve().parents[2]
+    helm = Path(sys.executable).parent / "helm"
+    if not helm.exists():
+        pytest.skip("helm missing: deploy/tools/fetch-k8s-tools.sh .venv/bin")
+    chart = root / "deploy" / "k8s" / "helm" / "pdserve"
+    out = subprocess.run([str(helm), "template", "pd", str(chart), "-f",
+                          str(chart / "ci" / "redis-values.yaml")],
+                         capture_output=True, text=True, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    [secret] = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith(
+        "-internal-auth")]
+    assert len(secret["data"]["token"]) > 40
+    pods = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]:
+            d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"}
+    for component in ("router", "prefill", "decode", "redis"):
+        spec = pods[component]
+        [volume] = [v for v in spec["volumes"] if v["name"] == "internal-auth"]
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+        [mount] = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "internal-auth"]
+        assert mount["mountPath"] == "/etc/pdserve-internal-auth"
+        if component != "redis":
+            assert "--internal-token-file=/etc/pdserve-internal-auth/token" in \
+                spec["containers"][0]["args"]
+
+    valkey = pods["redis"]["containers"][0]
+    assert valkey["command"][:2] == ["sh", "-c"]
+    token = auth.new_token()
+    (tmp_path / "token").write_text(token)
+    script = valkey["command"][2].replace("$$(", "$(")  # what the kubelet hands sh
+    script = script.replace("/etc/pdserve-internal-auth", str(tmp_path))
+    script = script.replace("/data/", f"{tmp_path}/")
+    port = free_port()
+    args = [a if a != "6379" else str(port) for a in valkey["args"]] + ["--bind", "127.0.0.1"]
+    env = {**os.environ, "PATH": f"{Path(find_server_binary()).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(["sh", "-c", script, *valkey["command"][3:], *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        good = redis.Redis(port=port, password=auth.valkey_password(token), socket_timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert good.ping()
+                break
+            except redis.AuthenticationError:
+                raise  # up, but another password than the workers derive
+            except redis.ConnectionError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.05)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port, socket_timeout=5).get("k")
+    finally:
+        server.terminate()
+        server.wait(10)
