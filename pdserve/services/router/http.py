@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.services.router.policies import Role
-from pdserve.services.router.service import RouterError
+from pdserve.services.router.service import RouterError, RouterSettings
 from pdserve.wire import generate_pb2
 
 log = logging.getLogger(__name__)
@@ -491,7 +491,7 @@ def create_app(core) -> FastAPI:
             "id": core.source.name, "object": "model", "created": started_at,
             "owned_by": "pdserve", "max_model_len": core.model_config.max_position}]})
 
-    limit = core.settings.max_request_bytes
+    limit = getattr(core.settings, "max_request_bytes", RouterSettings.max_request_bytes)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
