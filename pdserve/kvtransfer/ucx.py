@@ -94,8 +94,13 @@ PROGRESS_ENV = {
 }
 log = logging.getLogger(__name__)
 
+# A listener restarted on its fixed port binds at once although connections of the
+# process before it (killed) sit in TIME-WAIT there (UCX's default: busy for ~60 s).
+LISTENER_ENV = {"UCX_TCP_CM_REUSEADDR": "y"}
+
 HOST_TRANSPORT_ENV = {
     **PROGRESS_ENV,
+    **LISTENER_ENV,
     "UCX_TLS": "tcp",
     "UCX_TCP_TX_SEG_SIZE": "1M",
     "UCX_TCP_RX_SEG_SIZE": "1M",
@@ -103,6 +108,7 @@ HOST_TRANSPORT_ENV = {
 }
 DEVICE_TRANSPORT_ENV = {
     **PROGRESS_ENV,
+    **LISTENER_ENV,
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
 
@@ -153,6 +159,41 @@ def _rearm_blocking_progress() -> None:
     mode._pdserve_rearm = True
 
 
+def interface_of(host: str) -> str | None:
+    """The network interface holding IPv4 address host (None if none does)."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address
+            if socket.inet_ntoa(raw[20:24]) == host:
+                return name
+    return None
+
+
+def net_devices_env(host: str, device_type: str) -> dict[str, str]:
+    """UCX_NET_DEVICES for a worker whose KV address is host: UCX's TCP transport then
+    listens on that interface only, not on every one the machine has. A GPU worker is
+    restricted only to loopback (its peers are on this host; elsewhere RDMA devices must
+    stay usable). ucxx 0.52's data listener itself takes a port, no address: it still
+    binds the wildcard address (its API has no way to say otherwise)."""
+    if not host or host in ("0.0.0.0", "::"):
+        return {}
+    try:
+        name = interface_of(host)
+    except OSError:
+        return {}
+    if name is None or (device_type != "cpu" and not host.startswith("127.")):
+        return {}
+    return {"UCX_NET_DEVICES": name}
+
+
 class UcxRuntime:
     """The process-wide ucxx event loop thread."""
 
@@ -160,12 +201,13 @@ class UcxRuntime:
     _instance_lock = threading.Lock()
 
     @classmethod
-    def get(cls, device_type: str = "cpu", tune_env: bool = True) -> "UcxRuntime":
+    def get(cls, device_type: str = "cpu", tune_env: bool = True,
+            host: str = "") -> "UcxRuntime":
         with cls._instance_lock:
             if cls._instance is None:
                 if tune_env:
                     env = HOST_TRANSPORT_ENV if device_type == "cpu" else DEVICE_TRANSPORT_ENV
-                    for key, value in env.items():
+                    for key, value in {**env, **net_devices_env(host, device_type)}.items():
                         os.environ.setdefault(key, value)
                 cls._instance = cls()
             return cls._instance
@@ -246,7 +288,8 @@ class UcxReceiver(RegisteringReceiver):
                  settings: UcxSettings = UcxSettings()) -> None:
         super().__init__(pool, hello, lease_s=settings.lease_s)
         self.settings = settings
-        self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env)
+        self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env,
+                                      settings.host)
         self._copy_stream = _CopyStream(pool.device)
         self._endpoints: set = set()
         # in-place transfers admitted: transfer id -> (control connection, last activity)
@@ -564,13 +607,28 @@ class UcxSender(ChunkedSender):
                  settings: UcxSettings = UcxSettings()) -> None:
         super().__init__(pool, hello, lease_s=settings.lease_s)
         self.settings = settings
-        self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env)
+        self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env,
+                                      settings.host)
         self._copy_stream = _CopyStream(pool.device)
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
 
     def connected(self, address: str) -> bool:
-        return self._peer(address) is not None
+        """A peer whose endpoint UCX found broken (the receiver died, and may be back on
+        the same ports) is forgotten here, so the next transfer handshakes anew instead
+        of failing on the dead endpoint and recomputing."""
+        peer = self._peer(address)
+        if peer is None:
+            return False
+        endpoint = peer.endpoint
+        if endpoint is not None and endpoint.closed:
+            self._forget_peer(peer)
+            self.runtime.submit(self._retire(peer))
+            return False
+        return True
+
+    async def _retire(self, peer: _Peer) -> None:
+        self._drop_endpoint(peer)
 
     def connect(self, address: str) -> None:
         with self._peers_lock:

@@ -184,11 +184,20 @@ class InternalTls:
                                             certificate_chain=cert)
 
 
+# Peers are in the same cluster and a restarted one is back within seconds: reconnect
+# within 1 s instead of after gRPC's default backoff (up to 120 s), so a worker the
+# router's health check re-admits also takes requests (issue 17, item 5).
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                     ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 def internal_channel(address: str, tls: InternalTls | None, options=(),
                      internal_token: str | None = None) -> grpc.aio.Channel:
     """A channel to another pdserve service, over TLS when internal TLS is configured;
     with an internal token, every call carries it."""
-    options = [*GRPC_OPTIONS, *options]
+    given = {key for key, _ in options}
+    options = [*GRPC_OPTIONS, *(o for o in RECONNECT_OPTIONS if o[0] not in given), *options]
     interceptors = aio_client_interceptors(internal_token)
     if tls is not None and tls.enabled:
         if tls.server_name:

@@ -97,6 +97,7 @@ class Proc:
     restarts: int = 0
     delay_s: float = 0.0             # the last restart delay (backoff state)
     restart_at: float | None = None  # set while a restart is pending
+    ready_at: float | None = None    # time.monotonic() of its last READY line
 
     @property
     def role(self) -> str:
@@ -242,6 +243,7 @@ class Cluster:
                 proc.cmd, stdout=log if valkey else subprocess.PIPE, stderr=log, env=proc.env,
                 start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
         proc.started = time.monotonic()
+        proc.ready_at = None
         proc.lines = queue.Queue()
         if not valkey:
             threading.Thread(target=_pump, args=(proc.popen, proc.lines,
@@ -259,6 +261,7 @@ class Cluster:
                 continue
             if line.startswith("READY "):
                 proc.address = line.split()[2]
+                proc.ready_at = time.monotonic()
                 _pin_port(proc)
                 return proc.address
         tail = (self.log_dir / f"{proc.name}.log").read_text(errors="replace")[-2000:]
@@ -328,6 +331,7 @@ class Cluster:
             except queue.Empty:
                 continue
             if line.startswith("READY "):
+                p.ready_at = time.monotonic()
                 say(f"{p.name} (pid {popen.pid}) serving again at {line.split()[2]} after "
                     f"{time.monotonic() - started:.1f} s")
                 return

@@ -1,0 +1,151 @@
+"""A decode worker killed with SIGKILL and restarted at once on its fixed ports (issue 17,
+items 4 and 5): it binds its UCX listener although the last process's connections sit
+in TIME-WAIT there, and the router routes to it within 2 s of its READY (health
+SERVING); the router's /health never says 200 while requests to it would fail."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pdserve.services.launcher import Backoff, Cluster, ClusterSpec
+from tests.support.cluster import run_request
+
+pytestmark = pytest.mark.slow
+PROMPT = list(range(1, 40))
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            first = s.getsockname()[1]
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
+def http_health(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def wait_for(predicate, timeout_s: float, what: str, tick_s: float = 0.02):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(tick_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# A data listener as a decode worker's UcxReceiver makes it (pdserve's UCX runtime and
+# environment), and a peer that keeps an endpoint to it, as a prefill worker does.
+LISTENER = """
+import asyncio, sys
+from pdserve.kvtransfer.ucx import UcxRuntime
+rt = UcxRuntime.get("cpu", True, "127.0.0.1")
+async def serve(ep):
+    await asyncio.sleep(3600)
+async def listen():
+    return rt.ucxx.create_listener(serve, port=int(sys.argv[1]))
+try:
+    listener = rt.call(listen(), 10)
+except Exception as exc:
+    print("FAILED", type(exc).__name__, exc, flush=True)
+    sys.exit(1)
+print("LISTENING", flush=True)
+sys.stdin.read()
+"""
+PEER = """
+import asyncio, sys
+from pdserve.kvtransfer.ucx import UcxRuntime
+rt = UcxRuntime.get("cpu", True, "127.0.0.1")
+async def connect():
+    return await rt.ucxx.create_endpoint("127.0.0.1", int(sys.argv[1]))
+ep = rt.call(connect(), 10)
+print("CONNECTED", flush=True)
+sys.stdin.read()
+"""
+
+
+def start(script: str, port: int, expect: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script, str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline().strip()
+    if line != expect:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"expected {expect}, got {line!r}")
+    return proc
+
+
+def test_ucx_listener_rebinds_its_port_at_once_after_sigkill():
+    port = free_ports(1)
+    listener = start(LISTENER, port, "LISTENING")
+    peer = start(PEER, port, "CONNECTED")
+    try:
+        listener.send_signal(signal.SIGKILL)
+        listener.wait()
+        time.sleep(0.5)  # the peer's side notices; the dead side's socket lingers
+        again = start(LISTENER, port, "LISTENING")  # UCXXBusyError without reuse
+        again.kill()
+        again.wait()
+    finally:
+        for proc in (listener, peer):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_decode_restart_on_fixed_kv_port_is_routed_within_2s():
+    kv = free_ports(4)  # kv .. kv + 2 for the KV listeners
+    http_port = kv + 3
+    spec = ClusterSpec(connector="ucx", http_port=http_port,
+                       decode_args=("--kv-port", str(kv)),
+                       backoff=Backoff(first_s=0.1))
+    with Cluster(spec) as cluster:
+        address = cluster.start()
+        cluster.supervise()
+        # a disaggregated request: the prefill worker's UCX endpoint to kv_port + 1
+        assert len(run_request(address, PROMPT)[0]) == 12
+        decode = cluster.proc("decode-0")
+        old_pid = decode.popen.pid
+        cluster.kill("decode-0")
+        wait_for(lambda: http_health(http_port) == 503, 10, "/health to notice the death")
+        wait_for(lambda: decode.popen.pid != old_pid and decode.ready_at, 90,
+                 "the restarted decode worker's READY (it must bind its fixed KV ports)")
+        assert decode.restarts == 1, "the restarted worker died again (port busy?)"
+        ready_at = decode.ready_at
+        # /health turns 200 only when requests are routed there too
+        wait_for(lambda: http_health(http_port) == 200, 10, "/health 200 again")
+        healthy_s = time.monotonic() - ready_at
+        tokens, last = run_request(address, PROMPT)
+        routed_s = time.monotonic() - ready_at
+        assert len(tokens) == 12 and last.decode_worker == decode.address
+        # routed within 2 s of SERVING; the request itself (disaggregated, CPU) takes ~1 s
+        assert routed_s - last.timing.e2e_seconds < 2.0, \
+            f"/health 200 {healthy_s:.2f} s, request served {routed_s:.2f} s after READY " \
+            f"(its own e2e {last.timing.e2e_seconds:.2f} s, ttft {last.timing.ttft_seconds:.2f} s)"
+        assert decode.restarts == 1
