@@ -174,10 +174,11 @@ def _internal_tls_args(p: argparse.ArgumentParser) -> None:
     _internal_token_arg(p)
 
 
-def _internal_token_arg(p: argparse.ArgumentParser) -> None:
+def _internal_token_arg(p: argparse.ArgumentParser,
+                        default: str = "env PDSERVE_INTERNAL_TOKEN") -> None:
     p.add_argument("--internal-token-file", default=None, metavar="PATH",
                    help="file holding the cluster's shared internal secret: workers accept "
-                        "only callers that have it (default: env PDSERVE_INTERNAL_TOKEN)")
+                        f"only callers that have it (default: {default})")
 
 
 def _internal_auth(args):
@@ -354,7 +355,7 @@ def _up_args(u: argparse.ArgumentParser) -> None:
                    "a GPU is visible; every worker shares its memory equally)")
     u.add_argument("--api-key", default=None,
                    help="clients of the router must send it (env PDSERVE_API_KEY wins)")
-    _internal_token_arg(u)  # default: PDSERVE_INTERNAL_TOKEN, else a fresh secret
+    _internal_token_arg(u, "env PDSERVE_INTERNAL_TOKEN, else a fresh one")
 
 
 def main(argv: list[str] | None = None) -> int:

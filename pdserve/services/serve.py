@@ -101,9 +101,9 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
 
 def warn_if_open(settings) -> None:
     if not (settings.internal_auth.token or (settings.tls.enabled and settings.tls.ca)):
-        log.warning("INTERNAL PLANE OPEN: this %s worker accepts gRPC calls (Generate, "
-                    "Prefill with any KV destination) and KV handshakes from anyone who can "
-                    "reach its ports. Give every service the same secret "
+        log.warning("INTERNAL PLANE OPEN: this %s worker accepts internal gRPC calls "
+                    "(no router API key; KV destinations from any caller) and KV handshakes "
+                    "from anyone who can reach its ports. Give every service the same secret "
                     "(--internal-token-file, or PDSERVE_INTERNAL_TOKEN as `pdserve up` "
                     "does) or mutual TLS (--internal-tls-cert/-key/-ca).", settings.role)
 
