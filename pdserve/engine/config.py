@@ -7,21 +7,44 @@ import json
 from dataclasses import asdict, dataclass, field
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+HIDDEN_ACTS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh")  # as transformers names them
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency scaling (rope_type "llama3"); factor 1 = none."""
+    """Rotary frequency scaling, as transformers' rope_type of the same name computes it.
+
+    default: none; linear: every frequency / factor; dynamic (NTK): transformers rescales
+    only past max_position, which the engine never reaches, so it equals default there;
+    llama3: low/high_freq_factor band; yarn: beta_fast/beta_slow ramp and attention_factor
+    (cos and sin scaled by it). freq_factors (a GGUF's rope_freqs tensor, how llama.cpp
+    stores Llama 3 scaling): each inverse frequency is divided by its factor.
+    """
 
     rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
+    freq_factors: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling type {self.rope_type!r} "
+                             f"(supported: {', '.join(ROPE_TYPES)})")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be > 0, got {self.factor}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    architecture: str  # llama | mistral | qwen2
+    architecture: str  # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3 | phi3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,8 +65,22 @@ class ModelConfig:
     layer_sliding_windows: tuple[int, ...] = ()
     # Gemma 2 style tanh soft cap on attention scores (0 = none): s -> cap * tanh(s / cap)
     attn_logit_softcap: float = 0.0
+    hidden_act: str = "silu"  # MLP gate activation, one of HIDDEN_ACTS
+    o_bias: bool = False  # o_proj has a bias (HF attention_bias: true)
+    mlp_bias: bool = False  # gate/up/down projections have biases
+    qk_norm: bool = False  # RMSNorm over each q and k head before rope (Qwen3, Gemma 3)
+    # Gemma 2/3: the attention and MLP outputs are normed before their residual adds,
+    # and the MLP input norm is pre_feedforward_layernorm
+    sandwich_norms: bool = False
+    embedding_scale: float = 1.0  # embeddings are multiplied by it (Gemma: sqrt(hidden))
+    attention_scale: float = 0.0  # softmax scale of q.k; 0 = head_dim ** -0.5
+    final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = none
+    rope_theta_local: float = 0.0  # Gemma 3: rope base of windowed layers (unscaled); 0 = same
 
     def __post_init__(self) -> None:
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r} "
+                             f"(supported: {', '.join(HIDDEN_ACTS)})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of "
                              f"num_kv_heads {self.num_kv_heads}")
@@ -61,12 +98,25 @@ class ModelConfig:
         windows = self.layer_sliding_windows
         return max(windows) if windows and all(w > 0 for w in windows) else 0
 
+    @property
+    def softmax_scale(self) -> float:
+        return self.attention_scale or self.head_dim ** -0.5
+
+    def layer_rope_theta(self, layer: int) -> float:
+        """Rope base of a layer: Gemma 3's windowed layers have their own."""
+        return self.rope_theta_local if self.rope_theta_local and self.sliding_window(layer) \
+            else self.rope_theta
+
     def num_parameters(self) -> int:
         """Parameters the model allocates (embeddings, layers, norms, LM head)."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        norms = (4 if self.sandwich_norms else 2) * self.hidden_size + \
+            (2 * self.head_dim if self.qk_norm else 0)
         layer = (self.hidden_size * (q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)
-                 + q * self.hidden_size + 3 * self.hidden_size * self.intermediate_size
-                 + 2 * self.hidden_size)
+                 + q * self.hidden_size + (self.hidden_size if self.o_bias else 0)
+                 + 3 * self.hidden_size * self.intermediate_size
+                 + (2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0)
+                 + norms)
         # the runner keeps a separate LM head even when the checkpoint ties it
         return 2 * self.vocab_size * self.hidden_size + self.num_layers * layer \
             + self.hidden_size

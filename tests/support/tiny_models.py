@@ -28,28 +28,77 @@ def byte_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def write_hf_folder(folder: Path, arch: str, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model of the given transformers architecture as safetensors."""
+HF_CLASSES = {  # architecture -> (transformers config class, model class) names
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+}
+
+
+def hf_model_class(arch: str):
+    import transformers
+
+    return getattr(transformers, HF_CLASSES[arch][1])
+
+
+def write_hf_folder(folder: Path, arch: str, seed: int = 0, random_vectors: bool = False,
+                    **overrides) -> Path:
+    """Save a tiny random model of the given transformers architecture as safetensors.
+
+    random_vectors: norm weights and biases random too (transformers initializes them to
+    ones / zeros, which would hide a norm or bias applied wrongly)."""
     import transformers
 
     torch.manual_seed(seed)
     base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    if arch == "qwen3":
+        base.update(head_dim=16)
+    if arch == "phi3":  # its default pad id lies outside a tiny vocabulary
+        base.update(pad_token_id=None)
+    if arch in ("gemma2", "gemma3"):  # tied, as Gemma checkpoints (and llama.cpp) are
+        base.update(head_dim=16, query_pre_attn_scalar=16, tie_word_embeddings=True)
     base.update(overrides)
-    config_cls, model_cls = {
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[arch]
+    names = HF_CLASSES[arch]
+    config_cls, model_cls = getattr(transformers, names[0]), getattr(transformers, names[1])
     model = model_cls(config_cls(**base)).eval()
-    # sharper logits than the default init so greedy ties are unlikely
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0) if not base["tie_word_embeddings"] else None
+        # sharper logits than the default init so greedy ties are unlikely
+        if not base["tie_word_embeddings"]:
+            model.lm_head.weight.mul_(8.0)
+        elif arch.startswith("gemma"):
+            # Gemma scales embeddings by sqrt(hidden) = 8: std 0.1 keeps a token's own
+            # embedding from dominating the residual (it would repeat the last token)
+            model.get_input_embeddings().weight.normal_(0.0, 0.1)
+        if random_vectors:
+            _randomize_vectors(model, arch)
     model.save_pretrained(folder, safe_serialization=True)
     byte_tokenizer(base["vocab_size"]).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     return folder
+
+
+def _randomize_vectors(model, arch: str) -> None:
+    """Norm weights around their identity (Gemma's (1 + w) around 0) and biases around 0;
+    q and k projections 4x larger, so attention is sharp enough that which keys a window
+    (or a soft cap) leaves out changes the tokens."""
+    gen = torch.Generator().manual_seed(1234)
+    for name, param in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
+            param.mul_(4.0)
+        if param.dim() != 1:
+            continue
+        noise = torch.randn(param.shape, generator=gen)
+        if name.endswith("norm.weight"):
+            identity = 0.0 if arch.startswith("gemma") else 1.0
+            param.copy_(identity + 0.2 * noise)
+        else:
+            param.copy_(0.1 * noise)
 
 
 def tiny_loaded_model(tokenizer: TextTokenizer, seed: int = 0, layers: int = 2,

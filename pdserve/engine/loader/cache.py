@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from pdserve.engine.config import ModelConfig, RopeScaling
 from pdserve.engine.loader.tokenizer import TextTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the config's rope freq_factors, windows, Gemma/Qwen3 fields
 
 
 def cache_root() -> Path:
@@ -44,8 +44,10 @@ def read_meta(path: Path) -> tuple[ModelConfig, TextTokenizer] | None:
     except (OSError, ValueError, KeyError):
         return None
     cfg = meta["config"]
-    cfg["rope_scaling"] = RopeScaling(**cfg["rope_scaling"])
-    cfg["eos_token_ids"] = tuple(cfg["eos_token_ids"])
+    rope = cfg["rope_scaling"]
+    cfg["rope_scaling"] = RopeScaling(**{**rope, "freq_factors": tuple(rope["freq_factors"])})
+    for key in ("eos_token_ids", "layer_sliding_windows"):  # JSON lists back to tuples
+        cfg[key] = tuple(cfg[key])
     tok = meta["tokenizer"]
     tok["special_ids"] = frozenset(tok["special_ids"])
     return ModelConfig(**cfg), TextTokenizer(tokenizer=tokenizer, **tok)

@@ -1,4 +1,7 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""Llama-family decoder over a paged KV cache: Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3,
+Gemma 2 and Gemma 3 (text), SmolLM2. What differs between them is in ModelConfig: biases,
+q/k norms, the MLP activation, Gemma's sandwich norms, embedding scale, soft caps, per-layer
+sliding windows and rope bases.
 
 The batch is flattened: input_ids/positions are [num_tokens] for all sequences of a step;
 attention goes through an AttentionBackend (torch reference or Triton kernels).
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +29,22 @@ from pdserve.engine.kvcache.pool import KVCachePool
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if scaling.rope_type != "llama3":
-        return inv_freq
+    """Inverse frequencies [head_dim // 2], fp32, as transformers' rope init functions."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling.freq_factors:
+        return inv_freq / torch.tensor(scaling.freq_factors, dtype=torch.float32)
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling)
+    # default; dynamic NTK only rescales past max_position, which the engine never reaches
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
     low_wavelen = scaling.original_max_position / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -39,6 +56,25 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """YaRN: interpolated (/ factor) below a ramp over dims, extrapolated above it."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(scaling.original_max_position / (rotations * 2 * math.pi)) / (
+            2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a ramp of zero width would divide by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation_weight = 1 - ramp
+    pos_freqs = theta ** (torch.arange(0, dim, 2).to(torch.float32) / dim)
+    extrapolated, interpolated = 1.0 / pos_freqs, 1.0 / (scaling.factor * pos_freqs)
+    return interpolated * (1 - extrapolation_weight) + extrapolated * extrapolation_weight
+
+
 class Rotary(nn.Module):
     """Rotate-half (NeoX/HF) rotary embedding with a precomputed cos/sin table.
 
@@ -46,14 +82,17 @@ class Rotary(nn.Module):
     negation is exact, so this is bitwise HF's x*cos + rotate_half(x)*sin.
     """
 
-    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling,
+                 max_positions: int) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim]
-        half = config.head_dim // 2
-        sin = emb.sin()
-        self.register_buffer("cos", emb.cos(), persistent=False)
+        half = head_dim // 2
+        cos, sin = emb.cos(), emb.sin()
+        if scaling.attention_factor != 1.0:  # YaRN scales cos and sin (transformers does too)
+            cos, sin = cos * scaling.attention_factor, sin * scaling.attention_factor
+        self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("sin_signed", torch.cat([-sin[:, :half], sin[:, half:]], dim=-1),
                              persistent=False)
@@ -120,9 +159,13 @@ class RMSNorm(nn.Module):
             return ops.rms_norm(residual, self.weight, self.eps)
         return ops.fused_add_rms_norm(update, residual, self.weight, self.eps)[0]
 
+    def norm_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Triton path, norm only (a new tensor)."""
+        return _fused_ops().rms_norm(x, self.weight, self.eps)
+
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim = config.head_dim
@@ -130,8 +173,20 @@ class Attention(nn.Module):
         self.kv_size = config.num_kv_heads * config.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
-        self.scale = config.head_dim ** -0.5
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = config.softmax_scale
+        # the backend's per-layer options, passed only when set (so backends without
+        # them still serve every model that does not need them)
+        self.backend_kwargs = {}
+        if config.sliding_window(layer):
+            self.backend_kwargs["sliding_window"] = config.sliding_window(layer)
+        if config.attn_logit_softcap:
+            self.backend_kwargs["logits_soft_cap"] = config.attn_logit_softcap
 
     def forward(self, x, rope, backend: AttentionBackend, k_cache, v_cache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -139,38 +194,79 @@ class Attention(nn.Module):
         # rope: [num_tokens, heads, head_dim] -> same (a new tensor, or rotated in place)
         qkv = self.qkv_proj(x)
         t, qk_size = qkv.shape[0], self.q_size + self.kv_size
+        if self.q_norm is not None:
+            self._norm_qk_(qkv)
         qk = rope(qkv[:, :qk_size].view(t, -1, self.head_dim))
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, **self.backend_kwargs)
         return self.o_proj(out.reshape(t, self.q_size))
+
+    def _norm_qk_(self, qkv: torch.Tensor) -> None:
+        """Each q and k head RMS-normed before rope, written back into qkv (so q|k stay
+        adjacent for the one rotation). qkv: [num_tokens, q_size + 2 * kv_size]."""
+        t = qkv.shape[0]
+        q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads,
+                                                                 self.head_dim)
+        q.copy_(self.q_norm(q))
+        k.copy_(self.k_norm(k))
+
+
+def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
+    """transformers' ACT2FN[name], formula for formula (rounding included)."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_pytorch_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu_new":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+    raise ValueError(f"unsupported hidden_act {name!r}")
 
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size,
+                                   bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size,
+                                bias=config.mlp_bias)
+        self.act = config.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+        return self.down_proj(_activation(self.act, gate).mul_(up))
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act != "silu":  # the fused kernel is SiLU's; GELU variants take torch's ops
+            return self.forward(x)
         return self.down_proj(_fused_ops().silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
+        # Llama: the MLP's input norm. Gemma (sandwich): the attention output's norm.
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
         self.mlp = MLP(config)
+        self.local_rope = bool(config.rope_theta_local and config.sliding_window(layer))
 
     def forward(self, x, rope, backend, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, backend, k_cache, v_cache, meta)
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        attn = self.self_attn(self.input_layernorm(x), rope, backend, k_cache, v_cache, meta)
+        if not self.sandwich:
+            x = x + attn
+            return x.add_(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.post_attention_layernorm(attn)
+        mlp = self.mlp(self.pre_feedforward_layernorm(x))
+        return x.add_(self.post_feedforward_layernorm(mlp))
 
     def forward_fused(self, update, residual, rope, backend, k_cache, v_cache, meta):
         """Triton path. update: the previous layer's MLP output, not yet added to residual
@@ -178,7 +274,11 @@ class DecoderLayer(nn.Module):
         Returns this layer's MLP output, for the next norm to add."""
         h = self.input_layernorm.forward_fused(update, residual)
         attn = self.self_attn(h, rope, backend, k_cache, v_cache, meta)
-        return self.mlp.forward_fused(self.post_attention_layernorm.forward_fused(attn, residual))
+        if not self.sandwich:
+            return self.mlp.forward_fused(self.post_attention_layernorm.forward_fused(attn, residual))
+        attn = self.post_attention_layernorm.norm_fused(attn)
+        mlp = self.mlp.forward_fused(self.pre_feedforward_layernorm.forward_fused(attn, residual))
+        return self.post_feedforward_layernorm.norm_fused(mlp)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -186,10 +286,19 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = Rotary(config, max_positions)
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling,
+                             max_positions)
+        # Gemma 3's windowed layers: their own base, no scaling
+        self.rotary_local = Rotary(config.head_dim, config.rope_theta_local, RopeScaling(),
+                                   max_positions) if config.rope_theta_local else None
+        # Gemma multiplies embeddings by sqrt(hidden) rounded to the model's dtype (a
+        # buffer, so no host-to-device copy is queued inside a CUDA graph)
+        self.embedding_scale = config.embedding_scale
+        self.register_buffer("embed_scale", torch.tensor(config.embedding_scale),
+                             persistent=False)
         # Triton kernels for norms/rotary/SiLU/residual adds (needs triton; on CPU only
         # under its interpreter). ModelRunner turns it on for CUDA.
         self.fused_elementwise = False
@@ -200,24 +309,31 @@ class LlamaForCausalLM(nn.Module):
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
         if self.fused_elementwise:
             return self._forward_fused(input_ids, positions, pool, backend, meta)
-        x = self.embed_tokens(input_ids)
-        # cos/sin rows once per step, shared by all layers
-        rope = functools.partial(Rotary.apply, tables=self.rotary.tables(positions))
+        x = self._embed(input_ids)
+        # cos/sin rows once per step, shared by all layers of the same base
+        ropes = [functools.partial(Rotary.apply, tables=r.tables(positions)) if r else None
+                 for r in (self.rotary, self.rotary_local)]
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = pool.layer_caches(i)
-            x = layer(x, rope, backend, k_cache, v_cache, meta)
+            x = layer(x, ropes[layer.local_rope], backend, k_cache, v_cache, meta)
         return self.norm(x)
 
     def _forward_fused(self, input_ids, positions, pool, backend, meta) -> torch.Tensor:
         # the kernel gathers each token's cos/sin row from the full tables
-        rope = functools.partial(_fused_ops().rotary_, positions=positions,
-                                 cos=self.rotary.cos, sin_signed=self.rotary.sin_signed)
-        residual = self.embed_tokens(input_ids)  # [num_tokens, hidden], updated in place
+        ropes = [functools.partial(_fused_ops().rotary_, positions=positions, cos=r.cos,
+                                   sin_signed=r.sin_signed) if r else None
+                 for r in (self.rotary, self.rotary_local)]
+        residual = self._embed(input_ids)  # [num_tokens, hidden], updated in place
         update = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = pool.layer_caches(i)
-            update = layer.forward_fused(update, residual, rope, backend, k_cache, v_cache, meta)
+            update = layer.forward_fused(update, residual, ropes[layer.local_rope], backend,
+                                         k_cache, v_cache, meta)
         return self.norm.forward_fused(update, residual)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        return x if self.embedding_scale == 1.0 else x.mul_(self.embed_scale.to(x.dtype))
 
     def use_cpu_blas(self, numpy_blas: bool) -> None:
         """CPU layout of the Linear weights: each [out, in] weight becomes the transpose of
@@ -236,7 +352,7 @@ class LlamaForCausalLM(nn.Module):
         """Random weights in place (benchmarks of real shapes without a checkpoint)."""
         gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
         for name, param in self.named_parameters():
-            if name.endswith("norm.weight") or param.dim() == 1:
+            if name.endswith("norm.weight") or param.dim() == 1:  # norms 1, biases 0
                 param.fill_(1.0 if name.endswith("norm.weight") else 0.0)
             else:
                 param.normal_(0.0, std, generator=gen)
@@ -244,39 +360,73 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [n, hidden] -> logits: [n, vocab] in fp32
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        return logits if not cap else torch.tanh(logits / cap).mul_(cap)
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take HF-named tensors; q/k/v and gate/up are fused here."""
+        """Take HF-named tensors (q/k/v and gate/up fused here). Every tensor must be one
+        of the model's and every parameter must be given: a checkpoint with anything else
+        (quantization scales, another architecture's tensors) is refused, never half-used."""
         own = self.state_dict()
-        loaded = set()
-        for name, tensor in _fused_hf_weights(weights, self.config):
-            if name not in own:
-                raise KeyError(f"unexpected weight {name}")
-            if own[name].shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)}, "
-                                 f"model expects {tuple(own[name].shape)}")
-            own[name].copy_(tensor)
-            loaded.add(name)
-        missing = set(own) - loaded
+        given = model_weights(weights, self.config)
+        unexpected = sorted(set(given) - set(own))
+        if unexpected:
+            raise UnsupportedCheckpoint(
+                f"checkpoint has {len(unexpected)} tensor(s) the {self.config.architecture} "
+                f"model does not use: {', '.join(unexpected[:6])}")
+        missing = sorted(set(own) - set(given))
         if missing:
-            raise KeyError(f"checkpoint lacks weights: {sorted(missing)[:5]}")
+            raise UnsupportedCheckpoint(f"checkpoint lacks weights: {', '.join(missing[:6])}")
+        for name, tensor in given.items():
+            if own[name].shape != tensor.shape:
+                raise UnsupportedCheckpoint(
+                    f"{name}: checkpoint shape {tuple(tensor.shape)}, model expects "
+                    f"{tuple(own[name].shape)}")
+            own[name].copy_(tensor)
 
 
-def _fused_hf_weights(weights: dict[str, torch.Tensor], config: ModelConfig):
+class UnsupportedCheckpoint(ValueError):
+    """A checkpoint this model cannot compute exactly; the message names what."""
+
+
+# tensors of quantized checkpoints (FP8 block scales, activation scales, ...)
+_QUANT_SUFFIXES = ("weight_scale_inv", "weight_scale", "input_scale", "weight_zero_point",
+                   "qweight", "qzeros", "scales", "g_idx")
+_FUSED_PARTS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+_PART_ORDER = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_SPLIT_NAME = re.compile(r"(layers\.\d+\.(?:self_attn|mlp))\.(\w+)\.(weight|bias)")
+
+
+def model_weights(weights: dict[str, torch.Tensor], config: ModelConfig
+                  ) -> dict[str, torch.Tensor]:
+    """HF checkpoint names and values -> this module's state-dict names and values:
+    q/k/v and gate/up concatenated (Phi-3 checkpoints already are), the tied LM head,
+    and Gemma's norms folded to the multiplier they apply, 1 + w (in fp32, as Gemma's
+    RMSNorm computes it)."""
+    quantized = [n for n in weights if n.rsplit(".", 1)[-1] in _QUANT_SUFFIXES]
+    if quantized:
+        raise UnsupportedCheckpoint(f"quantized checkpoint (tensor {quantized[0]}): only "
+                                    f"unquantized fp32/fp16/bf16 weights are supported")
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in weights.items():
-        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
-            continue
-        if ".mlp.up_proj." in name or "rotary_emb" in name:
-            continue
-        if ".self_attn.q_proj." in name:
-            k = weights[name.replace("q_proj", "k_proj")]
-            v = weights[name.replace("q_proj", "v_proj")]
-            yield name.replace("q_proj", "qkv_proj").replace("model.", "", 1), torch.cat([tensor, k, v])
-        elif ".mlp.gate_proj." in name:
-            up = weights[name.replace("gate_proj", "up_proj")]
-            yield name.replace("gate_proj", "gate_up_proj").replace("model.", "", 1), torch.cat([tensor, up])
-        else:
-            yield name.replace("model.", "", 1), tensor
-    if config.tie_embeddings or "lm_head.weight" not in weights:
-        yield "lm_head.weight", weights["model.embed_tokens.weight"]
+        short = name.removeprefix("model.")
+        m = _SPLIT_NAME.fullmatch(short)
+        if m and m.group(2) in _FUSED_PARTS:
+            parts.setdefault((m.group(1), _FUSED_PARTS[m.group(2)], m.group(3)), {})[m.group(2)] = tensor
+        elif not short.endswith("rotary_emb.inv_freq"):  # a derived buffer old checkpoints kept
+            out[short] = tensor
+    for (prefix, fused, kind), got in parts.items():
+        order = _PART_ORDER[fused]
+        lacking = [p for p in order if p not in got]
+        if lacking:
+            raise UnsupportedCheckpoint(f"checkpoint has {prefix}.{next(iter(got))}.{kind} "
+                                        f"but not {prefix}.{lacking[0]}.{kind}")
+        out[f"{prefix}.{fused}.{kind}"] = torch.cat([got[p] for p in order])
+    if (config.tie_embeddings or "lm_head.weight" not in out) and "embed_tokens.weight" in out:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    if config.architecture in ("gemma2", "gemma3"):
+        out = {n: 1.0 + t.float() if n.endswith("norm.weight") else t for n, t in out.items()}
+    return out
