@@ -559,6 +559,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                    help="--openai: /v1/completions with token-id prompts (default) or "
                         "/v1/chat/completions with a text prompt of about --input-len words")
+    p.add_argument("--http-client", choices=("auto", "aiohttp", "httpx"), default="auto",
+                   help="--openai: HTTP library (auto: aiohttp if installed, else httpx)")
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--rate", type=parse_rate, default=math.inf,
                    help="requests per second; 'inf' = all at once (default)")

@@ -3,10 +3,10 @@
     pdserve bench --openai http://127.0.0.1:8000/v1 --input-len 1024 --output-len 128 \\
         --rate 16 --num-requests 200 [--model NAME] [--endpoint chat] [--api-key KEY]
 
-One client path for every server (vLLM, SGLang, pdserve's HTTP front end): httpx streams
-`POST /v1/completions` (or `/v1/chat/completions`) with `stream: true`,
-`stream_options.include_usage` and vLLM's `ignore_eos` extension, and parses the
-server-sent events itself. Completions send the prompt as a list of token ids, so every
+One client path for every server (vLLM, SGLang, pdserve's HTTP front end): aiohttp (httpx
+where aiohttp is missing) streams `POST /v1/completions` (or `/v1/chat/completions`) with
+`stream: true`, `stream_options.include_usage` and vLLM's `ignore_eos` extension, and this
+module parses the server-sent events itself. Completions send the prompt as a list of token ids, so every
 server sees exactly the workload's tokens; chat sends a text of one word per token id
 (about --input-len tokens; the server's usage gives the real count).
 
@@ -64,6 +64,7 @@ class OpenAIBenchConfig:
     ready_timeout_s: float = 120.0  # wait for the server to list a model and answer a probe
     deadline_s: float = 0.0       # cut the whole run after this long; 0 = no cut
     api_key: str | None = None
+    http_client: str = "auto"     # auto (aiohttp if importable, else httpx) | aiohttp | httpx
 
 
 # ---- requests ------------------------------------------------------------------------------
@@ -165,43 +166,114 @@ def _error_message(raw: bytes) -> str:
         return raw[:100].decode(errors="replace")
 
 
-async def send_one(client, url: str, body: dict, headers: dict, result: RequestResult,
+# ---- transports ----------------------------------------------------------------------------
+class AiohttpTransport:
+    """aiohttp (vLLM's own benchmark client): per request it costs a fraction of httpx's
+    CPU, and a burst of hundreds of streams opens its connections at once."""
+
+    name = "aiohttp"
+
+    def __init__(self) -> None:
+        import aiohttp
+
+        self._aiohttp = aiohttp
+        # limit=0: no cap on open connections (the run's --concurrency is the only cap)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             trust_env=False)
+        self.errors = (aiohttp.ClientError,)
+
+    async def get(self, url: str, headers: dict, timeout_s: float) -> tuple[int, bytes]:
+        timeout = self._aiohttp.ClientTimeout(total=timeout_s)
+        async with self.session.get(url, headers=headers, timeout=timeout) as resp:
+            return resp.status, await resp.read()
+
+    async def post_stream(self, url: str, body: dict, headers: dict, timeout_s: float,
+                          on_line) -> tuple[int, bytes]:
+        """POST; (status, body) unless 200, else each line to on_line(text) until it
+        returns True: (200, b'')."""
+        timeout = self._aiohttp.ClientTimeout(total=timeout_s, sock_connect=30.0)
+        async with self.session.post(url, json=body, headers=headers, timeout=timeout) as resp:
+            if resp.status != 200:
+                return resp.status, await resp.read()
+            async for raw in resp.content:
+                if on_line(raw.decode().rstrip("\r\n")):
+                    break
+            return 200, b""
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class HttpxTransport:
+    """httpx, where aiohttp is not installed. Keep-alive is off: with an idle pooled
+    connection, httpx (0.29) opened a burst's new connections one at a time (~30 ms
+    apart on a loaded 2-core host), which showed up as TTFT."""
+
+    name = "httpx"
+
+    def __init__(self) -> None:
+        import httpx
+
+        self._httpx = httpx
+        self.client = httpx.AsyncClient(trust_env=False, limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=0))
+        self.errors = (httpx.HTTPError,)
+
+    async def get(self, url: str, headers: dict, timeout_s: float) -> tuple[int, bytes]:
+        resp = await self.client.get(url, headers=headers, timeout=timeout_s)
+        return resp.status_code, resp.content
+
+    async def post_stream(self, url: str, body: dict, headers: dict, timeout_s: float,
+                          on_line) -> tuple[int, bytes]:
+        timeout = self._httpx.Timeout(timeout_s, connect=30.0)
+        async with self.client.stream("POST", url, json=body, headers=headers,
+                                      timeout=timeout) as resp:
+            if resp.status_code != 200:
+                return resp.status_code, await resp.aread()
+            async for line in resp.aiter_lines():
+                if on_line(line):
+                    break
+            return 200, b""
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def make_transport(name: str = "auto"):
+    """aiohttp when importable (or asked for), else httpx."""
+    if name in ("auto", "aiohttp"):
+        try:
+            return AiohttpTransport()
+        except ImportError:
+            if name == "aiohttp":
+                raise
+    return HttpxTransport()
+
+
+async def send_one(transport, url: str, body: dict, headers: dict, result: RequestResult,
                    t0: float, timeout_s: float) -> RequestResult:
     """Stream one request into result; never raises (except cancellation)."""
-    import httpx
-
     result.requested_tokens = body["max_tokens"]
     sent = time.perf_counter()
     result.sent_s = sent - t0
     parser = StreamParser(result, sent)
+
+    def on_line(line: str) -> bool:
+        return line.startswith("data:") and parser.feed(line[5:].strip(), time.perf_counter())
+
     try:
-        async with client.stream("POST", url, json=body, headers=headers,
-                                 timeout=httpx.Timeout(timeout_s, connect=30.0)) as resp:
-            if resp.status_code != 200:
-                result.error = f"http:{resp.status_code} {_error_message(await resp.aread())}"
-            else:
-                async for line in resp.aiter_lines():
-                    if line.startswith("data:") and parser.feed(line[5:].strip(),
-                                                                time.perf_counter()):
-                        break
-    except httpx.TimeoutException:
+        status, raw = await transport.post_stream(url, body, headers, timeout_s, on_line)
+        if status != 200:
+            result.error = f"http:{status} {_error_message(raw)}"
+    except asyncio.TimeoutError:  # aiohttp's timeouts (and httpx's, below)
         result.error = "client:timeout"
-    except (httpx.HTTPError, ValueError) as exc:  # transport failure or a malformed event
-        result.error = f"client:{type(exc).__name__}"
+    except transport.errors + (ValueError,) as exc:  # transport failure or a bad event
+        name = type(exc).__name__
+        result.error = "client:timeout" if "Timeout" in name else f"client:{name}"
     return parser.finish(time.perf_counter())
 
 
-# ---- a run ---------------------------------------------------------------------------------
-def make_client():
-    import httpx
-
-    # trust_env=False: a proxy from the environment must not sit between client and server
-    return httpx.AsyncClient(trust_env=False, timeout=httpx.Timeout(600.0, connect=30.0),
-                             limits=httpx.Limits(max_connections=None,
-                                                 max_keepalive_connections=None))
-
-
-async def run_load(client, cfg: OpenAIBenchConfig, model: str, prompts: Sequence[Prompt],
+async def run_load(transport, cfg: OpenAIBenchConfig, model: str, prompts: Sequence[Prompt],
                    schedule: Sequence[float]) -> tuple[list[RequestResult], float]:
     """Send every prompt at its offset; returns results and the run's duration (first
     send to last stream end). With cfg.deadline_s, requests still open then are cut."""
@@ -219,10 +291,10 @@ async def run_load(client, cfg: OpenAIBenchConfig, model: str, prompts: Sequence
             await asyncio.sleep(delay)
         body = request_body(prompts[i], cfg, model, i)
         if slots is None:
-            await send_one(client, url, body, headers, results[i], t0, cfg.timeout_s)
+            await send_one(transport, url, body, headers, results[i], t0, cfg.timeout_s)
             return
         async with slots:
-            await send_one(client, url, body, headers, results[i], t0, cfg.timeout_s)
+            await send_one(transport, url, body, headers, results[i], t0, cfg.timeout_s)
 
     tasks = [asyncio.ensure_future(one(i)) for i in range(len(prompts))]
     _, pending = await asyncio.wait(tasks, timeout=cfg.deadline_s or None) if tasks else ((), ())
@@ -237,12 +309,11 @@ async def run_load(client, cfg: OpenAIBenchConfig, model: str, prompts: Sequence
     return results, duration
 
 
-async def discover_model(client, cfg: OpenAIBenchConfig) -> str:
-    resp = await client.get(cfg.base_url + "/models", headers=_headers(cfg), timeout=10.0)
-    if resp.status_code != 200:
-        raise ConnectionError(f"http:{resp.status_code} {_error_message(resp.content)} "
-                              f"(GET /models)")
-    models = resp.json().get("data") or []
+async def discover_model(transport, cfg: OpenAIBenchConfig) -> str:
+    status, raw = await transport.get(cfg.base_url + "/models", _headers(cfg), 10.0)
+    if status != 200:
+        raise ConnectionError(f"http:{status} {_error_message(raw)} (GET /models)")
+    models = json.loads(raw).get("data") or []
     if not models:
         raise ConnectionError("GET /models lists no model")
     return models[0]["id"]
@@ -255,17 +326,15 @@ def _fatal(error: str) -> bool:
                                                                   "http:429"))
 
 
-async def wait_ready(client, cfg: OpenAIBenchConfig) -> tuple[str, float]:
+async def wait_ready(transport, cfg: OpenAIBenchConfig) -> tuple[str, float]:
     """Until the server lists a model and completes a one-token probe: (model, seconds).
     The probe's one-token prompt fills no KV block, so no prefix cache warms."""
-    import httpx
-
     start = time.monotonic()
     last = "no attempt"
     while time.monotonic() - start < cfg.ready_timeout_s:
         try:
-            model = cfg.model or await discover_model(client, cfg)
-            probe = await send_one(client, cfg.base_url + ENDPOINTS[cfg.endpoint],
+            model = cfg.model or await discover_model(transport, cfg)
+            probe = await send_one(transport, cfg.base_url + ENDPOINTS[cfg.endpoint],
                                    request_body(Prompt((1000,), 1), cfg, model, 0),
                                    _headers(cfg), RequestResult(-1), time.perf_counter(),
                                    max(1.0, cfg.ready_timeout_s))
@@ -274,7 +343,7 @@ async def wait_ready(client, cfg: OpenAIBenchConfig) -> tuple[str, float]:
             last = probe.error
         except ConnectionError as exc:
             last = str(exc)
-        except (httpx.HTTPError, ValueError) as exc:
+        except transport.errors + (ValueError, asyncio.TimeoutError) as exc:
             last = f"{type(exc).__name__}: {exc}"
         if _fatal(last):
             raise ConnectionError(f"{cfg.base_url} refused the probe request: {last}")
@@ -286,19 +355,23 @@ async def run_benchmark_async(cfg: OpenAIBenchConfig, keep_requests: bool = True
     prompts = synthesize_prompts(cfg.workload)
     schedule = arrival_times(len(prompts), cfg.arrivals.rate, cfg.arrivals.arrival,
                              cfg.arrivals.seed)
-    async with make_client() as client:
+    transport = make_transport(cfg.http_client)
+    try:
         if cfg.ready_timeout_s > 0:
-            model, waited = await wait_ready(client, cfg)
+            model, waited = await wait_ready(transport, cfg)
         else:
-            model, waited = cfg.model or await discover_model(client, cfg), 0.0
+            model, waited = cfg.model or await discover_model(transport, cfg), 0.0
         load_before, cpu0 = _loadavg(), time.process_time()
-        results, duration = await run_load(client, cfg, model, prompts, schedule)
+        results, duration = await run_load(transport, cfg, model, prompts, schedule)
         cpu = time.process_time() - cpu0
+    finally:
+        await transport.close()
     out = {
         "config": {**config_dict(cfg), "model": model},
         "summary": summarize(results, duration, cfg.slo),
         "environment": {**environment(), "loadavg_before": load_before,
                         "loadavg_after": _loadavg(), "ready_wait_s": round(waited, 3),
+                        "http_client": transport.name,
                         # the client's own CPU share: near 1.0 means it, not the server,
                         # may be what limits the measured rates
                         "client_cpu_s": round(cpu, 3),
@@ -329,7 +402,7 @@ def config_from_args(args: argparse.Namespace) -> OpenAIBenchConfig:
         base_url=normalize_base_url(args.openai), model=args.model, endpoint=args.endpoint,
         workload=workload_from_args(args), arrivals=arrivals_from_args(args), slo=args.slo,
         temperature=args.temperature, timeout_s=args.timeout,
-        ready_timeout_s=args.ready_timeout, api_key=args.api_key)
+        ready_timeout_s=args.ready_timeout, api_key=args.api_key, http_client=args.http_client)
 
 
 def run_cli(args: argparse.Namespace) -> int:

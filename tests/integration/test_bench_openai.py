@@ -82,11 +82,13 @@ def test_bench_openai_completions_all_complete(base_url, tmp_path, capsys):
     assert s["cached_tokens"] >= 16
 
 
-def test_bench_openai_chat_endpoint(base_url, capsys):
-    rc = main(["bench", "--openai", base_url, "--endpoint", "chat", "--num-requests", "1",
-               "--input-len", "8", "--output-len", "2", "--ready-timeout", "60"])
+def test_bench_openai_chat_endpoint_over_httpx(base_url, capsys):
+    """The chat endpoint, through the fallback HTTP client (httpx)."""
+    rc = main(["bench", "--openai", base_url, "--endpoint", "chat", "--num-requests", "2",
+               "--input-len", "8", "--output-len", "2", "--ready-timeout", "60",
+               "--http-client", "httpx"])
     report = capsys.readouterr().out
-    assert rc == 0 and "1/1 completed, 0 failed" in report
+    assert rc == 0 and "2/2 completed, 0 failed" in report
 
 
 def test_bench_openai_counts_refused_requests(base_url, capsys):

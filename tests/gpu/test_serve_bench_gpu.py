@@ -1,0 +1,50 @@
+"""bench/serve_gpu.py on the GPU at small scale: pdserve colocated and 1P1D (ucx, one
+GPU) serve Poisson and burst loads through the OpenAI API with no failed request, and the
+results JSON and table hold every run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("ucxx")
+pytest.importorskip("fastapi")
+
+
+def _serve_gpu():
+    path = Path(__file__).resolve().parents[2] / "bench" / "serve_gpu.py"
+    spec = importlib.util.spec_from_file_location("serve_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_gpu"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pdserve_systems_complete_every_request(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    rc = _serve_gpu().main([
+        "--systems", "pdserve-colocated,pdserve-1p1d", "--workloads", "512x16,shared:1024x16:768",
+        "--rates", "16,inf", "--num-requests", "24", "--warmup-requests", "2",
+        "--device", "cuda", "--pdserve-model", "synthetic:smollm2-135m",
+        "--pdserve-worker-args", "--num-blocks 4096", "--budget-s", "400",
+        "--log-dir", str(tmp_path / "logs"), "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    for system in ("pdserve-colocated", "pdserve-1p1d"):
+        record = result["systems"][system]
+        assert record["status"] == "ok", record["error"]
+        assert len(record["runs"]) == 4
+        for run in record["runs"]:
+            s = run["summary"]
+            assert s["completed"] == 24 and s["failed"] == 0, (system, run["workload"], s["errors"])
+            assert s["output_len_mismatches"] == 0
+    shared = [r for r in result["systems"]["pdserve-colocated"]["runs"]
+              if r["workload"].startswith("shared")]
+    assert all(r["summary"]["cached_tokens"] > 0 for r in shared)  # prefixes reused
+    table = capsys.readouterr().out
+    assert "| 512x16 | burst |" in table and "| shared:1024x16:768 | 16.0 |" in table
