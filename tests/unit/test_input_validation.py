@@ -321,3 +321,12 @@ def test_stop_strings_do_not_apply_before_min_tokens(engine):
     assert len(early.token_ids) < 8 and early.finish_reason == "stop"
     kept = _run(engine, max_tokens=8, ignore_eos=True, stop=(stop,), min_tokens=6)
     assert len(kept.token_ids) >= 6
+
+
+def test_an_empty_request_id_names_no_request(core):
+    core._active.add("")
+    try:
+        err = _refusal(core, text="hi", request_id="")
+    finally:
+        core._active.discard("")
+    assert err.code == grpc.StatusCode.UNAVAILABLE  # routed (no workers here), not refused

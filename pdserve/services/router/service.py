@@ -265,7 +265,7 @@ class RouterCore:
         """Validate, route and stream one request; raises RouterError for the caller."""
         arrival = time.monotonic()
         self.check_model(request.model)
-        request_id = request.request_id if request.HasField("request_id") else uuid.uuid4().hex
+        request_id = request.request_id or uuid.uuid4().hex  # "" names nothing
         if request_id in self._active:
             # refused before it owns anything: the call holding the id is not touched
             raise RouterError(grpc.StatusCode.ALREADY_EXISTS,
