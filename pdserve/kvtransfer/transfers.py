@@ -56,6 +56,13 @@ class Transfer:
     io_holds: int = 0                 # chunks whose bytes are being read/written now
     release_pending: TransferStatus | None = None   # terminal while held: fire on unhold
     first_token: int | None = None    # receiver: came with the last chunk
+    lease_s: float = 0.0              # each step of progress renews the lease this long
+
+    def renew(self) -> None:
+        """Progress (a chunk queued, sent or stored): the lease runs from now. A long
+        prompt computed chunk by chunk keeps its transfer alive; a stalled one expires
+        lease_s after its last progress."""
+        self.deadline = max(self.deadline, time.monotonic() + self.lease_s)
 
     @property
     def transfer_id(self) -> str:
@@ -89,7 +96,8 @@ class TransferTable:
             lease_s: float | None, on_release: ReleaseCallback | None) -> Transfer:
         lease = self.default_lease_s if lease_s is None else lease_s
         record = Transfer(destination=destination, held_block_ids=list(held_block_ids),
-                          deadline=time.monotonic() + lease, on_release=on_release)
+                          deadline=time.monotonic() + lease, on_release=on_release,
+                          lease_s=lease)
         with self._lock:
             if destination.transfer_id in self._transfers:
                 raise ValueError(f"transfer {destination.transfer_id!r} already registered")
@@ -127,6 +135,7 @@ class TransferTable:
                 raise InvalidTransition(f"transfer {transfer_id!r}: chunk after the last one")
             record.chunks_queued += 1
             record.last_queued = last
+            record.renew()
             record.held_block_ids.extend(held_block_ids)
             return record.chunks_queued - 1
 
@@ -143,6 +152,7 @@ class TransferTable:
             if record.started is None:
                 record.started = time.monotonic() - seconds
             record.state = TransferState.IN_FLIGHT
+            record.renew()
             record.filled.update(blocks)
             record.blocks_done = len(record.filled)
             record.bytes_moved += nbytes
@@ -157,6 +167,8 @@ class TransferTable:
             record = self._transfers.get(transfer_id)
             if record is not None and record.started is None:
                 record.started = time.monotonic()
+            if record is not None and not record.state.terminal:
+                record.renew()
 
     # -- transitions --------------------------------------------------------------
     def finish(self, transfer_id: str, state: TransferState, error: str = "") -> bool:
@@ -216,6 +228,16 @@ class TransferTable:
     def _fire_release(record: Transfer, status: TransferStatus) -> None:
         if record.on_release is not None:
             record.on_release(status, tuple(record.held_block_ids))
+
+    def renew(self, transfer_id: str) -> bool:
+        """The transfer's owner knows it is progressing (its prompt queued or computing):
+        its lease runs from now. False if it is unknown or already ended."""
+        with self._lock:
+            record = self._transfers.get(transfer_id)
+            if record is None or record.state.terminal:
+                return False
+            record.renew()
+            return True
 
     def expire_due(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now

@@ -41,6 +41,11 @@ from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
+# The Prefill call covers the prompt's queueing and compute (a near-context prompt on
+# a CPU: a minute or more); a stall is caught sooner by the KV lease, which each chunk
+# renews, not by this bound (issue 17, item 8: the lease as the call's timeout made
+# such prompts time out while computing and be recomputed here).
+PREFILL_CALL_TIMEOUT_S = 600.0
 SERVICE_NAME = "pdserve.v1.DecodeService"
 FINAL_ERROR_KEY = "pdserve-final-error"
 
@@ -169,6 +174,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         call = asyncio.ensure_future(self._prefill_rpc(
             address, request_id, ids, params, destination, lease_s,
             request.remote_prefill.early_start_key))
+        keep = asyncio.ensure_future(self._keep_lease(transfer_id, call, lease_s))
         try:
             await asyncio.wait({call, landed}, return_when=asyncio.FIRST_COMPLETED)
             early = landed.done() and landed.result().first_token is not None
@@ -184,6 +190,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
             raise
         finally:
+            keep.cancel()
             self._remote.discard(request_id)
         trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
         if error is None:
@@ -202,6 +209,13 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                     request_id, address, error)
         await loop.call(engine.remote_kv_failed, request_id)
         return None
+
+    async def _keep_lease(self, transfer_id: str, call: asyncio.Future, lease_s: float) -> None:
+        """While the Prefill call is open its worker is alive and on the prompt (queued
+        or computing): the blocks' lease runs from its last renewal, not from here."""
+        table = getattr(self.receiver, "table", None)
+        while table is not None and not call.done() and table.renew(transfer_id):
+            await asyncio.sleep(lease_s / 4)
 
     def _kv_landed(self, request_id, aio_loop, landed, status) -> None:
         """Connector thread: the KV is DONE. With the first token alongside it, the
@@ -228,7 +242,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             response = await stub.Prefill(worker_pb2.PrefillRequest(
                 request_id=request_id, token_ids=ids, sampling=sampling_to_proto(params),
                 destination=destination_to_proto(destination), early_start_key=early_key),
-                timeout=lease_s)
+                timeout=max(lease_s, PREFILL_CALL_TIMEOUT_S))
         except grpc.aio.AioRpcError as exc:
             return None, f"prefill call failed: {exc.code().name}: {exc.details()}"
         if log.isEnabledFor(logging.DEBUG):

@@ -317,10 +317,19 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
                 job.finish_reason = out.finish_reason
                 job.compute_done = time.monotonic()
                 job.queue_s, job.compute_s = out.queue_s or 0.0, out.prefill_s or 0.0
+        self._renew_leases()
         statuses = self.sender.poll() if any(j.transfer_begun for j in self.jobs.values()) else {}
         for job in list(self.jobs.values()):
             self._advance(engine, job, statuses.get(job.transfer_id))
         self.core.update_gauges()
+
+    def _renew_leases(self) -> None:
+        """A job whose prompt is still queued or computing here is alive: its transfer's
+        lease must not run out before its first chunk (a near-context prompt on a CPU
+        computes for longer than the lease; chunks renew it too)."""
+        for job in self.jobs.values():
+            if job.transfer_begun and job.state is JobState.COMPUTING and not job.aborting:
+                self.sender.table.renew(job.transfer_id)
 
     def _advance(self, engine: LLMEngine, job: PrefillJob, status) -> None:
         if status is not None and status.state.terminal:
