@@ -308,3 +308,69 @@ def test_chart_shares_a_generated_secret_and_its_valkey_derives_the_password(tmp
     finally:
         server.terminate()
         server.wait(10)
+
+
+# ---- the KV data plane: strangers are dropped ----------------------------------------
+@pytest.fixture
+def ucx_receiver():
+    from pdserve.kvtransfer import make_receiver
+    from pdserve.kvtransfer.ucx import UcxSettings
+    from tests.integration.test_connectors import SPEC, hello
+    from pdserve.engine.kvcache.pool import KVCachePool
+
+    key = auth.kv_handshake_key(TOKEN_FOR_KV)
+    receiver = make_receiver("ucx", KVCachePool(SPEC), hello("ucx", "decode"),
+                             UcxSettings(io_timeout_s=2, handshake_key=key))
+    yield receiver
+    receiver.close()
+
+
+TOKEN_FOR_KV = auth.new_token()
+
+
+def test_control_connection_opening_with_an_unknown_transfer_is_dropped(ucx_receiver):
+    from pdserve.kvtransfer import PROTOCOL_VERSION
+    from pdserve.kvtransfer.control import recv_frame, send_frame
+    from pdserve.wire import kv_pb2
+
+    def admit(transfer_id):
+        return kv_pb2.SideChannelRequest(admit=kv_pb2.InPlaceAdmit(
+            version=PROTOCOL_VERSION, transfer_id=transfer_id)).SerializeToString()
+
+    host, port = ucx_receiver.control_address.rsplit(":", 1)
+    ucx_receiver.expect("known", [1, 2])
+    with socket.create_connection((host, int(port)), timeout=5) as stranger:
+        send_frame(stranger, admit("guessed"))
+        reply = kv_pb2.SideChannelReply.FromString(recv_frame(stranger)).chunk
+        assert reply.status == kv_pb2.KVChunkReply.REJECTED and "expects" in reply.error
+        assert stranger.recv(1) == b""  # closed: no second guess on this connection
+    with socket.create_connection((host, int(port)), timeout=5) as peer:
+        send_frame(peer, admit("known"))  # opens with a transfer it was told about
+        reply = kv_pb2.SideChannelReply.FromString(recv_frame(peer)).chunk
+        assert reply.status == kv_pb2.KVChunkReply.ACCEPTED
+        send_frame(peer, admit("guessed"))  # later unknown ids: refused, still connected
+        reply = kv_pb2.SideChannelReply.FromString(recv_frame(peer)).chunk
+        assert reply.status == kv_pb2.KVChunkReply.REJECTED and "unknown transfer" in reply.error
+
+
+def test_data_connection_opening_with_an_unknown_transfer_is_dropped(ucx_receiver):
+    from pdserve.kvtransfer.ucx import UcxRuntime
+    from pdserve.wire import kv_pb2
+
+    runtime = UcxRuntime.get()
+    host, port = ucx_receiver.data_address.rsplit(":", 1)
+
+    async def exchange():
+        ep = await runtime.ucxx.create_endpoint(host, int(port))
+        header = kv_pb2.KVTransferHeader(transfer_id="guessed", chunk_index=0,
+                                         runs=[kv_pb2.BlockRun(first=1, count=1)])
+        await ep.send_obj(header.SerializeToString())
+        try:
+            return kv_pb2.KVChunkReply.FromString(bytes(await asyncio.wait_for(ep.recv_obj(), 3)))
+        finally:
+            ep.abort()
+
+    with pytest.raises(Exception) as dropped:  # no REJECTED reply: the endpoint is gone
+        runtime.call(exchange(), 10)
+    # closed by the receiver (ucxx: canceled/closed), not a silent hang until the timeout
+    assert not isinstance(dropped.value, (TimeoutError, asyncio.TimeoutError)), dropped.value
