@@ -37,6 +37,7 @@ highest finite rate. Logs stay under --log-dir.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import math
@@ -140,16 +141,19 @@ class VllmServer(Server):
                                           cwd=log_dir, start_new_session=True)
 
     def wait(self, timeout_s: float) -> None:
-        import httpx
+        import urllib.error
+        import urllib.request
 
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 raise RuntimeError(f"vllm exited with {self.popen.returncode}:\n{tail(self.log)}")
             try:
-                if httpx.get(self.base_url + "/models", timeout=2, trust_env=False).status_code == 200:
-                    return
-            except httpx.HTTPError:
+                with opener.open(self.base_url + "/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(1.0)
         raise RuntimeError(f"vllm not ready after {timeout_s:.0f} s:\n{tail(self.log)}")
@@ -158,13 +162,27 @@ class VllmServer(Server):
         return {"vllm": self.popen.pid}
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
+        """SIGTERM to the server's process group, then wait until every process in it
+        (the engine core too) is gone, so the next system finds the GPU's memory free."""
+        try:
             os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _group_alive(self.popen):
+            time.sleep(0.5)
+        if _group_alive(self.popen):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+def _group_alive(popen: subprocess.Popen) -> bool:
+    popen.poll()  # reap the leader, or it would count as alive
+    try:
+        os.killpg(popen.pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def vllm_model_folder(log_dir: Path) -> Path:
@@ -172,18 +190,28 @@ def vllm_model_folder(log_dir: Path) -> Path:
     as pdserve's synthetic:llama3-8b has: both servers detokenize the same way."""
     from tokenizers import Tokenizer, models
 
-    from vllm_peer import LLAMA3_8B  # bench/vllm_peer.py, beside this script
-
+    config = llama3_8b_config()
     folder = log_dir / "llama3-8b-dummy"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(LLAMA3_8B))
-    vocab = {f"<t{i}>": i for i in range(LLAMA3_8B["vocab_size"])}
+    (folder / "config.json").write_text(json.dumps(config))
+    vocab = {f"<t{i}>": i for i in range(config["vocab_size"])}
     Tokenizer(models.WordLevel(vocab, unk_token="<t0>")).save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
-        "bos_token": f"<t{LLAMA3_8B['bos_token_id']}>",
-        "eos_token": f"<t{LLAMA3_8B['eos_token_id']}>"}))
+        "bos_token": f"<t{config['bos_token_id']}>",
+        "eos_token": f"<t{config['eos_token_id']}>"}))
     return folder
+
+
+def llama3_8b_config() -> dict:
+    """LLAMA3_8B of bench/vllm_peer.py, read from its source: importing it would import
+    torch, and needs bench/ on sys.path (where its kernels.py shadows a package)."""
+    tree = ast.parse(Path(__file__).with_name("vllm_peer.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "LLAMA3_8B"
+                                                for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("bench/vllm_peer.py defines no LLAMA3_8B")
 
 
 class PdserveServer(Server):
@@ -385,7 +413,9 @@ def run_system(args, system: str, workloads: list[Workload], budget: Budget,
 
 # ---- report --------------------------------------------------------------------------------
 def fmt_ms(dist: dict | None, key: str) -> str:
-    return "-" if not dist else f"{dist[key]:,.0f} ms" if dist[key] >= 100 else f"{dist[key]:.1f} ms"
+    if not dist:
+        return "-"
+    return f"{dist[key]:,.0f} ms" if dist[key] >= 100 else f"{dist[key]:.1f} ms"
 
 
 def goodput_at(summary: dict, ttft_ms: float, tpot_ms: float) -> float | None:

@@ -43,8 +43,10 @@ def test_pdserve_systems_complete_every_request(tmp_path, capsys):
             s = run["summary"]
             assert s["completed"] == 24 and s["failed"] == 0, (system, run["workload"], s["errors"])
             assert s["output_len_mismatches"] == 0
-    shared = [r for r in result["systems"]["pdserve-colocated"]["runs"]
-              if r["workload"].startswith("shared")]
-    assert all(r["summary"]["cached_tokens"] > 0 for r in shared)  # prefixes reused
+        # Poisson arrivals (not the burst, whose prompts may all prefill in one step):
+        # later requests find their shared prefix's blocks cached
+        paced = [r for r in record["runs"] if r["workload"].startswith("shared")
+                 and r["rate"] != "inf"]
+        assert paced and all(r["summary"]["cached_tokens"] > 0 for r in paced)
     table = capsys.readouterr().out
     assert "| 512x16 | burst |" in table and "| shared:1024x16:768 | 16.0 |" in table

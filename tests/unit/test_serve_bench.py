@@ -268,3 +268,24 @@ def test_merge_combines_systems(tmp_path):
     merged = serve_gpu.merge([str(a), str(b)])
     assert merged["systems"] == {"vllm": {"runs": [2]}, "pdserve-1p1d": {"runs": []}}
     assert [m["commit"] for m in merged["merged_from"]] == ["c1", "c2"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM would start")
+def test_a_system_that_fails_to_start_is_recorded(tmp_path, capsys):
+    """vLLM is not installed here: its server exits at once; the run records that, goes
+    on, and still writes the JSON and the table."""
+    out = tmp_path / "serve.json"
+    rc = serve_gpu.main(["--systems", "vllm", "--workloads", "8x2", "--rates", "inf",
+                         "--num-requests", "1", "--vllm-python", sys.executable,
+                         "--start-timeout-s", "60", "--log-dir", str(tmp_path / "logs"),
+                         "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    record = result["systems"]["vllm"]
+    assert record["status"] == "failed to start" and "vllm" in record["error"]
+    assert record["runs"] == []
+    assert "vllm: failed to start" in capsys.readouterr().out
+    folder = tmp_path / "logs" / "vllm" / "llama3-8b-dummy"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == 128256 and config["num_key_value_heads"] == 8
+    assert (folder / "tokenizer.json").stat().st_size > 0
