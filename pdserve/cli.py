@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pdserve.bench.loadgen import add_arguments as _bench_args  # stdlib-only import
 
-    b = sub.add_parser("bench", help="load-test a router: TTFT/TPOT/ITL/E2E, throughput, goodput")
+    b = sub.add_parser("bench", help="load-test a router (gRPC) or any OpenAI-compatible server "
+                       "(--openai URL): TTFT/TPOT/ITL/E2E, throughput, goodput")
     _bench_args(b)
     b.set_defaults(func=cmd_bench)
     return p
