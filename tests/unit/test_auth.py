@@ -158,7 +158,8 @@ def side_channel():
 
     def make(key):
         server = SideChannelServer(_hello("decode"), "127.0.0.1:1234", key=key,
-                                   export={"control_address": "127.0.0.1:5678"})
+                                   export={"control_address": "127.0.0.1:5678",
+                                           "pool_ipc_handle": b"gpu-pool-handle"})
         servers.append(server)
         return server
 
@@ -174,6 +175,7 @@ def test_handshake_with_the_same_token_is_accepted_both_ways(side_channel):
     server = side_channel(key)
     reply = request_handshake(server.address, _hello("prefill"), key=key)
     assert reply.accepted and reply.data_address == "127.0.0.1:1234" and reply.auth_mac
+    assert reply.pool_ipc_handle == b"gpu-pool-handle"
 
 
 @pytest.mark.parametrize("sender_key", [None, auth.kv_handshake_key(auth.new_token())],
@@ -191,7 +193,7 @@ def test_handshake_without_the_token_is_refused_and_learns_nothing(side_channel,
     reply = client.call(kv_pb2.SideChannelRequest(handshake=request)).handshake
     client.close()
     assert not reply.accepted and not reply.data_address and not reply.control_address
-    assert not reply.HasField("hello")
+    assert not reply.HasField("hello") and not reply.pool_ipc_handle  # nor the GPU pool
 
 
 def test_handshake_replay_and_an_impostor_receiver_are_refused(side_channel):
