@@ -6,9 +6,9 @@
 One client path for every server (vLLM, SGLang, pdserve's HTTP front end): aiohttp (httpx
 where aiohttp is missing) streams `POST /v1/completions` (or `/v1/chat/completions`) with
 `stream: true`, `stream_options.include_usage` and vLLM's `ignore_eos` extension, and this
-module parses the server-sent events itself. Completions send the prompt as a list of token ids, so every
-server sees exactly the workload's tokens; chat sends a text of one word per token id
-(about --input-len tokens; the server's usage gives the real count).
+module parses the server-sent events itself. Completions send the prompt as a list of
+token ids, so every server sees exactly the workload's tokens; chat sends a text of one
+word per token id (about --input-len tokens; the server's usage gives the real count).
 
 Per request, from the moment it is sent:
   TTFT  time to the first event whose choice carries text (a chat role chunk or an
@@ -106,18 +106,18 @@ class StreamParser:
         self.last_token_at: float | None = None
         self.deltas = 0
         self.usage: dict | None = None
-        self.done = False
+        self.done_at: float | None = None  # when [DONE] came
 
     def feed(self, payload: str, now: float) -> bool:
         """One event's data; True once the stream is over ([DONE] or an error)."""
         if payload == "[DONE]":
-            self.done = True
+            self.done_at = now
             return True
         obj = json.loads(payload)
-        if obj.get("error"):
-            message = obj["error"].get("message", "") if isinstance(obj["error"], dict) \
-                else str(obj["error"])
-            self.result.error = f"stream: {message[:100]}"
+        error = obj.get("error") or (obj if obj.get("object") == "error" else None)
+        if error:
+            message = error.get("message", "") if isinstance(error, dict) else str(error)
+            self.result.error = f"stream: {str(message)[:100]}"
             return True
         if obj.get("usage"):
             self.usage = obj["usage"]
@@ -140,8 +140,9 @@ class StreamParser:
             self.result.finish_reason = choice["finish_reason"]
 
     def finish(self, now: float) -> RequestResult:
+        """The request's outcome; E2E ends at [DONE] (else now: the stream's close)."""
         r = self.result
-        r.e2e_s = now - self.sent
+        r.e2e_s = (self.done_at if self.done_at is not None else now) - self.sent
         if self.usage:
             r.output_tokens = int(self.usage.get("completion_tokens") or 0)
             r.prompt_tokens = int(self.usage.get("prompt_tokens") or r.prompt_tokens)
@@ -150,7 +151,7 @@ class StreamParser:
         else:
             r.output_tokens = self.deltas
         if not r.error:
-            if not (self.done or r.finish_reason):
+            if self.done_at is None and not r.finish_reason:
                 r.error = "stream ended early"
             elif r.ttft_s is None:
                 r.error = "no tokens"

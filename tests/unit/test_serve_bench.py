@@ -57,8 +57,8 @@ def test_stream_parser_times_tokens_and_takes_counts_from_usage():
     assert not p.feed(event("", finish="length"), 11.01)
     assert not p.feed(event(usage={"prompt_tokens": 7, "completion_tokens": 4,
                                    "prompt_tokens_details": {"cached_tokens": 3}}), 11.02)
-    assert p.feed("[DONE]", 11.03)
-    p.finish(11.25)
+    assert p.feed("[DONE]", 11.25)
+    p.finish(11.5)  # the connection's close comes later: E2E ends at [DONE]
     assert r.ok and r.error == "" and r.finish_reason == "length"
     assert r.ttft_s == pytest.approx(0.25)
     assert r.itl_s == pytest.approx([0.25, 0.5])
@@ -87,6 +87,11 @@ def test_stream_parser_failures():
     assert p.feed(json.dumps({"error": {"message": "decode worker lost", "code": 503}}), 0.2)
     p.finish(0.3)
     assert not r.ok and r.error == "stream: decode worker lost"
+
+    vllm_style = RequestResult(3)
+    v = ol.StreamParser(vllm_style, 0.0)
+    assert v.feed(json.dumps({"object": "error", "message": "out of KV", "code": 500}), 0.1)
+    assert v.finish(0.2).error == "stream: out of KV"
 
     cut = RequestResult(1)
     ol.StreamParser(cut, 0.0).finish(0.5)          # closed before [DONE] or a finish
