@@ -95,7 +95,7 @@ def test_lenient_deserializer_turns_junk_into_malformed():
 # ---- the router core ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def core():
-    return RouterCore(RouterSettings(max_request_bytes=64 << 10, health_port=0))
+    return RouterCore(RouterSettings(max_request_bytes=4 << 20))
 
 
 def run(coro):
@@ -330,3 +330,8 @@ def test_an_empty_request_id_names_no_request(core):
     finally:
         core._active.discard("")
     assert err.code == grpc.StatusCode.UNAVAILABLE  # routed (no workers here), not refused
+
+
+def test_grpc_request_over_the_size_limit_is_refused(core):
+    err = _refusal(core, text="x" * (core.settings.max_request_bytes + 1))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in str(err)

@@ -100,7 +100,7 @@ class RouterSettings:
     # disaggregated requests: StartPrefill goes to the prefill worker alongside the decode
     # worker's Generate, so the prompt computes while the decode worker reserves blocks
     early_prefill_start: bool = True
-    max_request_bytes: int = 32 << 20  # HTTP request bodies (413 beyond)
+    max_request_bytes: int = 32 << 20  # HTTP bodies (413 beyond) and gRPC requests
     tokenizer_threads: int = 2         # prompts tokenized off the event loop
 
 
@@ -264,6 +264,10 @@ class RouterCore:
                        ) -> AsyncIterator[generate_pb2.GenerateChunk]:
         """Validate, route and stream one request; raises RouterError for the caller."""
         arrival = time.monotonic()
+        size, limit = request.ByteSize(), self.settings.max_request_bytes
+        if size > limit:  # the HTTP API's body limit, for gRPC callers too
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"request is {size} bytes; this server's limit is {limit} bytes")
         self.check_model(request.model)
         request_id = request.request_id or uuid.uuid4().hex  # "" names nothing
         if request_id in self._active:
