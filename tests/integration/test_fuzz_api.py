@@ -271,8 +271,8 @@ def check_grpc(call) -> None:
         assert exc.code() in GRPC_OK, (exc.code(), exc.details())
         assert exc.details(), exc.code()
     else:
-        assert chunks and chunks[-1].finish_reason in (generate_pb2.FINISH_REASON_STOP,
-                                                       generate_pb2.FINISH_REASON_LENGTH), chunks[-1:]
+        finished = (generate_pb2.FINISH_REASON_STOP, generate_pb2.FINISH_REASON_LENGTH)
+        assert chunks and chunks[-1].finish_reason in finished, chunks[-1:]
     assert time.monotonic() - started < DEADLINE_S
 
 

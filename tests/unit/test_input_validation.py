@@ -128,7 +128,8 @@ def test_prompt_token_ids_outside_the_vocabulary_are_refused(core):
 
 
 def test_min_tokens_above_max_tokens_is_refused(core):
-    err = _refusal(core, text="hi", sampling=generate_pb2.SamplingParams(max_tokens=2, min_tokens=3))
+    err = _refusal(core, text="hi",
+                   sampling=generate_pb2.SamplingParams(max_tokens=2, min_tokens=3))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "min_tokens" in str(err)
 
 
@@ -171,6 +172,19 @@ def test_a_finished_request_releases_its_id(core):
     _refusal(core, text="hi", request_id="mine")  # no workers: UNAVAILABLE
     assert "mine" not in core._active
 
+
+def test_an_empty_request_id_names_no_request(core):
+    core._active.add("")
+    try:
+        err = _refusal(core, text="hi", request_id="")
+    finally:
+        core._active.discard("")
+    assert err.code == grpc.StatusCode.UNAVAILABLE  # routed (no workers here), not refused
+
+
+def test_grpc_request_over_the_size_limit_is_refused(core):
+    err = _refusal(core, text="x" * (core.settings.max_request_bytes + 1))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in str(err)
 
 # ---- the OpenAI HTTP API -----------------------------------------------------------------
 def post(core, path: str, body, headers=None) -> httpx.Response:
@@ -219,7 +233,8 @@ def test_non_finite_temperature_is_400(core, literal):
 
 
 def test_huge_finite_temperature_is_400(core):
-    error = _openai_error(post(core, "/v1/completions", {"prompt": "hi", "temperature": 1e300}), 400)
+    response = post(core, "/v1/completions", {"prompt": "hi", "temperature": 1e300})
+    error = _openai_error(response, 400)
     assert "temperature" in error["message"]
 
 
@@ -322,16 +337,3 @@ def test_stop_strings_do_not_apply_before_min_tokens(engine):
     kept = _run(engine, max_tokens=8, ignore_eos=True, stop=(stop,), min_tokens=6)
     assert len(kept.token_ids) >= 6
 
-
-def test_an_empty_request_id_names_no_request(core):
-    core._active.add("")
-    try:
-        err = _refusal(core, text="hi", request_id="")
-    finally:
-        core._active.discard("")
-    assert err.code == grpc.StatusCode.UNAVAILABLE  # routed (no workers here), not refused
-
-
-def test_grpc_request_over_the_size_limit_is_refused(core):
-    err = _refusal(core, text="x" * (core.settings.max_request_bytes + 1))
-    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in str(err)

@@ -97,8 +97,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         if request_id in self._calls:
             # refused before taking anything: the stream and the engine request under
             # this id belong to the call in flight, which must not notice
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"request id {request_id!r} is already in use by a request in flight")
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request id {request_id!r} "
+                                "is already in use by a request in flight")
         self._calls.add(request_id)
         stream = self.core.loop.open_stream(request_id)
         finished = False
