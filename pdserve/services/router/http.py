@@ -7,8 +7,9 @@ GET /metrics (the router's Prometheus registry); /health and /metrics stay open.
 Lifecycle of one completion request:
   1. AUTH      an ASGI gate checks `Authorization: Bearer KEY` (or `x-api-key`) before
                anything is read; a miss is 401 in OpenAI's error shape.
-  2. PARSE     the body is validated by pydantic models (types and ranges, n == 1, no
-               unsupported features); malformed JSON or a bad field is 400 naming it.
+  2. PARSE     the body (413 past max_request_bytes) is validated by strict pydantic
+               models (JSON types as sent, finite floats, ranges, n == 1, no unsupported
+               features); malformed JSON or a bad field is 400 naming it.
   3. CONVERT   the request becomes a pdserve.v1.GenerateRequest (text, chat or token
                ids + sampling), exactly what a gRPC client would send.
   4. START     RouterCore.generate is driven to its first chunk *before* the response

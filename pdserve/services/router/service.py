@@ -1,8 +1,11 @@
 """The router: the public gRPC API (and the core the OpenAI HTTP front end shares).
 
 Lifecycle of one Generate call:
-  1. ACCEPT    tokenize once (text, chat or token ids) and validate sampling; bad input
-               ends here with INVALID_ARGUMENT and touches no worker.
+  1. ACCEPT    a request id already in flight here is refused (ALREADY_EXISTS); a
+               prompt too long to fit is refused by its length, a long one tokenized
+               on a tokenizer thread (the event loop keeps serving); sampling validated
+               (ids against the vocabulary, prompt + max_tokens within the context).
+               Bad input ends here with INVALID_ARGUMENT and touches no worker.
   2. ROUTE     the current policy generation (hot-reloaded YAML) picks the route
                (disaggregated or decode-only), a prefill worker and a decode worker
                among the healthy ones, using the workers' last reported load.
