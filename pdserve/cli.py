@@ -102,6 +102,8 @@ def _progress_bar(enabled: bool):
 
 
 def cmd_models(args) -> int:
+    if args.architectures:
+        return _print_architectures()
     from pdserve.engine.loader import list_models
 
     models = list_models()
@@ -109,6 +111,16 @@ def cmd_models(args) -> int:
         print(f"{m.name}\t{m.format}\t{m.path}")
     if not models:
         print("no models found (make setup installs the bundled one)", file=sys.stderr)
+    return 0
+
+
+def _print_architectures() -> int:
+    """Model families pdserve computes exactly (safetensors folders; GGUF where named)."""
+    from pdserve.engine.loader.hf_loader import SUPPORTED
+
+    print("architecture\tgguf\tvariants")
+    for hf_class, gguf_arch, variants in SUPPORTED:
+        print(f"{hf_class}\t{gguf_arch or '-'}\t{variants}")
     return 0
 
 
@@ -259,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("models", help="list available models").set_defaults(func=cmd_models)
+    m = sub.add_parser("models", help="list available models")
+    m.add_argument("--architectures", action="store_true",
+                   help="list the supported model architectures and variants instead")
+    m.set_defaults(func=cmd_models)
 
     g = sub.add_parser("generate", help="generate text locally or through a router")
     where = g.add_mutually_exclusive_group(required=True)

@@ -21,6 +21,11 @@ SHAPES: dict[str, ModelConfig] = {
         max_position=8192, rope_theta=500000.0,
         rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192), rms_eps=1e-5,
         bos_token_id=128000, eos_token_ids=(128001,)),
+    "qwen3-8b": ModelConfig(
+        name="qwen3-8b-random", architecture="qwen3", vocab_size=151936, hidden_size=4096,
+        intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        max_position=40960, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True,
+        bos_token_id=151643, eos_token_ids=(151645,)),
     "smollm2-135m": ModelConfig(
         name="smollm2-135m-random", architecture="llama", vocab_size=49152, hidden_size=576,
         intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,

@@ -22,6 +22,25 @@ _ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
 }
+# What `pdserve models --architectures` lists: (transformers class, GGUF architecture or
+# "", what is implemented). Anything else a checkpoint asks for is refused by name.
+SUPPORTED = (
+    ("LlamaForCausalLM", "llama", "Llama 2 / 3.x, SmolLM2; rope default, linear, dynamic, "
+     "llama3 (GGUF rope_freqs), yarn; attention_bias (q/k/v/o), mlp_bias; hidden_act silu, "
+     "gelu, gelu_new, gelu_pytorch_tanh"),
+    ("MistralForCausalLM", "llama", "sliding_window (every layer)"),
+    ("Qwen2ForCausalLM", "qwen2", "q/k/v biases; use_sliding_window + max_window_layers, "
+     "layer_types (GGUF: no windows, as llama.cpp)"),
+    ("Qwen3ForCausalLM", "qwen3", "q/k RMSNorm per head; windows as Qwen2"),
+    ("Phi3ForCausalLM", "phi3", "fused qkv_proj / gate_up_proj; sliding_window (longrope "
+     "refused)"),
+    ("Gemma2ForCausalLM", "gemma2", "GeGLU, (1 + w) norms, pre/post-feedforward norms, "
+     "sqrt(hidden) embedding scale, query_pre_attn_scalar, attention and final logit soft "
+     "caps, alternating sliding / global layers"),
+    ("Gemma3ForCausalLM", "gemma3", "as Gemma 2 without soft caps, plus q/k norms and a "
+     "separate rope base (rope_local_base_freq) on sliding layers"),
+)
+
 # refused with a reason of their own (the rest: "unsupported architecture")
 _REFUSED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixture-of-experts models are not supported yet",

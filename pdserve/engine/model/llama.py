@@ -82,10 +82,13 @@ class Rotary(nn.Module):
     negation is exact, so this is bitwise HF's x*cos + rotate_half(x)*sin.
     """
 
-    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling,
-                 max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int, theta: float | None = None,
+                 scaling: RopeScaling | None = None) -> None:
+        """theta / scaling: other than the config's (Gemma 3's local layers)."""
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        head_dim = config.head_dim
+        scaling = config.rope_scaling if scaling is None else scaling
+        inv_freq = rope_inv_freq(head_dim, theta or config.rope_theta, scaling)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_pos, head_dim]
         half = head_dim // 2
@@ -289,11 +292,10 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = Rotary(config.head_dim, config.rope_theta, config.rope_scaling,
-                             max_positions)
+        self.rotary = Rotary(config, max_positions)
         # Gemma 3's windowed layers: their own base, no scaling
-        self.rotary_local = Rotary(config.head_dim, config.rope_theta_local, RopeScaling(),
-                                   max_positions) if config.rope_theta_local else None
+        self.rotary_local = Rotary(config, max_positions, config.rope_theta_local,
+                                   RopeScaling()) if config.rope_theta_local else None
         # Gemma multiplies embeddings by sqrt(hidden) rounded to the model's dtype (a
         # buffer, so no host-to-device copy is queued inside a CUDA graph)
         self.embedding_scale = config.embedding_scale
