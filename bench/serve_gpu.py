@@ -369,8 +369,10 @@ def run_workload(args, server: Server, system: str, wi: int, workload: Workload,
                    f"{workload.name.replace(':', '-')}-r{rate:g}")
         result, dumps = asyncio.run(one_run(cfg, spy))
         s = result["summary"]
+        env = result["environment"]
         row.update(summary=s, cut=any(k.startswith("cut") for k in s["errors"]),
-                   client_cpu_frac=result["environment"]["client_cpu_frac"])
+                   client_cpu_frac=env["client_cpu_frac"], http_client=env["http_client"],
+                   loadavg=[env["loadavg_before"], env["loadavg_after"]])
         if dumps:
             row["py_spy"] = dumps
         record["runs"].append(row)
