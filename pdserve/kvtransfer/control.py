@@ -20,6 +20,7 @@ length closes the connection (the stream cannot be resynchronized).
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
@@ -225,6 +226,19 @@ class ControlClient:
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    def peer_closed(self) -> bool:
+        """True once the receiver closed this connection (it died, and may be back on the
+        same port): a readable socket whose peek finds the end. Reads nothing, so it may
+        run beside the thread that uses the connection."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset, or closed meanwhile
+            return True
 
     def _guarded(self, step):
         try:

@@ -620,9 +620,13 @@ class UcxSender(ChunkedSender):
         peer = self._peer(address)
         if peer is None:
             return False
-        endpoint = peer.endpoint
-        if endpoint is not None and endpoint.closed:
+        endpoint, control = peer.endpoint, peer.control
+        if (endpoint is not None and endpoint.closed) or \
+                (control is not None and control.peer_closed()):
             self._forget_peer(peer)
+            if peer.direct is not None:  # its calls run there: close it there, last
+                peer.direct.submit(control.close)
+                peer.direct.shutdown(wait=False)
             self.runtime.submit(self._retire(peer))
             return False
         return True

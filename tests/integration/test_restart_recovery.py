@@ -18,7 +18,6 @@ import pytest
 from pdserve.services.launcher import Backoff, Cluster, ClusterSpec
 from tests.support.cluster import run_request
 
-pytestmark = pytest.mark.slow
 PROMPT = list(range(1, 40))
 
 
@@ -101,6 +100,28 @@ def start(script: str, port: int, expect: str) -> subprocess.Popen:
     return proc
 
 
+def test_control_client_sees_its_receiver_gone():
+    """A same-host GPU sender's control connection tells when its receiver died, so the
+    sender handshakes the restarted one instead of failing a transfer on the old one."""
+    from pdserve.kvtransfer.control import ControlClient, ControlServer
+    from pdserve.wire import kv_pb2
+
+    server = ControlServer(lambda request, conn: kv_pb2.KVChunkReply(
+        status=kv_pb2.KVChunkReply.ACCEPTED), accept_first=lambda _: True)
+    client = ControlClient(server.address, timeout_s=5)
+    try:
+        reply = client.call(kv_pb2.SideChannelRequest(
+            admit=kv_pb2.InPlaceAdmit(version=1, transfer_id="t")))
+        assert reply.chunk.status == kv_pb2.KVChunkReply.ACCEPTED
+        assert not client.peer_closed()
+        server.close()
+        wait_for(client.peer_closed, 5, "the client to see the connection end")
+    finally:
+        client.close()
+        server.close()
+
+
+@pytest.mark.slow
 def test_ucx_listener_rebinds_its_port_at_once_after_sigkill():
     port = free_ports(1)
     listener = start(LISTENER, port, "LISTENING")
@@ -119,6 +140,7 @@ def test_ucx_listener_rebinds_its_port_at_once_after_sigkill():
                 proc.wait()
 
 
+@pytest.mark.slow
 def test_decode_restart_on_fixed_kv_port_is_routed_within_2s():
     kv = free_ports(4)  # kv .. kv + 2 for the KV listeners
     http_port = kv + 3
