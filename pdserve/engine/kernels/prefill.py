@@ -135,7 +135,7 @@ def _prefill_kernel(
         kv_lo = (lo_key // BLOCK_N) * BLOCK_N
         # every row (the last at kv_end - 1) sees keys from kv_end - window on
         full_lo = tl.cdiv(tl.maximum(kv_end - window, 0), BLOCK_N) * BLOCK_N
-        full_lo = tl.minimum(full_lo, full_end)
+        full_lo = tl.minimum(full_lo, full_end)  # kv_lo <= full_lo <= full_end
     else:
         lo_key = 0
         kv_lo = 0
@@ -144,20 +144,20 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, n0, seq_len,
                                      q_pos, qk_scale, cap_scale, window, lo_key, stride_kb,
                                      stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-                                     BLOCK_SIZE, True, BLOCK_D != HEAD_DIM, UPCAST, DOT_PREC, WINDOW,
-                                     SOFT_CAP)
+                                     BLOCK_SIZE, True, BLOCK_D != HEAD_DIM, UPCAST, DOT_PREC,
+                                     WINDOW, SOFT_CAP)
     for n0 in range(full_lo, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, n0, seq_len,
                                      q_pos, qk_scale, cap_scale, window, lo_key, stride_kb,
                                      stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-                                     BLOCK_SIZE, False, BLOCK_D != HEAD_DIM, UPCAST, DOT_PREC, WINDOW,
-                                     SOFT_CAP)
+                                     BLOCK_SIZE, False, BLOCK_D != HEAD_DIM, UPCAST, DOT_PREC,
+                                     WINDOW, SOFT_CAP)
     for n0 in range(full_end, kv_end, BLOCK_N):  # the diagonal
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_base, v_base, table, n0, seq_len,
                                      q_pos, qk_scale, cap_scale, window, lo_key, stride_kb,
                                      stride_kt, stride_vb, stride_vt, offs_n, offs_d, d_mask,
-                                     BLOCK_SIZE, True, BLOCK_D != HEAD_DIM, UPCAST, DOT_PREC, WINDOW,
-                                     SOFT_CAP)
+                                     BLOCK_SIZE, True, BLOCK_D != HEAD_DIM, UPCAST, DOT_PREC,
+                                     WINDOW, SOFT_CAP)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
