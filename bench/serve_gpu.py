@@ -367,7 +367,12 @@ def run_workload(args, server: Server, system: str, wi: int, workload: Workload,
         if spy_exe and rate == spy_rate:
             spy = (spy_exe, server.pids(), args.num_requests / rate / 2, server.log_dir,
                    f"{workload.name.replace(':', '-')}-r{rate:g}")
-        result, dumps = asyncio.run(one_run(cfg, spy))
+        try:
+            result, dumps = asyncio.run(one_run(cfg, spy))
+        except (TimeoutError, ConnectionError) as exc:  # the server stopped answering
+            record["runs"].append({**row, "error": f"{type(exc).__name__}: {exc}"[:500]})
+            print(f"{system} {workload.name} rate {rate_label(rate)}: {exc}", file=sys.stderr)
+            continue
         s = result["summary"]
         env = result["environment"]
         row.update(summary=s, cut=any(k.startswith("cut") for k in s["errors"]),
@@ -432,6 +437,8 @@ def cell(run: dict | None) -> str:
         return "-"
     if "skipped" in run:
         return f"skipped ({run['skipped']})"
+    if "error" in run:
+        return "error (see JSON)"
     s = run["summary"]
     failed = f", {s['failed']} failed" if s["failed"] else ""
     good = goodput_at(s, 500.0, 50.0)

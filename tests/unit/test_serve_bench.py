@@ -254,13 +254,16 @@ def test_markdown_table_has_a_row_per_workload_rate_and_a_column_per_system():
         "pdserve-colocated": {"status": "ok", "runs": [
             _run("1024x128", 16.0, 10, 14.2, 275.0, 9.6, 12.0),
             {"workload": "1024x128", "rate": "inf", "skipped": "budget"}]},
+        "sglang-like": {"status": "ok", "runs": [
+            {"workload": "1024x128", "rate": 16.0, "error": "TimeoutError: not ready"}]},
         "pdserve-1p1d": {"status": "failed to start", "error": "RuntimeError: boom", "runs": []},
     }}
     table = serve_gpu.markdown_table(result)
     rows = [line for line in table.splitlines() if line.startswith("| 1024x128")]
     assert len(rows) == 2
     assert "14.30, 190 ms, 8.3 ms, 13.1" in rows[0] and "14.20, 275 ms, 9.6 ms, 12.0" in rows[0]
-    assert rows[0].endswith("| failed to start |")
+    assert rows[0].endswith("| error (see JSON) | failed to start |")
+    assert rows[1].endswith("| - | failed to start |")
     assert "| burst |" in rows[1] and "skipped (budget)" in rows[1]
     assert "boom" in table
 
