@@ -44,7 +44,7 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    architecture: str  # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3 | phi3
+    architecture: str  # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3 | phi3 | qwen3_moe | mixtral
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -76,6 +76,11 @@ class ModelConfig:
     attention_scale: float = 0.0  # softmax scale of q.k; 0 = head_dim ** -0.5
     final_logit_softcap: float = 0.0  # logits -> cap * tanh(logits / cap); 0 = none
     rope_theta_local: float = 0.0  # Gemma 3: rope base of windowed layers (unscaled); 0 = same
+    # sparse MoE feed-forward in every layer (model/moe.py) when num_experts > 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's width
+    norm_topk_prob: bool = False  # the kept top-k routing weights renormalized to sum 1
 
     def __post_init__(self) -> None:
         if self.hidden_act not in HIDDEN_ACTS:
@@ -112,11 +117,13 @@ class ModelConfig:
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         norms = (4 if self.sandwich_norms else 2) * self.hidden_size + \
             (2 * self.head_dim if self.qk_norm else 0)
+        ffn = 3 * self.hidden_size * self.intermediate_size + \
+            (2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0)
+        if self.num_experts:
+            ffn = self.num_experts * (3 * self.hidden_size * self.moe_intermediate_size
+                                      + self.hidden_size)
         layer = (self.hidden_size * (q + 2 * kv) + (q + 2 * kv if self.qkv_bias else 0)
-                 + q * self.hidden_size + (self.hidden_size if self.o_bias else 0)
-                 + 3 * self.hidden_size * self.intermediate_size
-                 + (2 * self.intermediate_size + self.hidden_size if self.mlp_bias else 0)
-                 + norms)
+                 + q * self.hidden_size + (self.hidden_size if self.o_bias else 0) + ffn + norms)
         # the runner keeps a separate LM head even when the checkpoint ties it
         return 2 * self.vocab_size * self.hidden_size + self.num_layers * layer \
             + self.hidden_size

@@ -26,6 +26,12 @@ SHAPES: dict[str, ModelConfig] = {
         intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
         max_position=40960, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True,
         bos_token_id=151643, eos_token_ids=(151645,)),
+    "qwen3-30b-a3b": ModelConfig(
+        name="qwen3-30b-a3b-random", architecture="qwen3_moe", vocab_size=151936,
+        hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32, num_kv_heads=4,
+        head_dim=128, max_position=40960, rope_theta=1000000.0, rms_eps=1e-6, qk_norm=True,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        norm_topk_prob=True, bos_token_id=151643, eos_token_ids=(151645,)),
     "smollm2-135m": ModelConfig(
         name="smollm2-135m-random", architecture="llama", vocab_size=49152, hidden_size=576,
         intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,

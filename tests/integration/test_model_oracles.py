@@ -62,6 +62,9 @@ CASES = {
                               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                               "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                  "rope_theta": 1000000.0}}}, True),
+    "qwen3-moe": ("qwen3_moe", {}, False),
+    "qwen3-moe-norm-topk": ("qwen3_moe", {"norm_topk_prob": True}, False),
+    "mixtral-window": ("mixtral", {"sliding_window": WINDOW}, False),
 }
 
 

@@ -36,6 +36,8 @@ HF_CLASSES = {  # architecture -> (transformers config class, model class) names
     "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
 }
 
 
@@ -57,8 +59,12 @@ def write_hf_folder(folder: Path, arch: str, seed: int = 0, random_vectors: bool
     base = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         base.update(head_dim=16)
+    if arch in ("qwen3_moe", "mixtral"):  # 4 experts, 2 per token, narrow
+        base.update(num_experts_per_tok=2, num_local_experts=4)
+        base.update(moe_intermediate_size=32) if arch == "qwen3_moe" else \
+            base.update(intermediate_size=32)
     if arch == "phi3":  # its default pad id lies outside a tiny vocabulary
         base.update(pad_token_id=None)
     if arch in ("gemma2", "gemma3"):  # tied, as Gemma checkpoints (and llama.cpp) are
@@ -91,6 +97,8 @@ def _randomize_vectors(model, arch: str) -> None:
     for name, param in model.named_parameters():
         if name.endswith(("q_proj.weight", "k_proj.weight", "qkv_proj.weight")):
             param.mul_(4.0)
+        if name.endswith("mlp.gate.weight"):  # MoE router: clear top-k choices, no near-ties
+            param.mul_(5.0)
         if param.dim() != 1:
             continue
         noise = torch.randn(param.shape, generator=gen)

@@ -68,8 +68,7 @@ CONFIG_REFUSALS = {
     "qk-norm-flag": ({"use_qk_norm": True}, "use_qk_norm"),
     "residual-multiplier": ({"residual_multiplier": 0.22}, "residual_multiplier"),
     "no-rope-layers": ({"no_rope_layers": [1]}, "no_rope_layers"),
-    "mixtral": ({"architectures": ["MixtralForCausalLM"]}, "mixture-of-experts"),
-    "qwen3-moe": ({"architectures": ["Qwen3MoeForCausalLM"]}, "mixture-of-experts"),
+    "qwen2-moe": ({"architectures": ["Qwen2MoeForCausalLM"]}, "mixture-of-experts"),
     "gemma3-multimodal": ({"architectures": ["Gemma3ForConditionalGeneration"]}, "multimodal"),
     "unknown-arch": ({"architectures": ["FalconForCausalLM"]}, "FalconForCausalLM"),
 }
@@ -94,6 +93,9 @@ def test_empty_unknown_fields_are_accepted(llama_folder, tmp_path):
     ("qwen2", {"use_sliding_window": True, "sliding_window": 8,
                "layer_types": ["sliding_attention", "chunked_attention"]}, "layer_types"),
     ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ("qwen3_moe", {"mlp_only_layers": [0]}, "mlp_only_layers"),
+    ("mixtral", {"hidden_act": "gelu"}, "hidden_act"),
     ("gemma3", {"rope_parameters": {
         "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
         "full_attention": {"rope_type": "default", "rope_theta": 1e6}}}, "sliding_attention"),

@@ -21,6 +21,8 @@ _ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 # What `pdserve models --architectures` lists: (transformers class, GGUF architecture or
 # "", what is implemented). Anything else a checkpoint asks for is refused by name.
@@ -39,13 +41,16 @@ SUPPORTED = (
      "caps, alternating sliding / global layers"),
     ("Gemma3ForCausalLM", "gemma3", "as Gemma 2 without soft caps, plus q/k norms and a "
      "separate rope base (rope_local_base_freq) on sliding layers"),
+    ("Qwen3MoeForCausalLM", "", "Qwen3 attention, softmax top-k routed SiLU experts in every "
+     "layer, norm_topk_prob (GGUF MoE refused for now)"),
+    ("MixtralForCausalLM", "", "Mistral attention, top-k routed experts (GGUF MoE refused "
+     "for now)"),
 )
 
 # refused with a reason of their own (the rest: "unsupported architecture")
 _REFUSED_ARCHITECTURES = {
-    "MixtralForCausalLM": "mixture-of-experts models are not supported yet",
-    "Qwen3MoeForCausalLM": "mixture-of-experts models are not supported yet",
-    "Qwen2MoeForCausalLM": "mixture-of-experts models are not supported yet",
+    "Qwen2MoeForCausalLM": "this mixture-of-experts family (shared experts) is not "
+                           "supported (Qwen3-MoE and Mixtral are)",
     "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 checkpoint is not supported "
                                       "(its text-only Gemma3ForCausalLM is)",
 }
@@ -58,6 +63,7 @@ _INERT = frozenset({
     "is_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id",
     "embd_pdrop", "resid_pdrop", "cache_implementation", "attn_implementation",
     "_attn_implementation_autoset", "auto_map", "tokenizer_class", "bos_token_id",
+    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise",  # training only
     "eos_token_id", "pretraining_tp", "tie_word_embeddings", "max_position_embeddings",
     "original_max_position_embeddings", "num_key_value_heads", "head_dim",
 })
@@ -78,6 +84,12 @@ _READ = {
     "gemma2": _COMMON | _GEMMA,
     "gemma3": _COMMON | _GEMMA | {"rope_local_base_freq", "sliding_window_pattern",
                                   "_sliding_window_pattern", "use_bidirectional_attention"},
+    "qwen3_moe": _COMMON | {"hidden_act", "attention_bias", "sliding_window", "layer_types",
+                            "max_window_layers", "num_experts", "num_local_experts",
+                            "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                            "decoder_sparse_step", "mlp_only_layers"},
+    "mixtral": _COMMON | {"hidden_act", "sliding_window", "num_local_experts",
+                          "num_experts_per_tok"},
 }
 # what a missing rope_theta means in transformers' config classes
 _DEFAULT_THETA = {"gemma3": 1_000_000.0}
@@ -92,6 +104,7 @@ _DEFAULTS = {
     "gemma2": {**_GEMMA_DEFAULTS, "final_logit_softcapping": 30.0,
                "attn_logit_softcapping": 50.0},
     "gemma3": _GEMMA_DEFAULTS,
+    "qwen3_moe": {"head_dim": 128},
 }
 _ROPE_KEYS = {
     "default": set(), "dynamic": {"factor"}, "linear": {"factor"},
@@ -209,14 +222,14 @@ def _layer_windows(cfg: dict, arch: str, num_layers: int) -> tuple[int, ...]:
     use_sliding_window, from max_window_layers on; Gemma alternates (layer_types or its
     pattern)."""
     window = cfg.get("sliding_window")
-    if arch in ("qwen2", "qwen3") and not cfg.get("use_sliding_window"):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and not cfg.get("use_sliding_window"):
         window = None
     if not window:
         return ()
     window = int(window)
     types = cfg.get("layer_types")
     if types is None:
-        if arch in ("mistral", "phi3"):
+        if arch in ("mistral", "phi3", "mixtral"):
             types = ["sliding_attention"] * num_layers
         elif arch in ("qwen2", "qwen3"):
             first = int(cfg.get("max_window_layers", num_layers))
@@ -242,6 +255,28 @@ def _token_ids(value) -> tuple[int, ...]:
 
 def _softcap(cfg: dict, key: str) -> float:
     return float(cfg.get(key) or 0.0)
+
+
+def _moe_fields(cfg: dict, arch: str) -> dict:
+    """ModelConfig's MoE fields; every layer sparse (other layouts refused by name)."""
+    if arch not in ("qwen3_moe", "mixtral"):
+        return {}
+    if int(cfg.get("decoder_sparse_step", 1)) != 1:
+        raise _refuse("decoder_sparse_step", cfg["decoder_sparse_step"],
+                      "dense layers between sparse ones are not supported")
+    if cfg.get("mlp_only_layers"):
+        raise _refuse("mlp_only_layers", cfg["mlp_only_layers"],
+                      "dense layers between sparse ones are not supported")
+    if (cfg.get("hidden_act") or "silu") not in ("silu", "swish"):
+        raise _refuse("hidden_act", cfg["hidden_act"], "MoE experts are SiLU only")
+    mixtral = arch == "mixtral"
+    return dict(
+        num_experts=int(cfg.get("num_experts") or cfg["num_local_experts"]),
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=int(cfg["intermediate_size"] if mixtral
+                                  else cfg["moe_intermediate_size"]),
+        norm_topk_prob=mixtral or bool(cfg.get("norm_topk_prob", False)),
+    )
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -285,7 +320,7 @@ def read_config(folder: Path) -> ModelConfig:
         o_bias=attention_bias,
         mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
         hidden_act=_ACTIVATIONS[act],
-        qk_norm=arch in ("qwen3", "gemma3"),
+        qk_norm=arch in ("qwen3", "gemma3", "qwen3_moe"),
         sandwich_norms=gemma,
         embedding_scale=hidden ** 0.5 if gemma else 1.0,
         attention_scale=float(scalar) ** -0.5 if scalar else 0.0,
@@ -295,6 +330,7 @@ def read_config(folder: Path) -> ModelConfig:
         layer_sliding_windows=_layer_windows(cfg, arch, num_layers),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_token_ids(cfg.get("eos_token_id")),
+        **_moe_fields(cfg, arch),
     )
 
 

@@ -248,6 +248,13 @@ class MLP(nn.Module):
         return self.down_proj(_fused_ops().silu_and_mul(self.gate_up_proj(x)))
 
 
+def _moe_block(config: ModelConfig) -> nn.Module:
+    from pdserve.engine.model.moe import SparseMoeBlock
+
+    return SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                          config.num_experts_per_tok, config.norm_topk_prob)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -259,7 +266,8 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
             self.post_feedforward_layernorm = RMSNorm(config.hidden_size, config.rms_eps)
-        self.mlp = MLP(config)
+        self.mlp = _moe_block(config) if config.num_experts else MLP(config)
+        self.moe = bool(config.num_experts)
         self.local_rope = bool(config.rope_theta_local and config.sliding_window(layer))
 
     def forward(self, x, rope, backend, k_cache, v_cache, meta):
@@ -277,6 +285,8 @@ class DecoderLayer(nn.Module):
         Returns this layer's MLP output, for the next norm to add."""
         h = self.input_layernorm.forward_fused(update, residual)
         attn = self.self_attn(h, rope, backend, k_cache, v_cache, meta)
+        if self.moe:  # its forward takes the fused kernels on CUDA
+            return self.mlp(self.post_attention_layernorm.forward_fused(attn, residual))
         if not self.sandwich:
             return self.mlp.forward_fused(self.post_attention_layernorm.forward_fused(attn, residual))
         attn = self.post_attention_layernorm.norm_fused(attn)
@@ -413,7 +423,12 @@ def model_weights(weights: dict[str, torch.Tensor], config: ModelConfig
                                     f"unquantized fp32/fp16/bf16 weights are supported")
     out: dict[str, torch.Tensor] = {}
     parts: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
+    consumed: set[str] = set()
+    if config.num_experts:
+        out.update(_expert_weights(weights, config, consumed))
     for name, tensor in weights.items():
+        if name in consumed:
+            continue
         short = name.removeprefix("model.")
         m = _SPLIT_NAME.fullmatch(short)
         if m and m.group(2) in _FUSED_PARTS:
@@ -431,4 +446,18 @@ def model_weights(weights: dict[str, torch.Tensor], config: ModelConfig
         out["lm_head.weight"] = out["embed_tokens.weight"]
     if config.architecture in ("gemma2", "gemma3"):
         out = {n: 1.0 + t.float() if n.endswith("norm.weight") else t for n, t in out.items()}
+    return out
+
+
+def _expert_weights(weights: dict[str, torch.Tensor], config: ModelConfig,
+                    consumed: set[str]) -> dict[str, torch.Tensor]:
+    """Every layer's router and stacked experts (moe.py reads both checkpoint layouts)."""
+    from pdserve.engine.model.moe import load_hf_expert_weights
+
+    style = "mixtral" if config.architecture == "mixtral" else "qwen3_moe"
+    out = {}
+    for i in range(config.num_layers):
+        for name, t in load_hf_expert_weights(weights, f"model.layers.{i}.", style,
+                                              consumed).items():
+            out[f"layers.{i}.mlp.{name}"] = t
     return out
