@@ -4,6 +4,10 @@ A block is either in use (refcount > 0) or free. Free blocks sit in one LRU queu
 block that still holds a full, hashed block of some earlier prompt stays findable by its
 prefix key until the allocator hands it out again (eviction = reuse of the oldest free
 block). Pure CPU logic: no torch.
+
+Blocks a running request frees early (outside a sliding window, scheduler.py) follow the
+same rule: their KV is intact until allocate() hands them out again, and allocate()
+forgets their key first, so a prefix hit never names a block that was rewritten.
 """
 
 from __future__ import annotations
