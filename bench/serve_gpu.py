@@ -552,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         result = merge(args.merge)
     else:
-        args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="serve-bench-")
+        # absolute: the vLLM server runs in its own folder under it
+        args.log_dir = str(Path(args.log_dir or tempfile.mkdtemp(prefix="serve-bench-")).resolve())
         budget = Budget(args.budget_s)
         spy_exe = py_spy_path(args.py_spy)
         if args.py_spy and not spy_exe:
