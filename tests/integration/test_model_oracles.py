@@ -151,3 +151,18 @@ def test_oracle_cases_exercise_what_they_name(checkpoints):
     assert cfg["gemma3"].rope_scaling.rope_type == "linear"
     assert cfg["qwen2-window"].layer_sliding_windows == (0, WINDOW)
     assert cfg["phi3-window"].layer_sliding_windows == (WINDOW, WINDOW)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qwen3", "gemma2"])
+def test_fused_elementwise_path_matches_transformers(case, checkpoints):
+    """The Triton elementwise path (CUDA's; here under the interpreter) with q/k norms,
+    Gemma's sandwich norms and embedding scale, and a GELU MLP (torch's op: the fused
+    kernel is SiLU's) gives transformers' tokens. One prompt, 6 tokens: the interpreter
+    is slow."""
+    pytest.importorskip("triton")
+    folder, expected = checkpoints(case)
+    engine = engine_on(load_model(str(folder)), max_num_batched_tokens=16)
+    engine.runner.model.fused_elementwise = True
+    got = engine.generate(prompts()[:1], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert got[0].token_ids == expected[0][:6]
