@@ -364,7 +364,7 @@ def run_workload(args, server: Server, system: str, wi: int, workload: Workload,
         cfg = bench_config(args, server, workload, rate, args.num_requests,
                            args.seed + 1000 * wi + ri, left)
         spy = None
-        if spy_exe and rate == spy_rate:
+        if spy_exe and rate == spy_rate and isinstance(server, PdserveServer):
             spy = (spy_exe, server.pids(), args.num_requests / rate / 2, server.log_dir,
                    f"{workload.name.replace(':', '-')}-r{rate:g}")
         try:
@@ -443,7 +443,7 @@ def cell(run: dict | None) -> str:
     failed = f", {s['failed']} failed" if s["failed"] else ""
     good = goodput_at(s, 500.0, 50.0)
     return (f"{s['request_throughput']:.2f}, {fmt_ms(s['ttft_ms'], 'p90')}, "
-            f"{fmt_ms(s['tpot_ms'], 'p50')}, {good if good is not None else '-'}"
+            f"{fmt_ms(s['tpot_ms'], 'p50')}, {'-' if good is None else f'{good:.2f}'}"
             + failed + (" (cut)" if run.get("cut") else ""))
 
 

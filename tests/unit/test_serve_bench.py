@@ -261,7 +261,7 @@ def test_markdown_table_has_a_row_per_workload_rate_and_a_column_per_system():
     table = serve_gpu.markdown_table(result)
     rows = [line for line in table.splitlines() if line.startswith("| 1024x128")]
     assert len(rows) == 2
-    assert "14.30, 190 ms, 8.3 ms, 13.1" in rows[0] and "14.20, 275 ms, 9.6 ms, 12.0" in rows[0]
+    assert "14.30, 190 ms, 8.3 ms, 13.10" in rows[0] and "14.20, 275 ms, 9.6 ms, 12.00" in rows[0]
     assert rows[0].endswith("| error (see JSON) | failed to start |")
     assert rows[1].endswith("| - | failed to start |")
     assert "| burst |" in rows[1] and "skipped (budget)" in rows[1]
