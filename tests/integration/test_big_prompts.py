@@ -140,6 +140,22 @@ def test_near_context_prompt_with_max_tokens_refused_before_any_work(system):
            f"completion)" in info.value.details()
 
 
+def _read_response(sock: socket.socket) -> str:
+    """Status line, headers and the Content-Length body of one HTTP/1.1 response."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b"\r\n\r\n"
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        part = sock.recv(65536)
+        if not part:
+            break
+        body += part
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
+
+
 def test_body_larger_than_the_limit_is_413(system):
     _, base = system
     # Content-Length alone says it: refused before the body is read
@@ -148,9 +164,9 @@ def test_body_larger_than_the_limit_is_413(system):
         sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
                      f"Content-Type: application/json\r\nContent-Length: {LIMIT + 1}\r\n"
                      f"\r\n".encode())
-        head = sock.recv(65536).decode(errors="replace")
-    assert head.startswith("HTTP/1.1 413"), head[:200]
-    assert '"type":"invalid_request_error"' in head.replace(" ", "")
+        answer = _read_response(sock)
+    assert answer.startswith("HTTP/1.1 413"), answer[:200]
+    assert '"type":"invalid_request_error"' in answer.replace(" ", "")
     # a chunked body (no Content-Length) is cut off once it passes the limit
     def body():
         yield b'{"prompt": "'

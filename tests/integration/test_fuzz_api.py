@@ -12,7 +12,8 @@ serves normal requests, every KV pool is free and the router logged no traceback
 
 Generation stays short: a valid request can ask for at most a few tokens (max_tokens is
 always sent, small or invalid), so the examples cost ~0.1-0.5 s each. derandomize=True
-makes every run draw the same examples."""
+makes every run draw the same examples. The same system also checks min_tokens end to
+end (HTTP, and gRPC on both routes)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from tests.support.cluster import wait_pools_free
 
 pytestmark = pytest.mark.slow
 
-VOCAB, CONTEXT = 49152, 8192  # the bundled model's
+VOCAB, CONTEXT, EOS = 49152, 8192, 2  # the bundled model's
 DEADLINE_S = 60.0
 HTTP_OK = {200, 400, 404, 413}
 GRPC_OK = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -307,6 +308,46 @@ def test_malformed_request_bytes_are_invalid_argument(channel):
         list(channel.unary_stream("/pdserve.v1.Router/Generate")(b"\xff\xff\xff", timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed pdserve.v1.GenerateRequest" in info.value.details()
+
+
+# ---- min_tokens end to end ---------------------------------------------------------------
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+def test_min_tokens_over_http_outlasts_eos(http):
+    """Greedy, the bundled model answers in about ten tokens and stops on EOS; with
+    min_tokens it cannot stop before."""
+    def completion_tokens(max_tokens: int, min_tokens: int = 0) -> int:
+        response = http.post("/v1/chat/completions", json={
+            "messages": QUESTION, "max_tokens": max_tokens, "min_tokens": min_tokens,
+            "temperature": 0})
+        assert response.status_code == 200, response.text
+        return response.json()["usage"]["completion_tokens"]
+
+    free = completion_tokens(24)
+    assert free < 16, "the test needs an answer that stops early"
+    assert completion_tokens(free + 3, min_tokens=free + 3) == free + 3
+
+
+@pytest.mark.parametrize("mode", [generate_pb2.DISAGGREGATION_ALWAYS,
+                                  generate_pb2.DISAGGREGATION_NEVER])
+def test_min_tokens_over_grpc_both_routes(channel, mode):
+    """Disaggregated, the prefill worker samples the first token: the ban travels."""
+    def tokens(max_tokens: int, min_tokens: int = 0) -> list[int]:
+        request = generate_pb2.GenerateRequest(
+            chat=generate_pb2.ChatMessages(messages=[generate_pb2.ChatMessage(**QUESTION[0])],
+                                           add_generation_prompt=True),
+            sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                 min_tokens=min_tokens), mode=mode)
+        stub = generate_pb2_grpc.RouterStub(channel)
+        return [t for c in stub.Generate(request, timeout=DEADLINE_S) for t in c.token_ids]
+
+    free = tokens(24)
+    assert len(free) < 16, "the test needs an answer that stops early"
+    eos = free[-1]  # the stop token is streamed with the last chunk
+    assert eos == EOS, free
+    kept = tokens(len(free) + 3, min_tokens=len(free) + 3)
+    assert len(kept) == len(free) + 3 and eos not in kept, kept
 
 
 # ---- afterwards (runs last in this module) -----------------------------------------------
