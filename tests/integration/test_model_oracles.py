@@ -63,7 +63,8 @@ CASES = {
                               "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                  "rope_theta": 1000000.0}}}, True),
     "qwen3-moe": ("qwen3_moe", {}, False),
-    "qwen3-moe-norm-topk": ("qwen3_moe", {"norm_topk_prob": True}, False),
+    "qwen3-moe-norm-topk": ("qwen3_moe", {"norm_topk_prob": True}, True),
+    "mixtral": ("mixtral", {}, True),
     "mixtral-window": ("mixtral", {"sliding_window": WINDOW}, False),
 }
 

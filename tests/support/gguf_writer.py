@@ -17,7 +17,12 @@ from safetensors.torch import load_file
 from tests.support.tiny_models import byte_tokenizer
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
-             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3"}
+             "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3", "mixtral": "llama",
+             "qwen3_moe": "qwen3moe"}
+# per-expert projection -> the converter's stacked tensor
+_EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps",
+                 "down_proj": "ffn_down_exps", "w1": "ffn_gate_exps", "w3": "ffn_up_exps",
+                 "w2": "ffn_down_exps"}
 
 
 def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -85,6 +90,13 @@ def _write_metadata(w, cfg: dict, arch: str, garch: str, head_dim: int) -> None:
         w.add_sliding_window(cfg["sliding_window"])
     if arch == "gemma3" and cfg.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if arch in ("mixtral", "qwen3_moe"):
+        w.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3_moe":
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if not cfg.get("norm_topk_prob"):
+            raise ValueError("llama.cpp renormalizes Qwen3-MoE routing weights")
 
 
 def _write_tokenizer(w, vocab_size: int) -> None:
@@ -104,9 +116,31 @@ def _write_tokenizer(w, vocab_size: int) -> None:
     w.add_eos_token_id(1)
 
 
+def _stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The converter's MoE layout: per layer, the router as ffn_gate_inp and each
+    projection of every expert stacked, [E, out, in]. Removes what it takes."""
+    import re
+
+    found: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    out = {}
+    for name in list(weights):
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight", name)
+        g = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight", name)
+        if m:
+            found.setdefault((int(m.group(1)), _EXPERT_PARTS[m.group(3)]), {})[int(m.group(2))] = \
+                weights.pop(name)
+        elif g:
+            out[f"blk.{g.group(1)}.ffn_gate_inp.weight"] = weights.pop(name)
+    for (layer, part), per_expert in found.items():
+        out[f"blk.{layer}.{part}.weight"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+    return out
+
+
 def _tensors(weights: dict[str, torch.Tensor], cfg: dict, arch: str, garch: str):
     import gguf
 
+    for name, t in _stack_experts(weights).items():
+        yield name, t.float().numpy()
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[garch.upper()],
                                         cfg["num_hidden_layers"])
     gemma = arch.startswith("gemma")

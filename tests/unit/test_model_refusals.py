@@ -166,8 +166,11 @@ U32, F32, STR = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32, gguf.GGUF
 EXPERTS = {"blk.0.ffn_gate_exps.weight": torch.zeros(4, 128, 64).numpy(),
            "blk.0.ffn_gate_inp.weight": torch.zeros(4, 64).numpy()}
 GGUF_REFUSALS = {
-    "moe-as-llama": ({"llama.expert_count": (4, U32), "llama.expert_used_count": (2, U32)},
-                     EXPERTS, "llama.expert_count"),
+    "moe-incomplete": ({"llama.expert_count": (4, U32), "llama.expert_used_count": (2, U32)},
+                       EXPERTS, "ffn_down_exps"),
+    "moe-sigmoid-gating": ({"llama.expert_count": (4, U32), "llama.expert_used_count": (2, U32),
+                            "llama.expert_gating_func": (2, U32)}, EXPERTS,
+                           "expert_gating_func"),
     "moe-tensors-only": ({}, EXPERTS, "ffn_gate_exps"),
     "unknown-key": ({"llama.attention.clamp_kqv": (8.0, F32)}, {}, "llama.attention.clamp_kqv"),
     "longrope": ({"llama.rope.scaling.type": ("longrope", STR)}, {}, "longrope"),

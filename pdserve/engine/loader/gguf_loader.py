@@ -54,7 +54,11 @@ _ARCHES = {
     "phi3": ("phi3", _PHI3_LAYER),
     "gemma2": ("gemma2", _GEMMA_LAYER),
     "gemma3": ("gemma3", _GEMMA_LAYER),
+    "qwen3moe": ("qwen3_moe", {**_LLAMA_LAYER, **_QK_NORM}),
 }
+# llama.cpp's stacked expert tensors (read through model/moe.py's load_gguf_expert_weights)
+_EXPERT_TENSORS = ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps",
+                   "ffn_down_exps")
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -73,6 +77,8 @@ _KNOWN_KEYS = frozenset({
     "rope.scaling.yarn_beta_fast", "rope.scaling.yarn_beta_slow",
     "attention.sliding_window", "attention.sliding_window_pattern",
     "attn_logit_softcapping", "final_logit_softcapping",
+    "expert_count", "expert_used_count", "expert_feed_forward_length", "expert_gating_func",
+    "expert_weights_norm",
 })
 
 
@@ -101,13 +107,22 @@ def _refuse(what: str, value, why: str) -> ValueError:
     return ValueError(f"GGUF {what} = {value!r}: {why}")
 
 
+def _expert_tensor(name: str) -> bool:
+    m = re.fullmatch(r"blk\.\d+\.(\w+)\.weight", name)
+    return bool(m) and m.group(1) in _EXPERT_TENSORS
+
+
 def _check_keys(reader, arch: str) -> None:
-    if _field(reader, f"{arch}.expert_count"):
-        raise _refuse(f"{arch}.expert_count", _field(reader, f"{arch}.expert_count"),
-                      "mixture-of-experts models are not supported yet")
-    experts = next((t.name for t in reader.tensors if "_exps." in t.name or "_inp." in t.name), None)
-    if experts:
-        raise _refuse("tensor", experts, "mixture-of-experts tensors are not supported yet")
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    if experts and arch not in ("llama", "qwen3moe"):
+        raise _refuse(f"{arch}.expert_count", experts,
+                      "mixture-of-experts is supported for llama (Mixtral) and qwen3moe only")
+    stray = next((t.name for t in reader.tensors if _expert_tensor(t.name)), None)
+    if stray and not experts:
+        raise _refuse("tensor", stray, f"expert tensor without {arch}.expert_count")
+    if experts and _field(reader, f"{arch}.expert_gating_func") not in (None, 1):
+        raise _refuse(f"{arch}.expert_gating_func", _field(reader, f"{arch}.expert_gating_func"),
+                      "only softmax routing is supported")
     for key in reader.fields:
         if not key.startswith(arch + "."):
             continue
@@ -177,6 +192,9 @@ def read_config(reader, name: str) -> ModelConfig:
     _check_keys(reader, gguf_arch)
     arch = _ARCHES[gguf_arch][0]
     p = f"{gguf_arch}."
+    num_experts = int(_field(reader, p + "expert_count", 0) or 0)
+    if arch == "llama" and num_experts:
+        arch = "mixtral"  # llama.cpp writes Mixtral as llama with experts
     hidden = int(_field(reader, p + "embedding_length"))
     heads = int(_field(reader, p + "attention.head_count"))
     kv_heads = _field(reader, p + "attention.head_count_kv", heads)
@@ -223,6 +241,12 @@ def read_config(reader, name: str) -> ModelConfig:
         layer_sliding_windows=_windows(reader, arch, p, layers),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
+        num_experts=num_experts,
+        num_experts_per_tok=int(_field(reader, p + "expert_used_count", 0) or 0),
+        moe_intermediate_size=int(_field(reader, p + "expert_feed_forward_length", 0)
+                                  or _field(reader, p + "feed_forward_length")) if num_experts else 0,
+        # llama.cpp renormalizes the kept routing weights unless the file says not to
+        norm_topk_prob=bool(num_experts) and _field(reader, p + "expert_weights_norm", True) is not False,
     )
 
 
@@ -250,21 +274,23 @@ def read_weights(reader, config: ModelConfig,
     """HF-named fp32 tensors with HF's values: llama.cpp's q/k row permutation undone
     (llama only) and Gemma's stored norms (1 + w) back to w. Any tensor without a name
     here is an error: a checkpoint is never half-read."""
-    from gguf.quants import dequantize
-
     gguf_arch = _field(reader, "general.architecture")
-    unknown = [t.name for t in reader.tensors
-               if t.name != ROPE_FREQS and hf_tensor_name(t.name, gguf_arch) is None]
+    unknown = [t.name for t in reader.tensors if t.name != ROPE_FREQS
+               and not (config.num_experts and _expert_tensor(t.name))
+               and hf_tensor_name(t.name, gguf_arch) is None]
     if unknown:
         raise _refuse("tensor", unknown[0], f"not part of a {gguf_arch} model pdserve "
                       f"computes ({len(unknown)} such tensor(s))")
-    weights = {}
+    weights, experts = {}, {}
     total = len(reader.tensors)
     for i, t in enumerate(reader.tensors):
         name = hf_tensor_name(t.name, gguf_arch)
+        if name is None and config.num_experts and _expert_tensor(t.name):
+            experts[t.name] = torch.from_numpy(np.array(_dequantize(t), dtype=np.float32))
+            continue
         if name is None:  # rope_freqs: read into the config
             continue
-        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(s) for s in t.shape])))
+        w = _dequantize(t)
         if gguf_arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
             w = unpermute_rope(w, heads)
@@ -274,4 +300,31 @@ def read_weights(reader, config: ModelConfig,
         weights[name] = tensor
         if progress:
             progress(i + 1, total)
+    if config.num_experts:
+        weights.update(_expert_weights(experts, config))
     return weights
+
+
+def _dequantize(t) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    # gguf lists dims innermost first; numpy's (and HF's) order is the reverse
+    return dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(s) for s in t.shape])))
+
+
+def _expert_weights(experts: dict[str, torch.Tensor], config: ModelConfig
+                    ) -> dict[str, torch.Tensor]:
+    """Stacked expert tensors as HF's fused-experts names (router, gate_up, down)."""
+    from pdserve.engine.model.moe import load_gguf_expert_weights
+
+    out, consumed = {}, set()
+    for layer in range(config.num_layers):
+        got = load_gguf_expert_weights(experts, layer, consumed)
+        prefix = f"model.layers.{layer}.mlp."
+        out[prefix + "gate.weight"] = got["gate.weight"]
+        out[prefix + "experts.gate_up_proj"] = got["w13"]
+        out[prefix + "experts.down_proj"] = got["w2"]
+    left = sorted(set(experts) - consumed)
+    if left:
+        raise _refuse("tensor", left[0], "an expert tensor no layer reads")
+    return out

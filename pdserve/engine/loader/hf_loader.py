@@ -41,10 +41,10 @@ SUPPORTED = (
      "caps, alternating sliding / global layers"),
     ("Gemma3ForCausalLM", "gemma3", "as Gemma 2 without soft caps, plus q/k norms and a "
      "separate rope base (rope_local_base_freq) on sliding layers"),
-    ("Qwen3MoeForCausalLM", "", "Qwen3 attention, softmax top-k routed SiLU experts in every "
-     "layer, norm_topk_prob (GGUF MoE refused for now)"),
-    ("MixtralForCausalLM", "", "Mistral attention, top-k routed experts (GGUF MoE refused "
-     "for now)"),
+    ("Qwen3MoeForCausalLM", "qwen3moe", "Qwen3 attention, softmax top-k routed SiLU experts "
+     "in every layer, norm_topk_prob"),
+    ("MixtralForCausalLM", "llama", "Mistral attention, top-k routed experts (GGUF: llama "
+     "with expert_count)"),
 )
 
 # refused with a reason of their own (the rest: "unsupported architecture")
