@@ -7,14 +7,14 @@ Ctrl-C or SIGTERM stops everything, router first, then decode, then prefill.
 
 Supervision (`pdserve up`): a child that exits is logged (role, pid, exit status) and
 restarted on the same ports after a bounded exponential backoff, reset once it has
-stayed up for a while. Children die with `up`, even on kill -9: each gets
-PR_SET_PDEATHSIG (SIGTERM) and its own process group for a clean stop.
+stayed up for a while. Children die with `up`, even on kill -9: each sets
+PR_SET_PDEATHSIG (SIGTERM) through a small exec shim, and gets its own process group for
+a clean stop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import queue
 import signal
@@ -27,25 +27,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-try:  # resolved before any fork: the child only calls it
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-except (OSError, AttributeError):
-    _prctl = None
+# Each child starts through this shim: it asks for SIGTERM when its parent dies
+# (PR_SET_PDEATHSIG survives execve), exits if the parent is already gone, then execs the
+# real command (same pid). Not a Popen preexec_fn: that forces fork() instead of vfork(),
+# and gRPC's fork handlers then abort the child when the parent has gRPC threads running.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "if sys.platform == 'linux':\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
 
-def die_with_parent(parent_pid: int):
-    """A Popen preexec_fn: the child gets SIGTERM when the thread that forked it dies
-    (so spawn from a thread that lives as long as the cluster), and exits at once if
-    the parent died before the request took effect."""
-
-    def preexec() -> None:
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
+def die_with_parent(cmd: list[str]) -> list[str]:
+    """cmd, run so that it gets SIGTERM when the thread that starts it dies (so start it
+    from a thread that lives as long as the cluster)."""
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
 
 
 @dataclass(frozen=True)
@@ -240,8 +238,8 @@ class Cluster:
         with open(self.log_dir / f"{proc.name}.log", mode) as log:
             valkey = proc.role == "valkey"
             proc.popen = subprocess.Popen(
-                proc.cmd, stdout=log if valkey else subprocess.PIPE, stderr=log, env=proc.env,
-                start_new_session=True, preexec_fn=die_with_parent(os.getpid()))
+                die_with_parent(proc.cmd), stdout=log if valkey else subprocess.PIPE,
+                stderr=log, env=proc.env, start_new_session=True)
         proc.started = time.monotonic()
         proc.ready_at = None
         proc.lines = queue.Queue()
