@@ -203,3 +203,75 @@ def test_models_architectures_lists_every_supported_class(capsys):
     assert main(["models", "--architectures"]) == 0
     listed = {line.split("\t")[0] for line in capsys.readouterr().out.splitlines()[1:]}
     assert listed == set(_ARCHITECTURES)
+
+
+# config.json fields of released checkpoints (abridged to what changes parsing)
+RELEASED = {
+    "llama-3.1-8b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False,
+                     "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+                     "max_position_embeddings": 131072, "mlp_bias": False,
+                     "model_type": "llama", "num_attention_heads": 32,
+                     "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+                     "rms_norm_eps": 1e-05, "rope_scaling": {
+                         "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "rope_theta": 500000.0, "tie_word_embeddings": False,
+                     "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 128256},
+    "gemma-2-9b": {"architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": 50.0,
+                   "cache_implementation": "hybrid", "final_logit_softcapping": 30.0,
+                   "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+                   "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584,
+                   "intermediate_size": 14336, "max_position_embeddings": 8192,
+                   "model_type": "gemma2", "num_attention_heads": 16, "num_hidden_layers": 42,
+                   "num_key_value_heads": 8, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+                   "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096,
+                   "sliding_window_size": 4096, "vocab_size": 256000},
+    "gemma-3-1b": {"architectures": ["Gemma3ForCausalLM"], "attn_logit_softcapping": None,
+                   "final_logit_softcapping": None, "head_dim": 256,
+                   "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+                   "intermediate_size": 6912, "max_position_embeddings": 32768,
+                   "model_type": "gemma3_text", "num_attention_heads": 4,
+                   "num_hidden_layers": 26, "num_key_value_heads": 1,
+                   "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+                   "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000,
+                   "sliding_window": 512, "sliding_window_pattern": 6, "vocab_size": 262144},
+    "phi-3-mini-4k": {"architectures": ["Phi3ForCausalLM"], "auto_map": {"AutoConfig": "x"},
+                      "attention_bias": False, "embd_pdrop": 0.0, "hidden_act": "silu",
+                      "hidden_size": 3072, "intermediate_size": 8192,
+                      "max_position_embeddings": 4096, "num_attention_heads": 32,
+                      "num_hidden_layers": 32, "num_key_value_heads": 32,
+                      "original_max_position_embeddings": 4096, "resid_pdrop": 0.0,
+                      "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0,
+                      "sliding_window": 2047, "vocab_size": 32064},
+    "qwen3-30b-a3b": {"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False,
+                      "decoder_sparse_step": 1, "head_dim": 128, "hidden_act": "silu",
+                      "hidden_size": 2048, "intermediate_size": 6144,
+                      "max_position_embeddings": 40960, "max_window_layers": 48,
+                      "mlp_only_layers": [], "moe_intermediate_size": 768,
+                      "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+                      "num_experts_per_tok": 8, "num_hidden_layers": 48,
+                      "num_key_value_heads": 4, "output_router_logits": False,
+                      "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0,
+                      "router_aux_loss_coef": 0.001, "sliding_window": None,
+                      "use_sliding_window": False, "vocab_size": 151936},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_checkpoint_configs_are_read(name, tmp_path):
+    from pdserve.engine.loader.hf_loader import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED[name]))
+    cfg = read_config(tmp_path)
+    if name == "gemma-2-9b":
+        assert cfg.layer_sliding_windows[:2] == (4096, 0) and cfg.attn_logit_softcap == 50.0
+    if name == "gemma-3-1b":
+        assert cfg.layer_sliding_windows[:6] == (512,) * 5 + (0,)
+        assert cfg.rope_theta_local == 10000.0 and cfg.qk_norm
+    if name == "phi-3-mini-4k":
+        assert set(cfg.layer_sliding_windows) == {2047}
+    if name == "qwen3-30b-a3b":
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob) == (128, 8, True)
+        assert cfg.layer_sliding_windows == ()
+    if name == "llama-3.1-8b":
+        assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 8.0

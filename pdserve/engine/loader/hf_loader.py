@@ -72,8 +72,11 @@ _COMMON = frozenset({
     "num_attention_heads", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
 })
 _WINDOWED = frozenset({"sliding_window", "use_sliding_window", "max_window_layers", "layer_types"})
+# Gemma configs also carry hidden_act (transformers reads hidden_activation) and older
+# ones sliding_window_size (checked equal to sliding_window)
 _GEMMA = frozenset({"hidden_activation", "query_pre_attn_scalar", "final_logit_softcapping",
-                    "attn_logit_softcapping", "attention_bias", "sliding_window", "layer_types"})
+                    "attn_logit_softcapping", "attention_bias", "sliding_window", "layer_types",
+                    "hidden_act", "sliding_window_size"})
 # Fields each architecture's transformers model reads (and pdserve implements).
 _READ = {
     "llama": _COMMON | {"hidden_act", "attention_bias", "mlp_bias"},
@@ -284,6 +287,9 @@ def read_config(folder: Path) -> ModelConfig:
     arch = _architecture(cfg)
     _check_fields(cfg, arch)
     cfg = {**_DEFAULTS.get(arch, {}), **cfg}
+    if cfg.get("sliding_window_size") not in (None, cfg.get("sliding_window")):
+        raise _refuse("sliding_window_size", cfg["sliding_window_size"],
+                      f"differs from sliding_window {cfg.get('sliding_window')}")
     if cfg.get("use_bidirectional_attention"):
         raise _refuse("use_bidirectional_attention", True, "only causal attention is supported")
     heads, hidden = int(cfg["num_attention_heads"]), int(cfg["hidden_size"])
