@@ -174,6 +174,8 @@ GGUF_REFUSALS = {
     "moe-tensors-only": ({}, EXPERTS, "ffn_gate_exps"),
     "unknown-key": ({"llama.attention.clamp_kqv": (8.0, F32)}, {}, "llama.attention.clamp_kqv"),
     "longrope": ({"llama.rope.scaling.type": ("longrope", STR)}, {}, "longrope"),
+    "window-on-llama": ({"llama.attention.sliding_window": (8, U32)}, {},
+                        "llama.attention.sliding_window"),
     "partial-rotary": ({"llama.rope.dimension_count": (8, U32)}, {}, "rope.dimension_count"),
     "unknown-tensor": ({}, {"blk.0.attn_sinks.weight": torch.zeros(4).numpy()},
                        "blk.0.attn_sinks.weight"),

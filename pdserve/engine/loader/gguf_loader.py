@@ -167,6 +167,10 @@ def _windows(reader, arch: str, p: str, num_layers: int) -> tuple[int, ...]:
     window = int(_field(reader, p + "attention.sliding_window", 0) or 0)
     if not window:
         return ()
+    if arch not in ("gemma2", "gemma3", "phi3"):  # where llama.cpp windows attention
+        raise _refuse(p + "attention.sliding_window", window,
+                      f"llama.cpp does not window {arch} attention; which layers would be "
+                      f"windowed is not defined")
     pattern = _field(reader, p + "attention.sliding_window_pattern")
     if isinstance(pattern, list):  # one flag per layer
         return tuple(window if flag else 0 for flag in pattern)
