@@ -167,3 +167,37 @@ def test_fused_elementwise_path_matches_transformers(case, checkpoints):
     engine.runner.model.fused_elementwise = True
     got = engine.generate(prompts()[:1], SamplingParams(max_tokens=6, ignore_eos=True))
     assert got[0].token_ids == expected[0][:6]
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "dynamic", "factor": 4.0},
+    LLAMA3,
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+     "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+     "attention_factor": 1.3},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+     "mscale": 1.0, "mscale_all_dim": 0.5},
+], ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items() if k != "rope_theta"))
+def test_rope_frequencies_equal_transformers(rope, tmp_path):
+    """Inverse frequencies bitwise, and YaRN's cos/sin factor, for settings the token
+    oracles do not reach (YaRN's ramp without truncation, mscale, explicit factors)."""
+    import json
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pdserve.engine.loader.hf_loader import read_config
+    from pdserve.engine.model.llama import rope_inv_freq
+
+    rope = {"rope_theta": 10000.0, **rope}
+    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                      max_position_embeddings=128, rope_parameters=dict(rope))
+    want, want_factor = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg.to_dict() | {
+        "architectures": ["LlamaForCausalLM"]}))
+    cfg = read_config(tmp_path)
+    got = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    assert torch.equal(got, want)
+    assert cfg.rope_scaling.attention_factor == pytest.approx(want_factor, rel=1e-12)
