@@ -49,9 +49,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args, **extra):
     from pdserve.engine.config import EngineConfig
 
-    from pdserve.engine.config import resolve_device
+    from pdserve.engine.config import pin_device, resolve_device
 
-    device = resolve_device(args.device)
+    device = pin_device(resolve_device(args.device))
     on_gpu = device.startswith("cuda")
     backend = args.attention_backend if args.attention_backend != "auto" else \
         ("triton" if on_gpu else "torch")
@@ -371,6 +371,14 @@ def _up_args(u: argparse.ArgumentParser) -> None:
                    "a GPU is visible; every worker shares its memory equally)")
     u.add_argument("--api-key", default=None,
                    help="clients of the router must send it (env PDSERVE_API_KEY wins)")
+    u.add_argument("--gpus", default=None, metavar="LIST",
+                   help="one GPU per worker, round-robin over prefill then decode workers "
+                   "(e.g. 0,1,2,3; relative to CUDA_VISIBLE_DEVICES); workers that share a "
+                   "GPU split its memory")
+    u.add_argument("--prefill-gpus", default=None, metavar="LIST",
+                   help="GPUs of the prefill workers (round-robin; overrides --gpus for them)")
+    u.add_argument("--decode-gpus", default=None, metavar="LIST",
+                   help="GPUs of the decode workers (round-robin; overrides --gpus for them)")
     _internal_token_arg(u, "env PDSERVE_INTERNAL_TOKEN, else a fresh one")
 
 

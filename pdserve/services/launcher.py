@@ -81,6 +81,10 @@ class ClusterSpec:
     # else a fresh one (Cluster.internal_token)
     internal_token: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)  # the router's client key
+    # one GPU per worker (placement.py): round-robin over all workers, or per role
+    gpus: tuple[int, ...] = ()
+    prefill_gpus: tuple[int, ...] = ()
+    decode_gpus: tuple[int, ...] = ()
 
 
 @dataclass
@@ -124,6 +128,7 @@ class Cluster:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()  # procs: the supervisor restarts while tests kill
+        self.placement = {p.name: p for p in worker_placement(spec)}
 
     def _blas_threads(self, role: str) -> dict:
         """CPU workers on one host split its cores among their BLAS thread pools (each
@@ -144,7 +149,7 @@ class Cluster:
 
         sized = {a.split("=")[0] for a in self.spec.worker_args} & {
             "--kv-cache-gb", "--gpu-memory-utilization", "--num-blocks"}
-        if sized or not resolve_device(self.spec.device).startswith("cuda"):
+        if sized or self.placement or not resolve_device(self.spec.device).startswith("cuda"):
             return []
         return ["--gpu-memory-utilization", f"{gpu_share(self.spec):.3f}"]
 
@@ -227,6 +232,10 @@ class Cluster:
             cmd += ["--model", self.spec.model]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self._blas_threads(role),
                **self.spec.env, **self._secrets(role)}
+        place = self.placement.get(name)
+        if place is not None:  # its own GPU: CUDA_VISIBLE_DEVICES, --device cuda:0, share
+            env.update(place.env)
+            extra = extra + list(place.args)
         proc = Proc(name, None, queue.Queue(), cmd=cmd + extra, env=env)  # type: ignore[arg-type]
         self._launch(proc)
         self.procs.append(proc)
@@ -435,12 +444,36 @@ def gpu_share(spec: ClusterSpec) -> float:
     return 0.9 / max(1, spec.num_prefill + spec.num_decode)
 
 
+def worker_placement(spec: ClusterSpec) -> list:
+    """Each worker's GPU, env and arguments ([] without a GPU list); ValueError with a
+    message for a list this machine cannot honour."""
+    from pdserve.services.placement import plan_workers
+
+    if not (spec.gpus or spec.prefill_gpus or spec.decode_gpus):
+        return []
+    if spec.connector == "local":
+        raise ValueError("--gpus/--prefill-gpus/--decode-gpus place worker processes; the "
+                         "local connector runs every worker in one process (use ucx or redis)")
+    import torch
+
+    return plan_workers(num_prefill=spec.num_prefill, num_decode=spec.num_decode,
+                        gpus=spec.gpus, prefill_gpus=spec.prefill_gpus,
+                        decode_gpus=spec.decode_gpus, device=spec.device,
+                        worker_args=spec.worker_args,
+                        parent_visible=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        device_count=torch.cuda.device_count())
+
+
 # ---- commands ----------------------------------------------------------------------------
 def spec_from_args(args) -> ClusterSpec:
     from pdserve.services.auth import read_token_file
 
+    from pdserve.services.placement import parse_gpu_list
+
     token_file = getattr(args, "internal_token_file", None)
-    return ClusterSpec(connector=args.connector, num_prefill=args.prefill,
+    gpus = {key: parse_gpu_list(getattr(args, key, None), "--" + key.replace("_", "-"))
+            for key in ("gpus", "prefill_gpus", "decode_gpus")}
+    return ClusterSpec(**gpus,connector=args.connector, num_prefill=args.prefill,
                        num_decode=args.decode, model=args.model, router_port=args.port,
                        http_port=args.http_port, config=args.config, device=args.device,
                        internal_token=read_token_file(token_file) if token_file else None,
@@ -450,6 +483,7 @@ def spec_from_args(args) -> ClusterSpec:
 def run_up(args) -> int:
     spec = spec_from_args(args)
     if spec.connector == "local":
+        worker_placement(spec)  # refuses GPU lists: one process
         return _run_up_in_process(spec)
     cluster = Cluster(spec)
     print(f"starting {spec.num_prefill} prefill + {spec.num_decode} decode workers "
