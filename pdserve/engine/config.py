@@ -186,6 +186,50 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pin_device(device: str, environ=None) -> str:
+    """A worker told to run on "cuda:N" runs there on every thread: before CUDA starts,
+    CUDA_VISIBLE_DEVICES is reordered to put GPU N first (the others stay visible, for
+    CUDA IPC with same-host peers) and the device becomes cuda:0, so streams, graphs and
+    Triton launches that use the current device (0 on each new thread) land on it.
+    ValueError for a malformed or absent device; "cpu", "cuda" unchanged."""
+    import os
+    import re
+
+    environ = os.environ if environ is None else environ
+    if device in ("cpu", "cuda"):
+        return device
+    match = re.fullmatch(r"cuda:(\d+)", device)
+    if match is None:
+        raise ValueError(f"device {device!r}: expected cpu, cuda, cuda:N or auto")
+    index = int(match.group(1))
+    import torch
+
+    if index == 0 or torch.cuda.is_initialized():
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device {device}: this process sees {count} GPU(s)")
+        return device
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    listed = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    if listed is None:
+        listed = [str(i) for i in range(_nvml_count())]
+    if index >= len(listed):
+        raise ValueError(f"device {device}: this process sees {len(listed)} GPU(s)")
+    environ["CUDA_VISIBLE_DEVICES"] = ",".join([listed[index]] + listed[:index] +
+                                                listed[index + 1:])
+    return "cuda:0"
+
+
+def _nvml_count() -> int:
+    """GPUs on the machine without starting CUDA (which would fix CUDA_VISIBLE_DEVICES)."""
+    import torch
+
+    try:
+        return torch.cuda._raw_device_count_nvml()
+    except Exception:
+        return 0
+
+
 def gpu_kv_budget_bytes(*, total: int, free: int, utilization: float, weight_bytes: int,
                         activation_bytes: int) -> int:
     """Bytes the KV pool may take on a GPU: this engine's share (utilization x total,
