@@ -44,7 +44,8 @@ class RopeScaling:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    architecture: str  # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3 | phi3 | qwen3_moe | mixtral
+    # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3 | phi3 | qwen3_moe | mixtral
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int

@@ -116,6 +116,9 @@ def _write_tokenizer(w, vocab_size: int) -> None:
     w.add_eos_token_id(1)
 
 
+_LAYER = r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\."
+
+
 def _stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The converter's MoE layout: per layer, the router as ffn_gate_inp and each
     projection of every expert stacked, [E, out, in]. Removes what it takes."""
@@ -124,8 +127,8 @@ def _stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     found: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     out = {}
     for name in list(weights):
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight", name)
-        g = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate\.weight", name)
+        m = re.fullmatch(_LAYER + r"experts\.(\d+)\.(\w+)\.weight", name)
+        g = re.fullmatch(_LAYER + r"gate\.weight", name)
         if m:
             found.setdefault((int(m.group(1)), _EXPERT_PARTS[m.group(3)]), {})[int(m.group(2))] = \
                 weights.pop(name)

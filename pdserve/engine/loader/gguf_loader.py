@@ -215,7 +215,9 @@ def read_config(reader, name: str) -> ModelConfig:
     tensor_names = {t.name for t in reader.tensors}
     gemma = arch in ("gemma2", "gemma3")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    local_theta = float(_field(reader, p + "rope.freq_base_swa", 10000.0)) if arch == "gemma3" else 0.0
+    # Gemma 3's local layers: llama.cpp's fixed 10000 unless the file names a base
+    local_theta = float(_field(reader, p + "rope.freq_base_swa", 10000.0)) \
+        if arch == "gemma3" else 0.0
     return ModelConfig(
         name=name,
         architecture=arch,
@@ -248,9 +250,11 @@ def read_config(reader, name: str) -> ModelConfig:
         num_experts=num_experts,
         num_experts_per_tok=int(_field(reader, p + "expert_used_count", 0) or 0),
         moe_intermediate_size=int(_field(reader, p + "expert_feed_forward_length", 0)
-                                  or _field(reader, p + "feed_forward_length")) if num_experts else 0,
+                                  or _field(reader, p + "feed_forward_length"))
+        if num_experts else 0,
         # llama.cpp renormalizes the kept routing weights unless the file says not to
-        norm_topk_prob=bool(num_experts) and _field(reader, p + "expert_weights_norm", True) is not False,
+        norm_topk_prob=bool(num_experts)
+        and _field(reader, p + "expert_weights_norm", True) is not False,
     )
 
 

@@ -192,28 +192,31 @@ class Attention(nn.Module):
             self.backend_kwargs["logits_soft_cap"] = config.attn_logit_softcap
 
     def forward(self, x, rope, backend: AttentionBackend, k_cache, v_cache,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, fused: bool = False) -> torch.Tensor:
         # x: [num_tokens, hidden]; q and k are rotated together (adjacent in qkv) by
         # rope: [num_tokens, heads, head_dim] -> same (a new tensor, or rotated in place)
         qkv = self.qkv_proj(x)
         t, qk_size = qkv.shape[0], self.q_size + self.kv_size
         if self.q_norm is not None:
-            self._norm_qk_(qkv)
+            self._norm_qk_(qkv, fused)
         qk = rope(qkv[:, :qk_size].view(t, -1, self.head_dim))
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, **self.backend_kwargs)
         return self.o_proj(out.reshape(t, self.q_size))
 
-    def _norm_qk_(self, qkv: torch.Tensor) -> None:
+    def _norm_qk_(self, qkv: torch.Tensor, fused: bool) -> None:
         """Each q and k head RMS-normed before rope, written back into qkv (so q|k stay
-        adjacent for the one rotation). qkv: [num_tokens, q_size + 2 * kv_size]."""
+        adjacent for the one rotation). qkv: [num_tokens, q_size + 2 * kv_size].
+        fused: the Triton norm kernel (one launch per tensor) instead of torch's ops."""
         t = qkv.shape[0]
         q = qkv[:, :self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size:self.q_size + self.kv_size].view(t, self.num_kv_heads,
                                                                  self.head_dim)
-        q.copy_(self.q_norm(q))
-        k.copy_(self.k_norm(k))
+        q_norm = self.q_norm.norm_fused if fused else self.q_norm
+        k_norm = self.k_norm.norm_fused if fused else self.k_norm
+        q.copy_(q_norm(q))
+        k.copy_(k_norm(k))
 
 
 def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -225,7 +228,8 @@ def _activation(name: str, x: torch.Tensor) -> torch.Tensor:
     if name == "gelu_pytorch_tanh":
         return F.gelu(x, approximate="tanh")
     if name == "gelu_new":
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))
+        return 0.5 * x * (1.0 + torch.tanh(inner))
     raise ValueError(f"unsupported hidden_act {name!r}")
 
 
@@ -284,11 +288,12 @@ class DecoderLayer(nn.Module):
         (None in the first layer); residual: [num_tokens, hidden], updated in place.
         Returns this layer's MLP output, for the next norm to add."""
         h = self.input_layernorm.forward_fused(update, residual)
-        attn = self.self_attn(h, rope, backend, k_cache, v_cache, meta)
+        attn = self.self_attn(h, rope, backend, k_cache, v_cache, meta, fused=True)
         if self.moe:  # its forward takes the fused kernels on CUDA
             return self.mlp(self.post_attention_layernorm.forward_fused(attn, residual))
         if not self.sandwich:
-            return self.mlp.forward_fused(self.post_attention_layernorm.forward_fused(attn, residual))
+            h = self.post_attention_layernorm.forward_fused(attn, residual)
+            return self.mlp.forward_fused(h)
         attn = self.post_attention_layernorm.norm_fused(attn)
         mlp = self.mlp.forward_fused(self.pre_feedforward_layernorm.forward_fused(attn, residual))
         return self.post_feedforward_layernorm.norm_fused(mlp)
@@ -432,7 +437,8 @@ def model_weights(weights: dict[str, torch.Tensor], config: ModelConfig
         short = name.removeprefix("model.")
         m = _SPLIT_NAME.fullmatch(short)
         if m and m.group(2) in _FUSED_PARTS:
-            parts.setdefault((m.group(1), _FUSED_PARTS[m.group(2)], m.group(3)), {})[m.group(2)] = tensor
+            key = (m.group(1), _FUSED_PARTS[m.group(2)], m.group(3))
+            parts.setdefault(key, {})[m.group(2)] = tensor
         elif not short.endswith("rotary_emb.inv_freq"):  # a derived buffer old checkpoints kept
             out[short] = tensor
     for (prefix, fused, kind), got in parts.items():
