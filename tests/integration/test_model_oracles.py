@@ -19,7 +19,6 @@ from tests.support.gguf_writer import write_gguf
 from tests.support.tiny_models import hf_model_class, write_hf_folder
 
 transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
 
 NEW_TOKENS = 16
 WINDOW = 8
@@ -117,6 +116,7 @@ def test_safetensors_greedy_matches_transformers(case, checkpoints):
 
 @pytest.mark.parametrize("case", sorted(c for c, (_, _, as_gguf) in CASES.items() if as_gguf))
 def test_gguf_greedy_matches_transformers(case, checkpoints, tmp_path, monkeypatch):
+    pytest.importorskip("gguf")  # here only: the GPU tests share this module's cases
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
     folder, expected = checkpoints(case)
     path = write_gguf(folder, tmp_path / f"{case}.gguf", CASES[case][0])
