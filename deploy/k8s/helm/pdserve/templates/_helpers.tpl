@@ -167,3 +167,17 @@ pdserve.io/role: {{ .component }}
   readOnly: true
 {{- end }}
 {{- end -}}
+
+{{/* A worker's resources with nvidia.com/gpu from <role>.gpus (null: 1 unless device is
+cpu) in both requests and limits; 0 removes it. */}}
+{{- define "pdserve.workerResources" -}}
+{{- $r := deepCopy (.w.resources | default dict) -}}
+{{- $gpus := .w.gpus -}}
+{{- if kindIs "invalid" $gpus -}}{{- $gpus = ternary 0 1 (eq (.device | default "cuda") "cpu") -}}{{- end -}}
+{{- range $part := list "requests" "limits" -}}
+{{- $q := deepCopy (get $r $part | default dict) -}}
+{{- if gt (int $gpus) 0 -}}{{- $_ := set $q "nvidia.com/gpu" (int $gpus) -}}{{- else -}}{{- $_ := unset $q "nvidia.com/gpu" -}}{{- end -}}
+{{- if $q -}}{{- $_ := set $r $part $q -}}{{- else -}}{{- $_ := unset $r $part -}}{{- end -}}
+{{- end -}}
+{{- toYaml $r -}}
+{{- end -}}
