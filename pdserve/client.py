@@ -11,7 +11,7 @@ from typing import Iterator
 
 import grpc
 
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.params import SamplingParams
 from pdserve.services.common import sampling_to_proto
 from pdserve.wire import generate_pb2, generate_pb2_grpc
 

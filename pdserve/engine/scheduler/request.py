@@ -15,7 +15,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from pdserve.engine.sampling import SamplingParams
+from pdserve.engine.params import SamplingParams
 
 
 class RequestState(enum.Enum):

@@ -33,7 +33,7 @@ from typing import AsyncIterator
 import grpc
 
 from pdserve.engine.loader import load_model_meta
-from pdserve.engine.sampling import InvalidRequest
+from pdserve.engine.params import InvalidRequest
 from pdserve.engine.loader.tokenizer import ChatTemplateError
 from pdserve.metrics import latency_metrics, new_registry, router_metrics
 from pdserve.services.auth import InternalAuth
