@@ -9,9 +9,11 @@ tests/unit/test_router_config.py checks the two agree.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import generate_latest
 
 PREFIX = "pdserve:"
@@ -119,7 +121,44 @@ def latency_metrics(registry: CollectorRegistry, model_name: str, role: str) -> 
     )
 
 
+# The KV transport each peer of this process is reached over (peer address -> transport:
+# cuda_ipc | ucx-rc | ucx-tcp | ...), set by the connector at handshake. Process-wide: the
+# connector has no registry, and one process has one sender.
+_KV_TRANSPORTS: dict[str, str] = {}
+_KV_TRANSPORTS_LOCK = threading.Lock()
+
+
+def note_kv_transport(peer: str, transport: str) -> bool:
+    """Record peer's transport; True when it is new or changed (log it then)."""
+    with _KV_TRANSPORTS_LOCK:
+        changed = _KV_TRANSPORTS.get(peer) != transport
+        _KV_TRANSPORTS[peer] = transport
+    return changed
+
+
+def kv_transports() -> dict[str, str]:
+    with _KV_TRANSPORTS_LOCK:
+        return dict(_KV_TRANSPORTS)
+
+
+class _TransportInfo:
+    """kv_transfer_transport_info{peer, transport} = 1, read at scrape time."""
+
+    def __init__(self, connector: str, role: str) -> None:
+        self.connector, self.role = connector, role
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            PREFIX + "kv_transfer_transport_info",
+            "KV transport used to each peer (1 per peer): cuda_ipc, ucx-rc, ucx-tcp, ...",
+            labels=("connector", "role", "peer", "transport"))
+        for peer, transport in sorted(kv_transports().items()):
+            family.add_metric((self.connector, self.role, peer, transport), 1)
+        yield family
+
+
 def kv_transfer_metrics(registry: CollectorRegistry, connector: str, role: str) -> KVTransferMetrics:
+    registry.register(_TransportInfo(connector, role))
     return KVTransferMetrics(
         connector, role,
         Counter(PREFIX + "kv_transfer_bytes", "KV cache bytes moved between workers.",
@@ -150,7 +189,7 @@ def router_metrics(registry: CollectorRegistry) -> RouterMetrics:
 # with the Grafana dashboard.
 EXPOSED_NAMES = frozenset(
     [PREFIX + n for n in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                          "router_workers")]
+                          "router_workers", "kv_transfer_transport_info")]
     + [PREFIX + n + "_total" for n in (
         "prefix_cache_queries", "prefix_cache_hits", "prompt_tokens", "generation_tokens",
         "kv_transfer_bytes", "kv_transfer_failures", "router_requests",

@@ -1,9 +1,16 @@
 """Same-host GPU peers: the receiver exports its pool as a CUDA IPC handle in the
 handshake reply; a sender on the same machine maps it once and writes chunks straight
 into the destination blocks with a device copy (admitted and committed on the receiver's
-control channel, control.py; no ucx endpoint at all). Falls back silently to the wire
-when anything is missing: a host-memory pool, another machine, no CuPy, or a handle that
-will not open."""
+control channel, control.py; no ucx endpoint at all). Falls back to the wire when
+anything is missing: a host-memory pool, another machine, no CuPy, a handle that will not
+open (the owner's GPU not visible here: workers placed by `pdserve up --gpus` see the
+cluster's other GPUs for this reason), or two GPUs without peer access. The transport
+used is reported by the connector (transport_report.py).
+
+Two GPUs of one host: the handle is opened on our pool's device with lazy peer access
+(cudaIpcMemLazyEnablePeerAccess), so the mapped memory stays on the peer's device (the
+tensor says so) and our copies write into it over NVLink/PCIe peer-to-peer. Copies are
+issued on our device with cudaMemcpyDefault (unified addressing picks the path)."""
 
 from __future__ import annotations
 
@@ -55,10 +62,14 @@ def _cuda_ipc_handle(shared: bytes) -> bytes:
 class RemotePool:
     """A peer's pool mapped into this process: [num_blocks, *block_shape] like ours."""
 
-    def __init__(self, tensor: torch.Tensor, keepalive) -> None:
-        self.kv = tensor
+    def __init__(self, tensor: torch.Tensor, keepalive, copy_device: int | None = None
+                 ) -> None:
+        self.kv = tensor  # on the peer's device (another GPU: peer memory)
         self._keepalive = keepalive
         self._block_bytes = tensor[0].numel() * tensor.element_size() if len(tensor) else 0
+        # the device our copies are issued on: our own pool's, not the peer's
+        self.copy_device = copy_device if copy_device is not None else (
+            tensor.device.index or 0 if tensor.device.type == "cuda" else None)
 
     def queue_copy_runs(self, source: torch.Tensor, runs, stream: torch.cuda.Stream | None
                         ) -> None:
@@ -72,7 +83,7 @@ class RemotePool:
                 self.kv[d:d + n].copy_(source[s:s + n])
             return
         runtime = _cuda_runtime()
-        device = self.kv.device.index or 0
+        device = self.copy_device
         if runtime.getDevice() != device:  # a thread's current device starts at 0
             runtime.setDevice(device)
         bpb, dst, src = self._block_bytes, self.kv.data_ptr(), source.data_ptr()
@@ -87,22 +98,48 @@ def _cuda_runtime():
     return runtime
 
 
+def remote_num_blocks(pool_bytes: int, local: KVCachePool) -> int | None:
+    """Blocks in a peer pool of pool_bytes with our block shape (its size may differ:
+    each worker sizes its pool from its own GPU's free memory); None if not whole."""
+    block_bytes = local.kv[0].numel() * local.kv.element_size() if len(local.kv) else 0
+    if block_bytes == 0 or pool_bytes % block_bytes:
+        return None
+    return pool_bytes // block_bytes
+
+
 def open_pool(reply, local: KVCachePool) -> RemotePool | None:
     if local.device.type != "cuda" or not reply.pool_ipc_handle or reply.host_id != host_id():
         return None
-    if reply.pool_bytes != local.kv.numel() * local.kv.element_size():
-        return None  # a different pool size: block ids would not line up with our view
+    num_blocks = remote_num_blocks(reply.pool_bytes, local)
+    if num_blocks is None:
+        log.warning("peer pool of %d bytes is not whole blocks of ours; KV goes over the "
+                    "wire", reply.pool_bytes)
+        return None
+    device = local.device.index if local.device.index is not None else \
+        torch.cuda.current_device()
     try:
         import cupy
 
-        with cupy.cuda.Device(local.device.index or 0):
-            base = cupy.cuda.runtime.ipcOpenMemHandle(_cuda_ipc_handle(reply.pool_ipc_handle))
+        runtime = cupy.cuda.runtime
+        with cupy.cuda.Device(device):
+            base = runtime.ipcOpenMemHandle(_cuda_ipc_handle(reply.pool_ipc_handle),
+                                            runtime.cudaIpcMemLazyEnablePeerAccess)
+            # device_id=None: cupy asks the driver which GPU owns the memory (the peer's)
             memory = cupy.cuda.UnownedMemory(base + reply.pool_ipc_offset, reply.pool_bytes,
                                              owner=None)
             array = cupy.ndarray((reply.pool_bytes,), dtype=cupy.uint8,
                                  memptr=cupy.cuda.MemoryPointer(memory, 0))
-        flat = torch.as_tensor(array, device=local.device)
-        return RemotePool(flat.view(local.kv.dtype).view(local.kv.shape), array)
+        # no device= here: a different device would make as_tensor copy, not map
+        flat = torch.as_tensor(array)
+        if flat.device.index != device and \
+                not torch.cuda.can_device_access_peer(device, flat.device.index):
+            runtime.ipcCloseMemHandle(base)
+            log.warning("GPU %d cannot reach the peer's GPU %d peer-to-peer; KV goes over "
+                        "the wire", device, flat.device.index)
+            return None
+        # flat: [pool_bytes] uint8 -> [num_blocks, *block_shape] in the pool's dtype
+        kv = flat.view(local.kv.dtype).view(num_blocks, *local.kv.shape[1:])
+        return RemotePool(kv, array, copy_device=device)
     except Exception as exc:
-        log.info("peer pool not mapped over CUDA IPC (%s); KV goes over the wire", exc)
+        log.warning("peer pool not mapped over CUDA IPC (%s); KV goes over the wire", exc)
         return None

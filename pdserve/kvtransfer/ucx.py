@@ -84,6 +84,7 @@ from pdserve.kvtransfer.receiving import RegisteringReceiver
 from pdserve.kvtransfer.cuda_ipc import export_pool, open_pool
 from pdserve.kvtransfer.sending import Chunk, ChunkedSender
 from pdserve.kvtransfer.serial import SerialThread
+from pdserve.kvtransfer.transport_report import classify, endpoint_transports, report
 from pdserve.kvtransfer.transfers import (ChunkRejected, InvalidTransition, UnknownTransfer,
                                          admit_chunk, in_place_blocks, store_chunk)
 from pdserve.wire import kv_pb2
@@ -654,10 +655,29 @@ class UcxSender(ChunkedSender):
             except Exception as exc:
                 raise ConnectorError(f"ucx endpoint to {reply.data_address} (side channel "
                                      f"{address}) failed: {type(exc).__name__}: {exc}") from exc
+        self._report_transport(address, reply, peer)
         with self._peers_lock:
             kept = self._peers.setdefault(address, peer)
         if kept is not peer and peer.direct is not None:  # a concurrent connect won
             peer.direct.shutdown(wait=False)
+
+    def _report_transport(self, address: str, reply, peer: _Peer) -> None:
+        """Log and export the transport KV takes to this peer, as used (UCX's lanes)."""
+        gpu = self.pool.device.type == "cuda"
+        if peer.remote_pool is not None:
+            report(address, "cuda_ipc", gpu_pool=gpu,
+                   detail=f"in place into {reply.hello.worker_id or 'the peer'}'s pool")
+            return
+        try:
+            lanes = self.runtime.call(self._lanes(peer), self.settings.connect_timeout_s)
+        except Exception:
+            lanes = []
+        report(address, classify(lanes), gpu_pool=gpu,
+               detail="lanes " + (", ".join(f"{t}/{d}" if d else t for t, d in lanes)
+                                  or "unknown"))
+
+    async def _lanes(self, peer: _Peer) -> list:
+        return endpoint_transports(peer.endpoint)
 
     async def _new_peer(self, address: str, data_address: str) -> _Peer:
         return _Peer(address, data_address)   # created on the loop: its Lock binds there
@@ -931,8 +951,9 @@ class UcxSender(ChunkedSender):
     def _queue_copy(self, remote, chunk: Chunk, stream) -> None:
         """Copy the chunk's blocks into the receiver's mapped pool: queued on `stream`
         (None: a host pool, done on return)."""
-        if len(chunk.runs) <= self.settings.copy_runs_max:
-            # one memcpy per contiguous run: no staging buffer, copy bandwidth
+        if len(chunk.runs) <= self.settings.copy_runs_max or remote.kv.device != self.pool.device:
+            # one memcpy per contiguous run: no staging buffer, copy bandwidth (and the
+            # only way into another GPU's pool: index_copy_ wants one device)
             remote.queue_copy_runs(self.pool.kv, chunk.runs, stream)
             return
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
