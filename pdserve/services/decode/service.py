@@ -94,6 +94,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     # ---- RPCs ------------------------------------------------------------------------
     async def Generate(self, request, context):
         request_id = request.request_id or uuid.uuid4().hex
+        if request.WhichOneof("kv_source") is None:
+            # e.g. a peer still sending the removed `reserved` source: never guess
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "kv_source must be remote_prefill or local_prefill")
         if request_id in self._calls:
             # refused before taking anything: the stream and the engine request under
             # this id belong to the call in flight, which must not notice
