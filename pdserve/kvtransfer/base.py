@@ -1,6 +1,6 @@
 """The KV connector interface: a sending side on prefill, a receiving side on decode.
 
-Lifecycle of one transfer (push model, DESIGN.md):
+Lifecycle of one transfer (push model, docs/architecture.md):
 
     decode                                   prefill
     ------                                   -------

@@ -55,7 +55,7 @@ the other modes ucxx waits for each request by yielding to the event loop in a l
 a posted receive (any open endpoint) keeps a core busy and takes the GIL from the engine
 thread thousands of times a second (measured: a full core at idle, and a 512-token
 prefill 2-3x slower on the decode worker next to it). For host (CPU) pools it also sets
-UCX_TLS=tcp and 1 MiB TCP segments (NOTES.md: ~4 GB/s vs ~0.5 GB/s by default on
+UCX_TLS=tcp and 1 MiB TCP segments (measured: ~4 GB/s vs ~0.5 GB/s by default on
 loopback; UCX_TLS=sm,self alone times out). For CUDA pools it leaves UCX_TLS alone so
 cuda_ipc / RDMA are picked; GPU buffers are passed as CUDA tensors.
 """

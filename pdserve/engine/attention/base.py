@@ -3,7 +3,7 @@
 Tokens of all sequences in a step are flattened into one varlen batch (vLLM-style):
 sequence i owns new tokens query_start_loc[i]:query_start_loc[i+1], which sit at the end
 of its context of seq_lens[i] tokens. Context tokens live in the paged KV cache
-(DESIGN.md, "KV cache"): slot = block * block_size + offset, block ids from block_tables.
+(docs/architecture.md, "KV layout"): slot = block * block_size + offset, block ids from block_tables.
 """
 
 from __future__ import annotations

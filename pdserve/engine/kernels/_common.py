@@ -32,7 +32,7 @@ def soft_cap_tanh(x):
 
 def interpreting() -> bool:
     """True under Triton's CPU interpreter: kernels then upcast every load to fp32
-    (the interpreter's bf16 arithmetic is wrong, NOTES.md) and tiles stay small."""
+    (the interpreter's bf16 arithmetic is wrong, docs/kernels.md) and tiles stay small."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

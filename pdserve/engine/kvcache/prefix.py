@@ -1,4 +1,4 @@
-"""Chained prefix-block keys (DESIGN.md): key_i = H(key_{i-1}, tokens of block i, model).
+"""Chained prefix-block keys (docs/architecture.md): key_i = H(key_{i-1}, tokens of block i, model).
 
 Only full blocks get keys. Keys are stable across processes and machines (blake2b, not
 Python's salted hash), so they name chunks in the Redis pool and drive prefix routing.
