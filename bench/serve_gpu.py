@@ -12,6 +12,17 @@ then stop the server and move on.
                      (what `pdserve up --prefill 0 --config never.yaml` starts)
   pdserve-1p1d       router + prefill + decode sharing the GPU, `mode: always`
 
+Several GPUs (one GPU per worker or server; a layout needing more GPUs than the machine
+has is recorded as skipped):
+  pdserve-xpyd:XpYd    X prefill + Y decode workers, one GPU each (`pdserve up --gpus`),
+                       router `mode: always`, least_loaded
+  pdserve-replicas:N   N decode workers prefilling locally, one GPU each, behind
+                       pdserve's router, `mode: never`, least_loaded
+  vllm-dp:N            one vLLM server, --data-parallel-size N
+  vllm-nixl:XpYd       X + Y vLLM servers (one GPU each) with --kv-transfer-config
+                       NixlConnector behind bench/pd_proxy.py (prefill with max_tokens=1,
+                       then decode); vllm-nixl-1p1d is vllm-nixl:1p1d
+
 Workloads: `INxOUT` (random prompts of IN tokens, OUT output tokens) or
 `shared:INxOUT:PREFIX[:K]` (each prompt = one of K random PREFIX-token prefixes + IN-PREFIX
 random tokens); `@R1/R2/...` after one overrides --rates for it. Every rate run uses its
@@ -59,8 +70,151 @@ from pdserve.bench.loadgen import ArrivalSpec, WorkloadSpec, git_commit, parse_r
 from pdserve.bench.openai_load import OpenAIBenchConfig, run_benchmark_async
 
 SYSTEMS = ("vllm", "pdserve-colocated", "pdserve-1p1d")
+# systems with a size: NAME:SIZE (see the docstring); `vllm-nixl-1p1d` is vllm-nixl:1p1d
+SIZED_SYSTEMS = ("pdserve-xpyd", "pdserve-replicas", "vllm-dp", "vllm-nixl")
 STOP_RESERVE_S = 20.0     # kept back from the budget to stop a server
 MIN_START_S = {"vllm": 150.0, "pdserve-colocated": 40.0, "pdserve-1p1d": 50.0}
+MIN_START_S_BY_KIND = {"vllm": 150.0, "vllm-nixl": 170.0, "pdserve": 50.0}
+NIXL_SIDE_CHANNEL_BASE = 5557  # vLLM's default VLLM_NIXL_SIDE_CHANNEL_PORT; + i per server
+
+
+# ---- layouts -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """What one --systems entry starts. kind: vllm (one server, data_parallel replicas),
+    vllm-nixl (prefill + decode vLLM servers behind bench/pd_proxy.py) or pdserve (a
+    cluster: prefill/decode workers, router mode). placed: one GPU per worker/server."""
+    system: str
+    kind: str
+    prefill: int = 0
+    decode: int = 1
+    mode: str = "never"
+    data_parallel: int = 1
+    placed: bool = False
+
+    @property
+    def gpus(self) -> int:
+        """GPUs the layout needs (1 for the single-GPU systems, which share one)."""
+        if self.kind == "vllm":
+            return self.data_parallel
+        return self.prefill + self.decode if self.placed else 1
+
+    @property
+    def min_start_s(self) -> float:
+        return MIN_START_S.get(self.system, MIN_START_S_BY_KIND[self.kind])
+
+
+def _split(text: str, system: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)p(\d+)d", text)
+    if not m or int(m[1]) < 1 or int(m[2]) < 1:
+        raise ValueError(f"system {system!r}: size must be XpYd with X, Y >= 1 (e.g. 1p3d)")
+    return int(m[1]), int(m[2])
+
+
+def _count(text: str, system: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"system {system!r}: size must be a count >= 1 (e.g. 4)")
+    return int(text)
+
+
+def parse_system(text: str) -> Layout:
+    """'vllm', 'pdserve-colocated', 'pdserve-1p1d', 'pdserve-xpyd:1p3d',
+    'pdserve-replicas:4', 'vllm-dp:2', 'vllm-nixl:2p2d' or 'vllm-nixl-1p1d'."""
+    name = text.strip()
+    if name == "vllm":
+        return Layout(name, "vllm")
+    if name == "pdserve-colocated":
+        return Layout(name, "pdserve", prefill=0, decode=1, mode="never")
+    if name == "pdserve-1p1d":
+        return Layout(name, "pdserve", prefill=1, decode=1, mode="always")
+    if name == "vllm-nixl-1p1d":
+        return Layout(name, "vllm-nixl", prefill=1, decode=1, placed=True)
+    base, _, size = name.partition(":")
+    if base not in SIZED_SYSTEMS or not size:
+        raise ValueError(f"unknown system {text!r}; choose from {', '.join(SYSTEMS)}, "
+                         f"vllm-nixl-1p1d or {', '.join(s + ':SIZE' for s in SIZED_SYSTEMS)}")
+    if base == "pdserve-xpyd":
+        x, y = _split(size, name)
+        return Layout(name, "pdserve", prefill=x, decode=y, mode="always", placed=True)
+    if base == "pdserve-replicas":
+        return Layout(name, "pdserve", prefill=0, decode=_count(size, name), mode="never",
+                      placed=True)
+    if base == "vllm-dp":
+        return Layout(name, "vllm", data_parallel=_count(size, name), placed=True)
+    x, y = _split(size, name)
+    return Layout(name, "vllm-nixl", prefill=x, decode=y, placed=True)
+
+
+def router_yaml(layout: Layout) -> str:
+    """pdserve's router policy file for a layout: its mode, least_loaded both roles."""
+    return (f"version: 1\nmode: {layout.mode}\nprefill:\n  policy: least_loaded\n"
+            f"decode:\n  policy: least_loaded\n")
+
+
+def pdserve_gpus(layout: Layout) -> tuple[int, ...]:
+    """--gpus of a placed pdserve layout: prefill workers on 0..X-1, decode on X..X+Y-1."""
+    return tuple(range(layout.prefill + layout.decode)) if layout.placed else ()
+
+
+@dataclass(frozen=True)
+class Command:
+    """One process of a layout: its name, argv, extra environment and base URL."""
+    name: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    url: str = ""
+
+
+def vllm_argv(args, folder: Path, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
+            str(folder), "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "llama3-8b", *shlex.split(args.vllm_args), *extra]
+
+
+def vllm_commands(args, layout: Layout, folder: Path, ports: list[int]) -> list[Command]:
+    """The vLLM processes of a layout, in start order: vllm / vllm-dp one server (ports[0]);
+    vllm-nixl its prefill servers, decode servers (one GPU each: CUDA_VISIBLE_DEVICES, a
+    NIXL side channel port each), then bench/pd_proxy.py on ports[-1]."""
+    if layout.kind == "vllm":
+        extra = ("--data-parallel-size", str(layout.data_parallel)) \
+            if layout.data_parallel > 1 else ()
+        return [Command("vllm", tuple(vllm_argv(args, folder, ports[0], extra)),
+                        url=f"http://127.0.0.1:{ports[0]}")]
+    kv_config = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"})
+    out = []
+    roles = ["prefill"] * layout.prefill + ["decode"] * layout.decode
+    for gpu, role in enumerate(roles):
+        index = sum(r == role for r in roles[:gpu])
+        env = (("CUDA_VISIBLE_DEVICES", gpu_name_for(gpu)),
+               ("VLLM_NIXL_SIDE_CHANNEL_PORT", str(NIXL_SIDE_CHANNEL_BASE + gpu)))
+        argv = vllm_argv(args, folder, ports[gpu], ("--kv-transfer-config", kv_config))
+        out.append(Command(f"vllm-{role}-{index}", tuple(argv), env,
+                           f"http://127.0.0.1:{ports[gpu]}"))
+    proxy = [sys.executable, str(Path(__file__).with_name("pd_proxy.py")), "--port",
+             str(ports[len(roles)])]
+    for c in out:
+        proxy += ["--prefill" if "-prefill-" in c.name else "--decode", c.url]
+    out.append(Command("pd-proxy", tuple(proxy), url=f"http://127.0.0.1:{ports[len(roles)]}"))
+    return out
+
+
+def gpu_name_for(index: int) -> str:
+    """GPU `index` as CUDA_VISIBLE_DEVICES names it for a child: relative to ours."""
+    ours = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    listed = [d.strip() for d in ours.split(",") if d.strip()] if ours else []
+    return listed[index] if index < len(listed) else str(index)
+
+
+def gpu_count() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES, else nvidia-smi -L); 0 without."""
+    ours = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if ours is not None and ours.strip() not in ("", "-1"):
+        return len([d for d in ours.split(",") if d.strip()])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+        return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+    except (OSError, subprocess.SubprocessError):
+        return 0
 
 
 # ---- settings ------------------------------------------------------------------------------
@@ -124,21 +278,30 @@ class Server:
 
 
 class VllmServer(Server):
-    def __init__(self, args, log_dir: Path) -> None:
+    """vLLM: one server (vllm, vllm-dp:N), or prefill + decode servers and the proxy in
+    front of them (vllm-nixl:XpYd); base_url is the last process' (server or proxy)."""
+
+    def __init__(self, args, log_dir: Path, layout: Layout | None = None) -> None:
+        layout = layout or Layout("vllm", "vllm")
         self.log_dir = log_dir
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
         folder = vllm_model_folder(log_dir)
-        cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
-               str(folder), "--load-format", "dummy", "--host", "127.0.0.1",
-               "--port", str(self.port), "--served-model-name", "llama3-8b",
-               *shlex.split(args.vllm_args)]
-        self.log = log_dir / "vllm.log"
-        (log_dir / "vllm.cmd").write_text(shlex.join(cmd) + "\n")
-        with open(self.log, "wb") as out:
-            # cwd: nothing of this repository shadows vLLM's imports
-            self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                          cwd=log_dir, start_new_session=True)
+        nixl = layout.kind == "vllm-nixl"
+        ports = [free_port() for _ in range(layout.prefill + layout.decode + 1 if nixl else 1)]
+        self.commands = vllm_commands(args, layout, folder, ports)
+        self.base_url = self.commands[-1].url + "/v1"
+        self.popens: list[tuple[Command, subprocess.Popen, Path]] = []
+        for c in self.commands:
+            log = log_dir / f"{c.name}.log"
+            (log_dir / f"{c.name}.cmd").write_text(
+                " ".join(f"{k}={v}" for k, v in c.env) + (" " if c.env else "")
+                + shlex.join(c.argv) + "\n")
+            with open(log, "wb") as out:
+                # cwd: nothing of this repository shadows vLLM's imports
+                popen = subprocess.Popen(list(c.argv), stdout=out, stderr=subprocess.STDOUT,
+                                         cwd=log_dir, start_new_session=True,
+                                         env={**os.environ, **dict(c.env)})
+            self.popens.append((c, popen, log))
+        self.popen, self.log = self.popens[0][1], self.popens[0][2]
 
     def wait(self, timeout_s: float) -> None:
         import urllib.error
@@ -146,34 +309,42 @@ class VllmServer(Server):
 
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"vllm exited with {self.popen.returncode}:\n{tail(self.log)}")
-            try:
-                with opener.open(self.base_url + "/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1.0)
-        raise RuntimeError(f"vllm not ready after {timeout_s:.0f} s:\n{tail(self.log)}")
+        for c, popen, log in self.popens:  # servers first, the proxy (if any) last
+            while True:
+                if popen.poll() is not None:
+                    raise RuntimeError(f"{c.name} exited with {popen.returncode}:\n{tail(log)}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{c.name} not ready after {timeout_s:.0f} s:\n"
+                                       f"{tail(log)}")
+                try:
+                    with opener.open(c.url + "/v1/models", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, OSError):
+                    pass
+                time.sleep(1.0)
 
     def pids(self) -> dict[str, int]:
-        return {"vllm": self.popen.pid}
+        return {c.name: popen.pid for c, popen, _ in self.popens}
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, then wait until every process in it
-        (the engine core too) is gone, so the next system finds the GPU's memory free."""
-        try:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _group_alive(self.popen):
-            time.sleep(0.5)
-        if _group_alive(self.popen):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait()
+        """SIGTERM to each process group (proxy first), then wait until every process in
+        them (the engine cores too) is gone, so the next system finds the GPUs free."""
+        for _, popen, _ in reversed(self.popens):
+            _stop_group(popen)
+
+
+def _stop_group(popen: subprocess.Popen) -> None:
+    try:
+        os.killpg(popen.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _group_alive(popen):
+        time.sleep(0.5)
+    if _group_alive(popen):
+        os.killpg(popen.pid, signal.SIGKILL)
+    popen.wait()
 
 
 def _group_alive(popen: subprocess.Popen) -> bool:
@@ -214,24 +385,30 @@ def llama3_8b_config() -> dict:
     raise RuntimeError("bench/vllm_peer.py defines no LLAMA3_8B")
 
 
+def pdserve_spec(args, layout: Layout, log_dir: Path, http_port: int):
+    """The ClusterSpec of a pdserve layout (its router file written into log_dir)."""
+    from pdserve.services.launcher import ClusterSpec
+
+    config = log_dir / "router.yaml"
+    config.write_text(router_yaml(layout))
+    env = {"PDSERVE_STEP_PROFILE": "1", "PDSERVE_LOG_LEVEL": "DEBUG"} \
+        if args.step_profile else {}
+    return ClusterSpec(
+        connector=args.connector, num_prefill=layout.prefill, num_decode=layout.decode,
+        model=pdserve_model(args), http_port=http_port, config=str(config),
+        device=args.device, worker_args=tuple(shlex.split(args.pdserve_worker_args)),
+        prefill_args=tuple(shlex.split(args.pdserve_prefill_args)),
+        log_dir=str(log_dir), env=env, gpus=pdserve_gpus(layout))
+
+
 class PdserveServer(Server):
     def __init__(self, args, system: str, log_dir: Path) -> None:
-        from pdserve.services.launcher import Cluster, ClusterSpec
+        from pdserve.services.launcher import Cluster
 
         self.log_dir = log_dir
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}/v1"
-        colocated = system == "pdserve-colocated"
-        config = log_dir / "router.yaml"
-        config.write_text(f"mode: {'never' if colocated else 'always'}\n")
-        env = {"PDSERVE_STEP_PROFILE": "1", "PDSERVE_LOG_LEVEL": "DEBUG"} \
-            if args.step_profile else {}
-        self.cluster = Cluster(ClusterSpec(
-            connector=args.connector, num_prefill=0 if colocated else 1, num_decode=1,
-            model=pdserve_model(args), http_port=port, config=str(config), device=args.device,
-            worker_args=tuple(shlex.split(args.pdserve_worker_args)),
-            prefill_args=tuple(shlex.split(args.pdserve_prefill_args)),
-            log_dir=str(log_dir), env=env))
+        self.cluster = Cluster(pdserve_spec(args, parse_system(system), log_dir, port))
 
     def wait(self, timeout_s: float) -> None:
         self.cluster.start(timeout_s=timeout_s)
@@ -390,8 +567,12 @@ def run_workload(args, server: Server, system: str, wi: int, workload: Workload,
 def run_system(args, system: str, workloads: list[Workload], budget: Budget,
                spy_exe: str | None) -> dict:
     record = {"status": "ok", "error": None, "start_s": None, "warmups": [], "runs": []}
-    if budget.left() < MIN_START_S[system] + STOP_RESERVE_S:
+    layout = parse_system(system)
+    if budget.left() < layout.min_start_s + STOP_RESERVE_S:
         record["status"] = "skipped: budget"
+        return record
+    if layout.placed and gpu_count() < layout.gpus:
+        record["status"] = f"skipped: needs {layout.gpus} GPUs, {gpu_count()} here"
         return record
     log_dir = Path(args.log_dir) / system
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -399,7 +580,7 @@ def run_system(args, system: str, workloads: list[Workload], budget: Budget,
     began = time.monotonic()
     server = None
     try:
-        server = VllmServer(args, log_dir) if system == "vllm" else \
+        server = VllmServer(args, log_dir, layout) if layout.kind != "pdserve" else \
             PdserveServer(args, system, log_dir)
         server.wait(min(args.start_timeout_s, budget.left() - STOP_RESERVE_S))
         record["start_s"] = round(time.monotonic() - began, 1)
@@ -413,7 +594,7 @@ def run_system(args, system: str, workloads: list[Workload], budget: Budget,
     finally:
         if server is not None:
             server.stop()
-    if args.step_profile and system != "vllm":
+    if args.step_profile and layout.kind == "pdserve":
         record["step_profile"] = step_profile_summary(log_dir)
     return record
 
@@ -534,9 +715,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except (argparse.ArgumentTypeError, ValueError) as exc:
         p.error(f"--rates: {exc}")
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(args.system_list) - set(SYSTEMS)
-    if unknown:
-        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    try:
+        for system in args.system_list:
+            parse_system(system)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         args.workload_list = [parse_workload(w, args.num_prefixes)
                               for w in args.workloads.split(",") if w.strip()]
