@@ -510,12 +510,46 @@ def bench_config(args, server: Server, workload: Workload, rate: float, num_requ
         deadline_s=0.0 if math.isinf(deadline_s) else max(1.0, deadline_s))
 
 
-async def one_run(cfg: OpenAIBenchConfig, spy: tuple | None) -> tuple[dict, list[str]]:
+async def one_run(cfg: OpenAIBenchConfig, spy: tuple | None,
+                  slos: tuple = ()) -> tuple[dict, list[str]]:
+    keep = bool(slos)
     if spy is None:
-        return await run_benchmark_async(cfg, keep_requests=False), []
-    result, dumps = await asyncio.gather(run_benchmark_async(cfg, keep_requests=False),
-                                         py_spy_dumps(*spy))
+        result, dumps = await run_benchmark_async(cfg, keep_requests=keep), []
+    else:
+        result, dumps = await asyncio.gather(run_benchmark_async(cfg, keep_requests=keep),
+                                             py_spy_dumps(*spy))
+    if slos:
+        add_slo_rows(result, slos)
     return result, dumps
+
+
+def parse_slos(text: str) -> tuple:
+    """'1000/25,2000/50' -> SLO(TTFT ms, TPOT ms) bounds reported beside the defaults."""
+    from pdserve.bench.loadgen import SLO
+
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", part)
+        if not m:
+            raise ValueError(f"bad SLO {part!r}: use TTFT_MS/TPOT_MS, e.g. 1000/25")
+        out.append(SLO(float(m[1]), float(m[2])))
+    return tuple(out)
+
+
+def add_slo_rows(result: dict, slos: tuple) -> None:
+    """Goodput rows for slos (those not there yet) from the run's requests, which are
+    then dropped from the result (the JSON keeps summaries only)."""
+    from dataclasses import fields
+
+    from pdserve.bench.loadgen import RequestResult, slo_attainment
+
+    names = {f.name for f in fields(RequestResult)}
+    records = result.pop("requests", [])
+    results = [RequestResult(**{k: v for k, v in r.items() if k in names}) for r in records]
+    summary = result["summary"]
+    have = {(row["ttft_ms"], row["tpot_ms"]) for row in summary["slo_attainment"]}
+    todo = [s for s in slos if (s.ttft_ms, s.tpot_ms) not in have]
+    summary["slo_attainment"] += slo_attainment(results, summary["duration_s"], todo)
 
 
 def run_workload(args, server: Server, system: str, wi: int, workload: Workload,
@@ -545,7 +579,7 @@ def run_workload(args, server: Server, system: str, wi: int, workload: Workload,
             spy = (spy_exe, server.pids(), args.num_requests / rate / 2, server.log_dir,
                    f"{workload.name.replace(':', '-')}-r{rate:g}")
         try:
-            result, dumps = asyncio.run(one_run(cfg, spy))
+            result, dumps = asyncio.run(one_run(cfg, spy, args.slo_list))
         except (TimeoutError, ConnectionError) as exc:  # the server stopped answering
             record["runs"].append({**row, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(f"{system} {workload.name} rate {rate_label(rate)}: {exc}", file=sys.stderr)
@@ -707,6 +741,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--py-spy", nargs="?", const="auto", default=None, metavar="PATH",
                    help="dump pdserve processes' stacks at mid-load (py-spy on PATH by default)")
     p.add_argument("--log-dir", default=None, help="server logs (default: a temp folder)")
+    p.add_argument("--slos", default="1000/25,2000/50,500/50",
+                   help="TTFT_MS/TPOT_MS bounds to report goodput at, beside the defaults")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier results instead")
     p.add_argument("--out", default="bench/results/serve-h200.json")
     args = p.parse_args(argv)
@@ -714,6 +750,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rates = tuple(parse_rate(r) for r in args.rates.split(","))
     except (argparse.ArgumentTypeError, ValueError) as exc:
         p.error(f"--rates: {exc}")
+    try:
+        args.slo_list = parse_slos(args.slos)
+    except ValueError as exc:
+        p.error(f"--slos: {exc}")
     args.system_list = [s.strip() for s in args.systems.split(",") if s.strip()]
     try:
         for system in args.system_list:

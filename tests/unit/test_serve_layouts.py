@@ -231,3 +231,26 @@ def test_proxy_relays_prefill_then_decode_between_real_servers():
     assert seen["decode"][0]["max_tokens"] == 3
     assert models["data"][0]["id"] == "llama3-8b"
     assert bad[0] == 400 and bad[1]["error"]["type"] == "invalid_request_error"
+
+
+def test_issue_slos_are_added_to_each_runs_goodput_rows():
+    from dataclasses import asdict
+
+    from pdserve.bench.loadgen import RequestResult, summarize
+
+    slos = serve_gpu.parse_slos("1000/25,500/50")
+    # 2 requests in 2 s: TTFT 0.8 s with TPOT 20 ms meets (1000, 25); TTFT 1.5 s does not
+    reqs = [RequestResult(0, ok=True, ttft_s=0.8, e2e_s=0.8 + 9 * 0.020, output_tokens=10),
+            RequestResult(1, ok=True, ttft_s=1.5, e2e_s=1.5 + 9 * 0.020, output_tokens=10)]
+    result = {"summary": summarize(reqs, 2.0),
+              "requests": [{**asdict(r), "tpot_s": r.tpot_s, "prefix_index": 0} for r in reqs]}
+    before = len(result["summary"]["slo_attainment"])
+    serve_gpu.add_slo_rows(result, slos)
+    rows = {(r["ttft_ms"], r["tpot_ms"]): r for r in result["summary"]["slo_attainment"]}
+    assert len(rows) == before + 1  # (500, 50) is a default row already
+    assert rows[(1000.0, 25.0)]["good_requests"] == 1 and rows[(1000.0, 25.0)]["goodput"] == 0.5
+    assert "requests" not in result
+    with pytest.raises(ValueError, match="TTFT_MS/TPOT_MS"):
+        serve_gpu.parse_slos("1000-25")
+    with pytest.raises(SystemExit):
+        serve_gpu.parse_args(["--slos", "fast"])
