@@ -77,3 +77,19 @@ def test_two_gpus_one_worker_each_report_cuda_ipc_with_peer_access():
     said, gauge = run_and_compare(spec, port)
     assert len(said) == 1 and " over cuda_ipc " in said[0], said
     assert 'transport="cuda_ipc"' in gauge[0], gauge
+
+
+def test_gpu_list_places_workers_through_the_launcher():
+    """`--gpus 0` (every worker on GPU 0, as `pdserve up --gpus 0`): each child runs on
+    cuda:0 with CUDA_VISIBLE_DEVICES naming that GPU, and disaggregation still equals
+    the colocated path."""
+    port = free_port()
+    spec = ClusterSpec(connector="ucx", model="synthetic:smollm2-135m", device="auto",
+                       worker_args=ARGS, prefill_args=("--metrics-port", str(port)),
+                       gpus=(0,))
+    said, gauge = run_and_compare(spec, port)
+    assert " over cuda_ipc " in said[0] and 'transport="cuda_ipc"' in gauge[0]
+    cluster = Cluster(spec)
+    envs = {p.name: dict(p.env) for p in cluster.placement.values()}
+    assert all(e["CUDA_VISIBLE_DEVICES"].split(",")[0] == envs["prefill-0"][
+        "CUDA_VISIBLE_DEVICES"].split(",")[0] for e in envs.values())

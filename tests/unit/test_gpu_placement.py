@@ -1,19 +1,11 @@
 """Worker placement on GPUs (pdserve up --gpus / --prefill-gpus / --decode-gpus): the pure
-plan, the device pinning of a lone worker, and the command line's refusals."""
-
-import subprocess
-import sys
+plan and the device pinning of a lone worker (the command line's refusals:
+tests/integration/test_up_gpus.py)."""
 
 import pytest
 
 from pdserve.engine.config import pin_device
 from pdserve.services.placement import parse_gpu_list, plan_workers
-
-
-def _cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def env_of(p):
@@ -106,17 +98,3 @@ def test_pin_device_reorders_visible_devices_before_cuda_starts():
         with pytest.raises(ValueError, match="expected cpu, cuda, cuda:N"):
             pin_device(bad, {})
     assert pin_device("cpu", env) == "cpu" and pin_device("cuda", env) == "cuda"
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--gpus", "0,x"], "'x' is not a GPU number"),
-    (["--gpus", "0", "--connector", "local"], "local connector runs every worker"),
-    pytest.param(["--gpus", "0,1"], "no GPU is visible", marks=pytest.mark.skipif(
-        _cuda_visible(), reason="a GPU is visible")),
-])
-def test_up_refuses_bad_lists_with_exit_2(argv, message):
-    done = subprocess.run([sys.executable, "-m", "pdserve.cli", "up", "--port", "0",
-                           "--http-port", "0", *argv], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr and "Traceback" not in done.stderr
