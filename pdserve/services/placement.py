@@ -91,7 +91,7 @@ def plan_workers(*, num_prefill: int, num_decode: int, gpus: tuple[int, ...] = (
         if listed and n == 0:
             raise ValueError(f"{flag} given but that role has no workers")
     visible = parent_devices(parent_visible, device_count)
-    if not visible:
+    if not visible or device_count == 0:  # e.g. CUDA_VISIBLE_DEVICES=-1, or no driver
         raise ValueError("--gpus: no GPU is visible on this machine")
     for flag, listed in (("--gpus", gpus), ("--prefill-gpus", prefill_gpus),
                          ("--decode-gpus", decode_gpus)):

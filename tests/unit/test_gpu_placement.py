@@ -66,6 +66,7 @@ def test_no_list_no_plan():
     (dict(gpus=(0, 1), device="cpu"), "--device cpu conflicts"),
     (dict(gpus=(0, 1), device="cuda:1"), "conflicts"),
     (dict(gpus=(0,), device_count=0), "no GPU is visible"),
+    (dict(gpus=(0,), device_count=0, parent_visible="-1"), "no GPU is visible"),
     (dict(gpus=(4,), device_count=4), "GPU 4 does not exist"),
     (dict(decode_gpus=(0,), device_count=1), "prefill workers have no GPU"),
     (dict(prefill_gpus=(0,), num_decode=0, decode_gpus=(0,), device_count=1),
