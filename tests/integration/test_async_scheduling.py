@@ -66,7 +66,9 @@ def test_greedy_tokens_and_early_stops_equal_the_synchronous_engine(bundled):
     want = run_counting_ahead(sync, prompts, params)
     got = run_counting_ahead(ahead, prompts, params)
     assert got[:2] == want[:2]
-    assert "stop" in got[1] and want[2] == 0 and got[2] > 10
+    # ran ahead in most decode steps (prompt chunks share steps with decodes since the
+    # scheduler caps a chunk at half the budget, so fewer steps are decode-only: 10 here)
+    assert "stop" in got[1] and want[2] == 0 and got[2] >= 8
     assert sync.pool_is_idle() and ahead.pool_is_idle()
 
 
