@@ -44,7 +44,6 @@ from pdserve.services.router.discovery import Discovery, StaticDiscovery, create
 from pdserve.services.router.health import HealthChecker, HealthSettings, insecure_channel
 from pdserve.services.router.policies import (NoWorkersError, PolicySet, Role, Route,
                                               StatsRecorder, WorkerView, build_policies,
-                                              choose_route,
                                               make_request_view)
 from pdserve.wire import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -53,10 +52,6 @@ SERVICE_NAME = "pdserve.v1.Router"
 # StartPrefill is answered when its job ends: queueing, compute and the KV's transfer,
 # or the prefill worker's KV lease for a job nobody claims
 START_PREFILL_TIMEOUT_S = 600.0
-# a request's DisaggregationMode -> the config's mode name (UNSPECIFIED: the config's)
-_MODE_NAMES = {generate_pb2.DISAGGREGATION_ALWAYS: "always",
-               generate_pb2.DISAGGREGATION_NEVER: "never",
-               generate_pb2.DISAGGREGATION_AUTO: "auto"}
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
               grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 # a decode worker's answers about the request itself: passed on, never retried
@@ -369,8 +364,8 @@ class RouterCore:
         view = make_request_view(request_id, ids, block_size=policies.prefix_block_size,
                                  fingerprint=self.fingerprint, session_id=session)
         prefill_workers = self._views(Role.PREFILL, failed)
+        route = self._route(request.mode, policies, view, bool(prefill_workers))
         try:
-            route = self._route(request.mode, policies, view, bool(prefill_workers))
             decode = self._decide(Role.DECODE, policies.decode, view, failed)
             prefill = (self._decide(Role.PREFILL, policies.prefill, view, failed)
                        if route is Route.DISAGGREGATED else None)
@@ -380,12 +375,14 @@ class RouterCore:
         return route, prefill, decode
 
     def _route(self, mode: int, policies: PolicySet, view, prefill_available: bool) -> Route:
-        """One rule for a request's mode and the configured one (choose_route): a
-        request's mode, when set, stands in for the configured mode, so ALWAYS with no
-        healthy prefill worker fails (NoWorkersError -> UNAVAILABLE) like `mode: always`."""
-        return choose_route(view, mode=_MODE_NAMES.get(mode, policies.mode),
-                            auto_threshold_tokens=policies.auto_threshold_tokens,
-                            prefill_available=prefill_available)
+        if mode == generate_pb2.DISAGGREGATION_NEVER or not prefill_available:
+            return Route.DECODE_ONLY
+        if mode == generate_pb2.DISAGGREGATION_ALWAYS:
+            return Route.DISAGGREGATED
+        if mode == generate_pb2.DISAGGREGATION_AUTO:
+            return Route.DECODE_ONLY if view.prompt_tokens < policies.auto_threshold_tokens \
+                else Route.DISAGGREGATED
+        return policies.route(view, prefill_available)
 
     def _decide(self, role: Role, policy, view, failed) -> WorkerView:
         recorder = self.recorders[role]
