@@ -15,8 +15,8 @@ import pytest
 
 from pdserve.client import make_request, stream
 from pdserve.engine.sampling import SamplingParams
-from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.services.router.service import RouterSettings
+from tests.support.cluster import http_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -24,24 +24,9 @@ CONTEXT = 8192  # the bundled model's
 LIMIT = RouterSettings().max_request_bytes
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    port = free_port()
-    spec = ClusterSpec(connector="ucx", http_port=port,
-                       log_dir=str(tmp_path_factory.mktemp("big-prompt-logs")))
-    with Cluster(spec) as cluster:
-        router = cluster.start()
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{base}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "the router never reported healthy"
-            time.sleep(0.1)
+    with http_cluster(str(tmp_path_factory.mktemp("big-prompt-logs"))) as (cluster, router, base):
         yield router, base
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 
 import grpc
@@ -28,9 +27,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import generate_pb2, generate_pb2_grpc
-from tests.support.cluster import wait_pools_free
+from tests.support.cluster import http_cluster, wait_pools_free
 
 pytestmark = pytest.mark.slow
 
@@ -46,24 +44,9 @@ def fuzz(examples: int):
                     suppress_health_check=list(HealthCheck))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def system(tmp_path_factory):
-    port = free_port()
-    spec = ClusterSpec(connector="ucx", http_port=port,
-                       log_dir=str(tmp_path_factory.mktemp("fuzz-logs")))
-    with Cluster(spec) as cluster:
-        router = cluster.start()
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{base}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "the router never reported healthy"
-            time.sleep(0.1)
+    with http_cluster(str(tmp_path_factory.mktemp("fuzz-logs"))) as (cluster, router, base):
         yield cluster, router, base
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 
 import grpc
+import httpx
 
 from pdserve.client import make_request, stream
 from pdserve.engine.sampling import SamplingParams
 from pdserve.services.auth import sync_channel
+from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import worker_pb2, worker_pb2_grpc
 
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -50,3 +54,24 @@ def wait_pools_free(cluster, timeout_s: float = 20.0) -> dict[str, worker_pb2.Wo
         if time.monotonic() > deadline:
             raise AssertionError(f"KV blocks still held: {busy}")
         time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def http_cluster(log_dir: str, health_timeout_s: float = 60.0):
+    """`pdserve up`'s processes with the OpenAI front end, once /health answers 200:
+    yields (cluster, router gRPC address, HTTP base URL)."""
+    port = free_port()
+    with Cluster(ClusterSpec(connector="ucx", http_port=port, log_dir=log_dir)) as cluster:
+        router = cluster.start()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + health_timeout_s
+        while httpx.get(f"{base}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the router never reported healthy"
+            time.sleep(0.1)
+        yield cluster, router, base
