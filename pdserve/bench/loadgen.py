@@ -626,16 +626,21 @@ def run_cli(args: argparse.Namespace) -> int:
         from pdserve.bench.openai_load import run_cli as run_openai_cli
 
         return run_openai_cli(args)
-    cfg = config_from_args(args)
+    return report_run(lambda: run_benchmark(config_from_args(args)), args.json)
+
+
+def report_run(run, json_path: str | None, errors=(TimeoutError,)) -> int:
+    """Run a benchmark, print its report, write its JSON; the CLI's exit status (1 when
+    the run could not start or nothing completed)."""
     try:
-        result = run_benchmark(cfg)
-    except TimeoutError as exc:
+        result = run()
+    except errors as exc:
         print(f"pdserve bench: {exc}", file=sys.stderr)
         return 1
     print(format_report(result["summary"]))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
+    if json_path:
+        write_json(json_path, result)
+        print(f"wrote {json_path}", file=sys.stderr)
     return 0 if result["summary"]["completed"] else 1
 
 

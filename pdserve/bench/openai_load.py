@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -35,8 +34,8 @@ from urllib.parse import urlsplit
 
 from pdserve.bench.loadgen import (
     SLO, ArrivalSpec, Prompt, RequestResult, WorkloadSpec, _loadavg, arrival_times,
-    arrivals_from_args, environment, format_report, request_record, summarize,
-    synthesize_prompts, workload_from_args, write_json)
+    arrivals_from_args, environment, report_run, request_record, summarize,
+    synthesize_prompts, workload_from_args)
 
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
 
@@ -407,14 +406,5 @@ def config_from_args(args: argparse.Namespace) -> OpenAIBenchConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    try:
-        result = run_benchmark(cfg)
-    except (TimeoutError, ConnectionError) as exc:
-        print(f"pdserve bench: {exc}", file=sys.stderr)
-        return 1
-    print(format_report(result["summary"]))
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0 if result["summary"]["completed"] else 1
+    return report_run(lambda: run_benchmark(config_from_args(args)), args.json,
+                      errors=(TimeoutError, ConnectionError))
