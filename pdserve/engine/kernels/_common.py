@@ -8,6 +8,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634
 
@@ -28,6 +29,17 @@ def soft_cap_tanh(x):
     """tanh from exp2 (portable to the interpreter; no libdevice): saturates to +-1 for
     large |x| (exp2 overflows to inf -> 1 - 0), absolute error ~1e-7 near 0."""
     return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)  # 2.885... = 2 * log2(e)
+
+
+@triton.jit
+def exp_maybe_libdevice(x, LIBDEVICE: tl.constexpr):
+    """exp through libdevice (torch's rounding) on the GPU, tl.exp where libdevice does
+    not run (the CPU interpreter)."""
+    if LIBDEVICE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
 
 
 def interpreting() -> bool:

@@ -33,18 +33,9 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from pdserve.engine.kernels._common import interpreting
+from pdserve.engine.kernels._common import exp_maybe_libdevice as _exp, interpreting
 
 # ---- device helpers ---------------------------------------------------------------------
-
-
-@triton.jit
-def _exp(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        y = libdevice.exp(x)
-    else:
-        y = tl.exp(x)
-    return y
 
 
 @triton.jit

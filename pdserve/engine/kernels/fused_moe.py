@@ -34,20 +34,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from pdserve.engine.kernels._common import dot_precision, interpreting
+from pdserve.engine.kernels._common import exp_maybe_libdevice as _exp
 
 # ---- device code --------------------------------------------------------------------------
-
-
-@triton.jit
-def _exp(x, LIBDEVICE: tl.constexpr):
-    if LIBDEVICE:
-        y = libdevice.exp(x)
-    else:
-        y = tl.exp(x)
-    return y
 
 
 @triton.jit
