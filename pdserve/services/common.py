@@ -226,6 +226,17 @@ class ChannelPool:
                 address, self._tls, internal_token=self._token)
         return channel
 
+    def discard_if_failed(self, address: str) -> grpc.aio.Channel | None:
+        """Drop the cached channel to `address` when it is waiting out a reconnect backoff
+        and return it for closing; the next get() connects at once. Called when the peer
+        is known to be back (its health check passed again), so the first request after
+        a restart does not fail fast on the old channel's backoff."""
+        channel = self._channels.get(address)
+        failed = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        if channel is None or channel.get_state() is not failed:
+            return None
+        return self._channels.pop(address)
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

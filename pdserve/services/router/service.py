@@ -465,7 +465,11 @@ class RouterCore:
         return self._channels.get(address)
 
     def _on_health(self, event) -> None:
-        if not event.healthy:
+        if event.healthy:
+            stale = self._channels.discard_if_failed(event.endpoint.address)
+            if stale is not None:
+                self._spawn(stale.close())
+        else:
             self.recorders[event.endpoint.role].forget(event.endpoint.worker_id)
             self.worker_stats.pop(event.endpoint.worker_id, None)
         for role in Role:
