@@ -83,7 +83,7 @@ class RouterMetrics:
     requests: Counter  # .labels(role=..., worker=...)
     policy_decisions: Counter  # .labels(role=..., policy=..., reason=...)
     workers: Gauge  # .labels(role=..., state=healthy|unhealthy)
-    disaggregation: Counter  # .labels(route=disaggregated|decode_only)
+    disaggregation: Counter  # .labels(route=disaggregated|decode_only|decode_only_fallback)
     config_reloads: Counter  # .labels(result=ok|rejected)
 
 

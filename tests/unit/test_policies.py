@@ -180,11 +180,29 @@ def test_choose_route():
     kw = dict(auto_threshold_tokens=256)
     assert choose_route(short, mode="auto", prefill_available=True, **kw) is Route.DECODE_ONLY
     assert choose_route(long_, mode="auto", prefill_available=True, **kw) is Route.DISAGGREGATED
-    assert choose_route(long_, mode="auto", prefill_available=False, **kw) is Route.DECODE_ONLY
     assert choose_route(short, mode="always", prefill_available=True, **kw) is Route.DISAGGREGATED
     assert choose_route(long_, mode="never", prefill_available=True, **kw) is Route.DECODE_ONLY
-    with pytest.raises(NoWorkersError):
-        choose_route(long_, mode="always", prefill_available=False, **kw)
+
+
+def test_no_prefill_worker_falls_back_in_every_mode_that_wants_one():
+    """One rule: what would go to a prefill worker runs decode-only when none is healthy,
+    recorded as FALLBACK; what would not is unaffected."""
+    short, long_ = req(prompt_tokens=10), req(prompt_tokens=1000)
+    kw = dict(auto_threshold_tokens=256, prefill_available=False)
+    assert choose_route(long_, mode="always", **kw) is Route.FALLBACK
+    assert choose_route(short, mode="always", **kw) is Route.FALLBACK
+    assert choose_route(long_, mode="auto", **kw) is Route.FALLBACK
+    assert choose_route(short, mode="auto", **kw) is Route.DECODE_ONLY
+    assert choose_route(long_, mode="never", **kw) is Route.DECODE_ONLY
+
+
+def test_request_mode_overrides_the_configured_one():
+    cfg = C.RouterConfig.model_validate({"mode": "never"})
+    policies = build_policies(cfg)
+    long_ = req(prompt_tokens=1000)
+    assert policies.route(long_, True) is Route.DECODE_ONLY
+    assert policies.route(long_, True, "always") is Route.DISAGGREGATED
+    assert policies.route(long_, False, "always") is Route.FALLBACK
 
 
 def test_stats_recorder_lru_in_flight_and_forget():

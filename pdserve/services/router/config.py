@@ -142,7 +142,8 @@ class RouterConfig(_Model):
     version: Literal[1] = 1
     mode: Literal["always", "never", "auto"] = Field(
         "always", description="Disaggregation: always use a prefill worker, never (decode "
-                              "prefills locally), or auto (by prompt length).")
+                              "prefills locally), or auto (by prompt length). With no "
+                              "healthy prefill worker, decode prefills locally.")
     auto_threshold_tokens: int = Field(
         256, ge=0, description="mode=auto: prompts shorter than this skip the prefill worker.")
     prefill: PolicyConfig = Field(default_factory=LeastLoadedPolicy)

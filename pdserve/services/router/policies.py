@@ -41,6 +41,7 @@ class Role(str, enum.Enum):
 class Route(str, enum.Enum):
     DISAGGREGATED = "disaggregated"  # prefill worker computes the prompt, ships KV to decode
     DECODE_ONLY = "decode_only"  # decode worker prefills locally
+    FALLBACK = "decode_only_fallback"  # meant for a prefill worker, none healthy: as DECODE_ONLY
 
 
 @dataclass(frozen=True)
@@ -213,17 +214,18 @@ def session_affinity(request: RequestView, workers: Sequence[WorkerView], stats:
 
 def choose_route(request: RequestView, *, mode: str, auto_threshold_tokens: int,
                  prefill_available: bool) -> Route:
-    """always: prefill worker (none healthy -> NoWorkersError); never: decode prefills
-    locally; auto: short prompts, or no healthy prefill worker, stay on decode."""
+    """The one routing rule, for a request's own mode and for the config's alike.
+
+    never: the decode worker prefills locally; always: a prefill worker computes the
+    prompt; auto: only prompts of `auto_threshold_tokens` or more go to one. With no
+    healthy prefill worker every mode falls back to decode-only (FALLBACK): a decode
+    worker can always prefill, so losing the prefill pool costs speed, not requests.
+    """
     if mode == "never":
         return Route.DECODE_ONLY
-    if mode == "always":
-        if not prefill_available:
-            raise NoWorkersError("mode=always but no healthy prefill worker")
-        return Route.DISAGGREGATED
-    if request.prompt_tokens < auto_threshold_tokens or not prefill_available:
+    if mode == "auto" and request.prompt_tokens < auto_threshold_tokens:
         return Route.DECODE_ONLY
-    return Route.DISAGGREGATED
+    return Route.DISAGGREGATED if prefill_available else Route.FALLBACK
 
 
 # --- the router's memory (not pure; outside the policies) --------------------------------
@@ -319,8 +321,11 @@ class PolicySet:
     auto_threshold_tokens: int
     prefix_block_size: int | None  # set when the prefill policy wants prefix keys
 
-    def route(self, request: RequestView, prefill_available: bool) -> Route:
-        return choose_route(request, mode=self.mode, auto_threshold_tokens=self.auto_threshold_tokens,
+    def route(self, request: RequestView, prefill_available: bool,
+              mode: str | None = None) -> Route:
+        """`mode`: the request's own (always/never/auto), else the config's."""
+        return choose_route(request, mode=mode or self.mode,
+                            auto_threshold_tokens=self.auto_threshold_tokens,
                             prefill_available=prefill_available)
 
 
