@@ -55,7 +55,8 @@ WORKER_SWITCH_INTERVAL_S = float(os.environ.get("PDSERVE_SWITCH_INTERVAL_S", "0.
 
 async def start_worker(settings, grace_s: float = 5.0) -> Running:
     from pdserve.engine.engine import LLMEngine
-    from pdserve.wire import worker_pb2_grpc
+    from pdserve.services.lenient import add_lenient_servicer
+    from pdserve.wire import worker_pb2
 
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
 
@@ -72,14 +73,13 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
         from pdserve.services.prefill.service import SERVICE_NAME, PrefillServicer
 
         servicer = PrefillServicer(settings, engine, loop)
-        add = worker_pb2_grpc.add_PrefillServiceServicer_to_server
     else:
         from pdserve.services.decode.service import SERVICE_NAME, DecodeServicer
 
         servicer = DecodeServicer(settings, engine, loop)
-        add = worker_pb2_grpc.add_DecodeServiceServicer_to_server
     server, health = new_server([SERVICE_NAME], settings.internal_auth.token)
-    add(servicer, server)
+    service = worker_pb2.DESCRIPTOR.services_by_name[SERVICE_NAME.rsplit(".", 1)[1]]
+    add_lenient_servicer(servicer, server, service)
     bind = f"{settings.host}:{settings.port}"
     port = (server.add_secure_port(bind, credentials) if credentials is not None
             else server.add_insecure_port(bind))

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from pdserve.wire import generate_pb2, generate_pb2_grpc
-from tests.support.cluster import http_cluster, wait_pools_free
+from tests.support.cluster import http_cluster, wait_pools_free, worker_channel, worker_stats
 
 pytestmark = pytest.mark.slow
 
@@ -291,6 +291,31 @@ def test_malformed_request_bytes_are_invalid_argument(channel):
         list(channel.unary_stream("/pdserve.v1.Router/Generate")(b"\xff\xff\xff", timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed pdserve.v1.GenerateRequest" in info.value.details()
+
+
+WORKER_METHODS = [("prefill-0", "PrefillService", m, False)
+                  for m in ("Prefill", "StartPrefill", "Abort", "Stats", "Describe")] + \
+                 [("decode-0", "DecodeService", m, m == "Generate")
+                  for m in ("Generate", "Abort", "Stats", "Describe")]
+
+
+@pytest.mark.parametrize("worker,service,method,streaming", WORKER_METHODS)
+def test_malformed_bytes_sent_to_a_worker_are_invalid_argument(system, worker, service,
+                                                              method, streaming):
+    """Straight to a worker (past the router, with the internal token): still a clear
+    INVALID_ARGUMENT naming the message type, and the worker keeps serving."""
+    cluster = system[0]
+    address = cluster.proc(worker).address
+    with worker_channel(address, cluster.internal_token) as ch:
+        path = f"/pdserve.v1.{service}/{method}"
+        with pytest.raises(grpc.RpcError) as info:
+            if streaming:
+                list(ch.unary_stream(path)(b"\xff\xff\xff", timeout=10))
+            else:
+                ch.unary_unary(path)(b"\xff\xff\xff", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert "malformed pdserve.v1." in info.value.details()
+    assert worker_stats(address, worker.split("-")[0], cluster.internal_token).num_total_blocks
 
 
 # ---- min_tokens end to end ---------------------------------------------------------------

@@ -23,8 +23,8 @@ from pdserve.engine.loader import load_model_meta
 from pdserve.engine.sampling import InvalidRequest, SamplingParams, sample, suppress
 from pdserve.services.common import sampling_from_proto, sampling_to_proto
 from pdserve.services.router.http import create_app
-from pdserve.services.router.service import (Malformed, RouterCore, RouterError,
-                                             RouterSettings, _lenient)
+from pdserve.services.lenient import Malformed, lenient_parser
+from pdserve.services.router.service import RouterCore, RouterError, RouterSettings
 from pdserve.wire import generate_pb2
 from tests.support.tiny_models import tiny_loaded_model
 
@@ -85,7 +85,7 @@ def test_non_finite_floats_are_refused(field, value):
 
 
 def test_lenient_deserializer_turns_junk_into_malformed():
-    parse = _lenient(generate_pb2.GenerateRequest)
+    parse = lenient_parser(generate_pb2.GenerateRequest)
     good = generate_pb2.GenerateRequest(text="hi").SerializeToString()
     assert parse(good).text == "hi"
     bad = parse(b"\xff\xff\xff\xff\x0f")

@@ -39,6 +39,7 @@ from pdserve.metrics import latency_metrics, new_registry, router_metrics
 from pdserve.services.auth import InternalAuth
 from pdserve.services.common import (ChannelPool, InternalTls, internal_channel,
                                      sampling_from_proto, trace)
+from pdserve.services.lenient import Malformed, add_lenient_servicer
 from pdserve.services.router.config import RouterConfig, ConfigWatcher, DiscoveryConfig
 from pdserve.services.router.discovery import Discovery, StaticDiscovery, create_discovery
 from pdserve.services.router.health import HealthChecker, HealthSettings, insecure_channel
@@ -67,6 +68,12 @@ _CHARS_PER_TOKEN_SLACK = 4
 def _is_final(exc: grpc.aio.AioRpcError) -> bool:
     """A worker's deliberate failure (e.g. KV transfer failed, fallback=fail): no retry."""
     return any(key == "pdserve-final-error" for key, _ in (exc.trailing_metadata() or ()))
+
+
+# a request's own disaggregation mode; UNSPECIFIED (absent) leaves it to the config
+_REQUEST_MODES = {generate_pb2.DISAGGREGATION_ALWAYS: "always",
+                  generate_pb2.DISAGGREGATION_NEVER: "never",
+                  generate_pb2.DISAGGREGATION_AUTO: "auto"}
 
 
 class RouterError(Exception):
@@ -374,15 +381,9 @@ class RouterCore:
         self.metrics.disaggregation.labels(route.value).inc()
         return route, prefill, decode
 
-    def _route(self, mode: int, policies: PolicySet, view, prefill_available: bool) -> Route:
-        if mode == generate_pb2.DISAGGREGATION_NEVER or not prefill_available:
-            return Route.DECODE_ONLY
-        if mode == generate_pb2.DISAGGREGATION_ALWAYS:
-            return Route.DISAGGREGATED
-        if mode == generate_pb2.DISAGGREGATION_AUTO:
-            return Route.DECODE_ONLY if view.prompt_tokens < policies.auto_threshold_tokens \
-                else Route.DISAGGREGATED
-        return policies.route(view, prefill_available)
+    @staticmethod
+    def _route(mode: int, policies: PolicySet, view, prefill_available: bool) -> Route:
+        return policies.route(view, prefill_available, _REQUEST_MODES.get(mode))
 
     def _decide(self, role: Role, policy, view, failed) -> WorkerView:
         recorder = self.recorders[role]
@@ -515,8 +516,7 @@ class RouterServicer(generate_pb2_grpc.RouterServicer):
         """The API key, then a request that could be decoded at all."""
         await self._check_key(context)
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"malformed {request.type_name}: {request.error}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message())
 
     async def Generate(self, request, context):
         await self._admit(request, context)
@@ -566,38 +566,8 @@ def _utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-@dataclass(frozen=True)
-class Malformed:
-    """Request bytes that did not decode; the method answers INVALID_ARGUMENT."""
-
-    type_name: str
-    error: str
-
-
-def _lenient(message_cls):
-    """A request deserializer that never raises: grpc aio turns a raising deserializer
-    into UNKNOWN with a logged traceback."""
-    def parse(data: bytes):
-        try:
-            return message_cls.FromString(data)
-        except Exception as exc:  # DecodeError, or anything the parser throws at junk
-            return Malformed(message_cls.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
-    return parse
-
-
 def add_router_servicer(servicer: RouterServicer, server) -> None:
-    """generate_pb2_grpc.add_RouterServicer_to_server with lenient request decoding."""
-    handlers = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=_lenient(generate_pb2.GenerateRequest),
-            response_serializer=generate_pb2.GenerateChunk.SerializeToString),
-        "GenerateUnary": grpc.unary_unary_rpc_method_handler(
-            servicer.GenerateUnary, request_deserializer=_lenient(generate_pb2.GenerateRequest),
-            response_serializer=generate_pb2.GenerateResponse.SerializeToString),
-        "ListModels": grpc.unary_unary_rpc_method_handler(
-            servicer.ListModels, request_deserializer=_lenient(generate_pb2.ListModelsRequest),
-            response_serializer=generate_pb2.ListModelsResponse.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    if hasattr(server, "add_registered_method_handlers"):
-        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    """generate_pb2_grpc.add_RouterServicer_to_server with lenient request decoding
+    (the servicer refuses malformed bytes after checking the API key)."""
+    add_lenient_servicer(servicer, server, generate_pb2.DESCRIPTOR.services_by_name["Router"],
+                         refuse_malformed=False)
