@@ -54,6 +54,38 @@ class RequestOutput:
     prefill_s: float | None = None
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and KV pool, for stats and metrics."""
+
+    num_running: int
+    num_waiting: int  # queued for compute or waiting for remote KV
+    kv_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    num_cached_blocks: int
+    prefix_queries: int
+    prefix_hits: int
+
+
+@dataclass(frozen=True)
+class PromptProgress:
+    """How far a request's prompt is: its blocks and the tokens computed into them."""
+
+    num_blocks: int
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks reserved for a prompt whose KV another worker computes: the first
+    num_cached_tokens are already here (local prefix cache) and need not travel."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_cached_tokens: int
+
+
 @dataclass
 class Completion:
     """A whole request's result (what generate() returns)."""
@@ -202,19 +234,16 @@ class LLMEngine:
 
     # ---- disaggregation: KV computed elsewhere ----------------------------------------
     def reserve_remote(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> Request:
-        """Decode side: allocate the prompt's blocks before KV is pushed into them.
-
-        The returned request's block_ids cover the prompt; its first num_cached_tokens
-        are already here (local prefix cache) and need not travel.
-        """
+                       request_id: str | None = None) -> Reservation:
+        """Decode side: allocate the prompt's blocks before KV is pushed into them."""
         request = self.make_request(prompt_ids, params, request_id)
         try:
             self.scheduler.add_remote(request)
         except MemoryError as exc:
             self._forget(request.request_id)
             raise InvalidRequest(f"not enough free KV blocks for this prompt now: {exc}") from exc
-        return request
+        return Reservation(request.request_id, tuple(request.block_ids),
+                           request.num_cached_tokens)
 
     def remote_kv_arrived(self, request_id: str, first_token: int) -> RequestOutput:
         """The KV is in place: the request decodes from here; returns the first token."""
@@ -231,6 +260,49 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    # ---- queries for the services ----------------------------------------------------
+    def has_request(self, request_id: str) -> bool:
+        """Queued, computing, awaiting its KV, decoding or held: known to this engine."""
+        return self.scheduler.get(request_id) is not None
+
+    def awaiting_kv(self, request_id: str) -> bool:
+        """Reserved with reserve_remote and its KV not arrived (nor given up) yet."""
+        return request_id in self.scheduler.remote
+
+    def request_ids(self) -> list[str]:
+        return list(self.scheduler.requests)
+
+    def prompt_progress(self, request_id: str) -> PromptProgress | None:
+        request = self.scheduler.get(request_id)
+        if request is None:
+            return None
+        return PromptProgress(len(request.block_ids), request.num_computed_tokens)
+
+    def block_ids(self, request_id: str, start: int, stop: int) -> list[int]:
+        """The request's block ids [start, stop) (by index in its block list)."""
+        return self.scheduler.requests[request_id].block_ids[start:stop]
+
+    def ready_event(self):
+        """Marks the device work queued so far (None on the CPU): see KVSender.send_chunk."""
+        return self.runner.ready_event()
+
+    @property
+    def kv_pool(self):
+        """The KV tensor's pool (KVCachePool), for the KV connectors."""
+        return self.runner.pool
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.runner.graphs is not None
+
+    def stats(self) -> EngineStats:
+        sched, alloc = self.scheduler, self.allocator
+        return EngineStats(
+            num_running=len(sched.running), num_waiting=len(sched.waiting) + len(sched.remote),
+            kv_usage=alloc.usage, num_free_blocks=alloc.num_free,
+            num_total_blocks=alloc.num_blocks, num_cached_blocks=alloc.num_cached,
+            prefix_queries=alloc.prefix_queries, prefix_hits=alloc.prefix_hits)
 
     def has_runnable(self) -> bool:
         """A step would compute something now (requests waiting for remote KV do not

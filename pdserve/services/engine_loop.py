@@ -159,7 +159,7 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(q.put_nowait, out)
 
     def _fail_all(self, message: str) -> None:
-        for request_id in list(self.engine.scheduler.requests):
+        for request_id in self.engine.request_ids():
             self.engine.abort(request_id)
             self.deliver(RequestOutput(request_id, [], "", finished=True,
                                        finish_reason=f"error: {message}"))

@@ -88,7 +88,7 @@ class WorkerCore:
         self.engine = engine
         self.loop = EngineLoop(engine, loop, tick=tick)
         self.started = time.time()
-        pool = engine.runner.pool
+        pool = engine.kv_pool
         self.hello = HandshakeInfo.from_spec(
             pool.spec, model_fingerprint=engine.fingerprint, connector=settings.connector,
             role=settings.role, worker_id=settings.worker_id, device_type=pool.device.type)
@@ -105,26 +105,24 @@ class WorkerCore:
         return f"{self.settings.worker_id}-{uuid.uuid4().hex[:12]}"
 
     def update_gauges(self) -> None:
-        """Engine thread: refresh gauges and counters from the scheduler and allocator."""
-        sched, alloc, m = self.engine.scheduler, self.engine.allocator, self.engine_metrics
-        m.num_requests_running.set(len(sched.running))
-        m.num_requests_waiting.set(len(sched.waiting) + len(sched.remote))
-        m.kv_cache_usage_perc.set(alloc.usage)
-        queries, hits = alloc.prefix_queries, alloc.prefix_hits
+        """Engine thread: refresh gauges and counters from the engine's stats."""
+        now, m = self.engine.stats(), self.engine_metrics
+        m.num_requests_running.set(now.num_running)
+        m.num_requests_waiting.set(now.num_waiting)
+        m.kv_cache_usage_perc.set(now.kv_usage)
+        queries, hits = now.prefix_queries, now.prefix_hits
         m.prefix_cache_queries.inc(queries - self._seen_prefix[0])
         m.prefix_cache_hits.inc(hits - self._seen_prefix[1])
         self._seen_prefix = (queries, hits)
 
     def stats(self, in_flight: int) -> worker_pb2.WorkerStats:
-        sched, alloc = self.engine.scheduler, self.engine.allocator
-        cm = self.connector.metrics
+        now, cm = self.engine.stats(), self.connector.metrics
         return worker_pb2.WorkerStats(
             worker_id=self.settings.worker_id, role=self.settings.role,
-            num_requests_running=len(sched.running),
-            num_requests_waiting=len(sched.waiting) + len(sched.remote),
-            kv_cache_usage_perc=alloc.usage, num_free_blocks=alloc.num_free,
-            num_total_blocks=alloc.num_blocks, num_cached_blocks=alloc.num_cached,
-            prefix_cache_queries=alloc.prefix_queries, prefix_cache_hits=alloc.prefix_hits,
+            num_requests_running=now.num_running, num_requests_waiting=now.num_waiting,
+            kv_cache_usage_perc=now.kv_usage, num_free_blocks=now.num_free_blocks,
+            num_total_blocks=now.num_total_blocks, num_cached_blocks=now.num_cached_blocks,
+            prefix_cache_queries=now.prefix_queries, prefix_cache_hits=now.prefix_hits,
             num_transfers_in_flight=in_flight,
             kv_transfer=kv_pb2.KVTransferMetrics(
                 bytes_sent=cm.bytes_sent, bytes_received=cm.bytes_received,
