@@ -218,8 +218,10 @@ def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, r
             claimed = prefill_request(0, "key-0")
             start = stub.StartPrefill.future(claimed, timeout=60)
             wait_for_prefill_work(cluster, names=("prefill-0",))  # its job is registered
-            again = stub.StartPrefill(claimed, timeout=30)
-            assert not again.started and "already being prefilled" in again.reason
+            with pytest.raises(grpc.RpcError) as again:  # its request id is in flight
+                stub.StartPrefill(claimed, timeout=30)
+            assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "already being prefilled" in again.value.details()
             assert not start.done()  # answered when its job ends
             answer = stub.Prefill(claimed, timeout=60)
             assert answer.stats.started_early and answer.first_token_id == reference[0][0]
@@ -242,9 +244,9 @@ def test_early_start_is_claimed_by_its_key_or_dropped_after_the_lease(prompts, r
         wait_pools_free(cluster)
 
 
-def test_prefill_call_refused_by_the_engine_thread_gets_invalid_argument(prompts):
+def test_prefill_call_refused_by_the_engine_thread_gets_already_exists(prompts):
     """A Prefill call whose job the engine thread refuses (here: its request id is held
-    by an early start under another key) fails with INVALID_ARGUMENT, the worker keeps
+    by an early start under another key) fails with ALREADY_EXISTS, the worker keeps
     serving, and the early job's blocks come back when its lease runs out."""
     def prefill_request(key: str) -> worker_pb2.PrefillRequest:
         return worker_pb2.PrefillRequest(request_id="clash", token_ids=prompts[0],
@@ -258,7 +260,7 @@ def test_prefill_call_refused_by_the_engine_thread_gets_invalid_argument(prompts
             wait_for_prefill_work(cluster, names=("prefill-0",))
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Prefill(prefill_request("key-b"), timeout=30)
-            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
             assert "already being prefilled" in refused.value.details()
             assert "no Prefill call claimed" in start.result().reason
         assert wait_pools_free(cluster)["prefill-0"].early_starts_dropped == 1

@@ -1,7 +1,8 @@
 """Two calls reusing one request id (issue 17, item 2): the second is refused (this
 server says ALREADY_EXISTS) and the first, already streaming, completes normally. Checked at the
-router (its public API) and at a decode worker called directly (the id table the
-router's calls land in), on one real system: router + prefill + decode processes."""
+router (its public API), at a decode worker called directly (the id table the router's
+calls land in) and at a prefill worker called directly (its jobs in flight), on one real
+system: router + prefill + decode processes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.services.common import sampling_to_proto
 from pdserve.services.launcher import Cluster, ClusterSpec
 from pdserve.wire import generate_pb2, worker_pb2, worker_pb2_grpc
-from tests.support.cluster import wait_pools_free
+from tests.support.cluster import wait_pools_free, worker_stats
 
 pytestmark = pytest.mark.slow
 
@@ -113,3 +114,41 @@ def test_decode_worker_refuses_a_request_id_in_flight_and_the_first_call_complet
         assert info.value.code() in REFUSED and "dup-decode" in info.value.details()
         _assert_completed(first, LONG.max_tokens, within_s=60)
     wait_pools_free(cluster)
+
+
+def _prefill_request(request_id: str, key: str) -> worker_pb2.PrefillRequest:
+    return worker_pb2.PrefillRequest(request_id=request_id, token_ids=PROMPT,
+                                     sampling=sampling_to_proto(LONG), early_start_key=key)
+
+
+def test_prefill_worker_refuses_a_request_id_in_flight_and_the_first_job_completes(cluster):
+    """An early-started job holds its request id until its Prefill call claims it: a
+    StartPrefill or a Prefill reusing the id under another key is refused with
+    ALREADY_EXISTS, and the job is then claimed and answered as if nothing happened."""
+    with grpc.insecure_channel(cluster.proc("prefill-0").address) as channel:
+        stub = worker_pb2_grpc.PrefillServiceStub(channel)
+        meta = worker_metadata(cluster)
+        want = stub.Prefill(_prefill_request("dup-prefill-reference", ""), timeout=60,
+                            metadata=meta).first_token_id
+        first = stub.StartPrefill.future(_prefill_request("dup-prefill", "key-1"), timeout=60,
+                                         metadata=meta)
+        _wait_for_a_job(cluster)
+        for call in (stub.StartPrefill, stub.Prefill):
+            with pytest.raises(grpc.RpcError) as info:
+                call(_prefill_request("dup-prefill", "key-2"), timeout=30, metadata=meta)
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "dup-prefill" in info.value.details()
+        assert not first.done()  # the early job still waits for its claim
+        claim = stub.Prefill(_prefill_request("dup-prefill", "key-1"), timeout=60,
+                             metadata=meta)
+        assert claim.stats.started_early and claim.first_token_id == want
+        assert first.result().started and first.result().reason == "done"
+    wait_pools_free(cluster)
+
+
+def _wait_for_a_job(cluster, timeout_s: float = 30.0) -> None:
+    address = cluster.proc("prefill-0").address
+    deadline = time.monotonic() + timeout_s
+    while not worker_stats(address, "prefill", cluster.internal_token).num_transfers_in_flight:
+        assert time.monotonic() < deadline, "the early start never registered its job"
+        time.sleep(0.01)

@@ -20,6 +20,7 @@ CPU_ONLY = [
     "pdserve.services.router.config",
     "pdserve.services.router.discovery",
     "pdserve.services.router.health",
+    "pdserve.services.prefill.job",
     "pdserve.client",
     "pdserve.kvtransfer.transfers",
     "pdserve.kvtransfer.messages",
