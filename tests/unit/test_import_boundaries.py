@@ -21,6 +21,7 @@ CPU_ONLY = [
     "pdserve.services.router.discovery",
     "pdserve.services.router.health",
     "pdserve.services.prefill.job",
+    "pdserve.services.decode.admission",
     "pdserve.client",
     "pdserve.kvtransfer.transfers",
     "pdserve.kvtransfer.messages",

@@ -1,23 +1,27 @@
 """DecodeService: receives prompt KV into its own paged memory and streams tokens.
 
-Lifecycle of one Generate call with kv_source=remote_prefill:
-  RESERVED   the engine allocates blocks for the prompt (its own prefix-cache hits are
-             kept and not transferred) and the KV receiver expects the rest under a
-             fresh transfer id with a lease;
-  PREFILLING the call asks the chosen PrefillService to compute the prompt and push the
-             KV into those blocks (with the router's early_start_key it claims the job
-             the router already started there); it answers with the first token, which
-             push connectors also deliver with the last chunk;
-  DECODING   as soon as the receiver reports DONE with the first token (or else the
-             call answers and the receiver confirms DONE) the request joins the running
-             batch and tokens stream back, one chunk per engine step; the call's answer
-             (the prefill worker's timing) is awaited only for the last chunk;
-  FALLBACK   if the prefill worker is unreachable, the handshake is refused or the
-             transfer fails or expires, the receiver stops taking data for the transfer,
-             and the engine recomputes the prompt here (fallback=recompute, default) or
-             the call ends with UNAVAILABLE (fallback=fail).
+A remotely prefilled request's admission (RESERVED -> WAITING_FOR_KV -> JOINED |
+RECOMPUTE | FAILED) is the pure state machine in admission.py; its events run on the
+engine thread, here. One Generate call with kv_source=remote_prefill:
+  1. reserve: the engine allocates blocks for the prompt (its own prefix-cache hits are
+     kept and not transferred) and the KV receiver expects the rest under a fresh
+     transfer id with a lease (RESERVED);
+  2. the call asks the chosen PrefillService to compute the prompt and push the KV into
+     those blocks (with the router's early_start_key it claims the job the router
+     already started there); it answers with the first token, which push connectors
+     also deliver with the last chunk (WAITING_FOR_KV);
+  3. as soon as the receiver reports DONE with the first token (connector thread), or
+     else the call answers and the receiver confirms DONE, the request joins the
+     running batch (JOINED; whichever comes second does nothing) and tokens stream back,
+     one chunk per engine step; the call's answer (the prefill worker's timing) is
+     awaited only for the last chunk;
+  4. if the prefill worker is unreachable, the handshake is refused or the transfer
+     fails or expires, the receiver stops taking data for the transfer, and the engine
+     recomputes the prompt here (RECOMPUTE, fallback=recompute, default) or the call
+     ends with UNAVAILABLE (FAILED, fallback=fail).
 A cancelled call aborts the engine request and tells the prefill worker to stop; every
-block returns to the pool. kv_source=local_prefill runs the whole request here.
+block returns to the pool. kv_source=local_prefill runs the whole request here. A
+request id already in flight here is refused with ALREADY_EXISTS.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from pdserve.engine.engine import LLMEngine, RequestOutput
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
+from pdserve.services.decode.admission import (AbortRequest, Admission, AdmissionState,
+                                               JoinBatch, Recompute)
 from pdserve.services.common import (ChannelPool, chunk_from_output, remote_timing,
                                      sampling_from_proto, sampling_to_proto, trace)
 from pdserve.services.engine_loop import set_result_if_pending
@@ -81,8 +87,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self.core = WorkerCore(settings, engine, loop, tick=self._tick)
         self.receiver = self.core.connector
         self._channels = ChannelPool(settings.tls, settings.internal_auth.token)
-        self._remote: set[str] = set()
+        self._admissions: dict[str, Admission] = {}  # awaiting their KV, by request id
         self._calls: set[str] = set()  # request ids whose Generate call is in flight
+        self._perform = {JoinBatch: self._join_batch, Recompute: self._recompute,
+                         AbortRequest: self._abort_request}
 
     def start(self) -> None:
         self.core.loop.start()
@@ -147,7 +155,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return worker_pb2.AbortResponse(found=found)
 
     async def Stats(self, request, context):
-        return self.core.stats(in_flight=len(self._remote))
+        return self.core.stats(in_flight=len(self._admissions))
 
     async def Describe(self, request, context):
         return self.core.describe()
@@ -159,9 +167,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         worker's stats (None when it failed); None if this worker recomputes instead."""
         engine, loop = self.core.engine, self.core.loop
         reserved = await loop.call(engine.reserve_remote, ids, params, request_id, inline=True)
-        bs = engine.config.block_size
-        first = reserved.num_cached_tokens // bs
-        transfer_id = self.core.new_transfer_id()
+        first = reserved.num_cached_tokens // engine.config.block_size
+        admission = Admission(request_id, self.core.new_transfer_id(), self._fallback(request))
+        transfer_id = admission.transfer_id
         released = asyncio.Event()
         aio_loop = asyncio.get_running_loop()
         landed = aio_loop.create_future()  # DONE status: see _kv_landed
@@ -170,11 +178,12 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             transfer_id, reserved.block_ids[first:], first_block_index=first,
             block_keys=self._block_keys(ids)[first:], num_tokens=len(ids), lease_s=lease_s,
             on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set),
-            on_done=functools.partial(self._kv_landed, request_id, aio_loop, landed))
-        self._remote.add(request_id)
+            on_done=functools.partial(self._kv_landed, admission, aio_loop, landed))
+        self._admissions[request_id] = admission
         address = request.remote_prefill.prefill_address
         trace(log, request_id, "decode: reserved")
         started = time.monotonic()
+        admission.prefill_called()
         call = asyncio.ensure_future(self._prefill_rpc(
             address, request_id, ids, params, destination, lease_s,
             request.remote_prefill.early_start_key))
@@ -191,27 +200,35 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 stats = _done(aio_loop, known)
         except asyncio.CancelledError:
             call.cancel()
+            loop.submit(self._on_cancelled, admission)
             await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
             raise
         finally:
             keep.cancel()
-            self._remote.discard(request_id)
+            self._admissions.pop(request_id, None)
         trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
         if error is None:
             if early:  # bookkeeping after the first token went out (the next suspension)
                 aio_loop.call_soon(self._kv_received, transfer_id, landed.result(), started)
             else:
                 self.receiver.release(transfer_id)
-                await loop.call(self._join_batch, request_id, first_token, inline=True)
+                await loop.call(self._on_kv_arrived, admission, first_token, inline=True)
             return stats
-        await self._cancel_transfer(transfer_id, released, address, request_id)
+        return await self._kv_failed(admission, error, transfer_id, released, address)
+
+    async def _kv_failed(self, admission: Admission, error: str, transfer_id, released,
+                         address) -> asyncio.Future | None:
+        """The KV will not come: recompute here, or fail the call (TransferFailed)."""
+        await self._cancel_transfer(transfer_id, released, address, admission.request_id)
         self.core.kv_metrics.failed("transfer")
-        if self._fallback(request) == "fail":
-            await loop.call(engine.abort, request_id)
+        state = await self.core.loop.call(self._on_kv_failed, admission, error)
+        if state is AdmissionState.FAILED:
             raise TransferFailed(f"KV transfer from prefill worker {address} failed: {error}")
+        if state is AdmissionState.JOINED:  # its KV landed just before the failure did
+            trace(log, admission.request_id, "decode: joined before the failure (%s)", error)
+            return _done(asyncio.get_running_loop(), None)
         log.warning("request %s: KV transfer from %s failed (%s); recomputing the prompt here",
-                    request_id, address, error)
-        await loop.call(engine.remote_kv_failed, request_id)
+                    admission.request_id, address, error)
         return None
 
     async def _keep_lease(self, transfer_id: str, call: asyncio.Future, lease_s: float) -> None:
@@ -221,22 +238,44 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         while table is not None and not call.done() and table.renew(transfer_id):
             await asyncio.sleep(lease_s / 4)
 
-    def _kv_landed(self, request_id, aio_loop, landed, status) -> None:
+    def _kv_landed(self, admission: Admission, aio_loop, landed, status) -> None:
         """Connector thread: the KV is DONE. With the first token alongside it, the
         request joins the batch on the engine thread right away; asyncio hears after."""
-        trace(log, request_id, "decode: KV landed")
+        trace(log, admission.request_id, "decode: KV landed")
         if status.first_token is not None:
-            self.core.loop.submit(self._join_batch, request_id, status.first_token, inline=True)
+            self.core.loop.submit(self._on_kv_arrived, admission, status.first_token,
+                                  inline=True)
         aio_loop.call_soon_threadsafe(set_result_if_pending, landed, status)
 
-    def _join_batch(self, request_id: str, first_token: int) -> None:
-        """Engine thread: the request decodes from here and its first token goes to the
-        stream; a no-op if it already joined or was aborted meanwhile."""
+    # ---- engine thread: admission events ---------------------------------------------
+    def _on_kv_arrived(self, admission: Admission, first_token: int) -> None:
+        self._apply(admission, admission.kv_arrived(first_token))
+
+    def _on_kv_failed(self, admission: Admission, error: str) -> AdmissionState:
+        self._apply(admission, admission.kv_failed(error))
+        return admission.state
+
+    def _on_cancelled(self, admission: Admission) -> None:
+        self._apply(admission, admission.cancelled())
+
+    def _apply(self, admission: Admission, effects: list) -> None:
+        for effect in effects:
+            self._perform[type(effect)](admission.request_id, effect)
+
+    def _join_batch(self, request_id: str, effect: JoinBatch) -> None:
+        """The one place a remotely prefilled request joins the batch and its first token
+        goes to the stream (the engine may have dropped it: e.g. a failed step)."""
         engine = self.core.engine
-        trace(log, request_id, "decode: joining")
-        if request_id in engine.scheduler.remote:
-            self.core.loop.deliver(engine.remote_kv_arrived(request_id, first_token))
+        if engine.awaiting_kv(request_id):
+            self.core.loop.deliver(engine.remote_kv_arrived(request_id, effect.first_token))
             trace(log, request_id, "decode: joined the batch")
+
+    def _recompute(self, request_id: str, _effect: Recompute) -> None:
+        if self.core.engine.awaiting_kv(request_id):
+            self.core.engine.remote_kv_failed(request_id)
+
+    def _abort_request(self, request_id: str, _effect: AbortRequest) -> None:
+        self.core.engine.abort(request_id)
 
     async def _prefill_rpc(self, address, request_id, ids, params, destination, lease_s,
                            early_key: str = ""):
