@@ -64,7 +64,7 @@ async def start_worker(settings, grace_s: float = 5.0) -> Running:
     settings = dataclasses.replace(settings, internal_auth=settings.internal_auth.load())
     warn_if_open(settings)
     engine = await asyncio.to_thread(LLMEngine, settings.engine, settings.model)
-    if engine.runner.graphs is not None:
+    if engine.uses_cuda_graphs:
         started = time.monotonic()
         count = await asyncio.to_thread(engine.warm_up)
         log.info("captured %d CUDA graphs in %.1f s", count, time.monotonic() - started)
