@@ -5,8 +5,10 @@ the engine thread; asyncio code submits work with `call()` and awaits the result
 command on a latency-critical path may pass inline=True: when the engine thread is idle
 and nothing is queued it runs at once on the caller's thread (under the lock the engine
 thread holds while it works), saving two thread hand-offs; otherwise it is queued. Step
-outputs are handed to per-request asyncio queues, so a slow client only grows its own
-queue and never stalls the step loop or other streams.
+outputs are handed to per-request asyncio queues with one event-loop callback per step
+(not one per request: each wakes the loop and takes the GIL), so a slow client only grows
+its own queue and never stalls the step loop or other streams; `next_output` merges what
+such a client left queued into one output.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+from dataclasses import replace
 from typing import Any, Callable
 
 from pdserve.engine.engine import LLMEngine, RequestOutput
@@ -150,8 +153,10 @@ class EngineLoop:
             self._loop.call_soon_threadsafe(set_result_if_pending, future, result)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            self.deliver(out)
+        routed = [(q, out) for out in outputs
+                  if (q := self._streams.get(out.request_id)) is not None]
+        if routed:
+            self._loop.call_soon_threadsafe(_put_all, routed)
 
     def deliver(self, out: RequestOutput) -> None:
         q = self._streams.get(out.request_id)
@@ -167,6 +172,23 @@ class EngineLoop:
 
 def _noop() -> None:
     pass
+
+
+def _put_all(routed: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for q, out in routed:
+        q.put_nowait(out)
+
+
+async def next_output(stream: asyncio.Queue) -> RequestOutput:
+    """The next output of a stream, merged with the ones queued behind it (the reader fell
+    behind the engine): their tokens and text in order, the last one's state."""
+    parts = [await stream.get()]
+    while not parts[-1].finished and not stream.empty():
+        parts.append(stream.get_nowait())
+    if len(parts) == 1:
+        return parts[0]
+    return replace(parts[-1], new_token_ids=[t for p in parts for t in p.new_token_ids],
+                   text_delta="".join(p.text_delta for p in parts))
 
 
 def set_result_if_pending(future: asyncio.Future, result: Any) -> None:

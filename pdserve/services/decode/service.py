@@ -42,7 +42,7 @@ from pdserve.services.decode.admission import (AbortRequest, Admission, Admissio
                                                JoinBatch, Recompute)
 from pdserve.services.common import (ChannelPool, chunk_from_output, remote_timing,
                                      sampling_from_proto, sampling_to_proto, trace)
-from pdserve.services.engine_loop import set_result_if_pending
+from pdserve.services.engine_loop import next_output, set_result_if_pending
 from pdserve.services.worker import WorkerCore, WorkerSettings
 from pdserve.wire import kv_pb2, worker_pb2, worker_pb2_grpc
 
@@ -125,10 +125,10 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             else:
                 await self.core.loop.call(self.core.engine.add_request, ids, params, request_id)
             while not finished:
-                out: RequestOutput = await stream.get()
+                out: RequestOutput = await next_output(stream)
                 finished = out.finished
                 self._observe(out)
-                if out.num_output_tokens == 1:
+                if out.num_output_tokens == len(out.new_token_ids):
                     trace(log, request_id, "decode: first token out")
                 chunk = chunk_from_output(out, self.core.settings.worker_id)
                 if finished and remote_stats is not None:
