@@ -59,7 +59,7 @@ class EngineStats:
     """A snapshot of the engine's load and KV pool, for stats and metrics."""
 
     num_running: int
-    num_waiting: int  # queued for compute or waiting for remote KV
+    num_waiting: int  # queued for compute, for blocks or for remote KV
     kv_usage: float
     num_free_blocks: int
     num_total_blocks: int
@@ -84,6 +84,10 @@ class Reservation:
     request_id: str
     block_ids: tuple[int, ...]
     num_cached_tokens: int
+
+
+def _reservation(request: Request) -> Reservation:
+    return Reservation(request.request_id, tuple(request.block_ids), request.num_cached_tokens)
 
 
 @dataclass
@@ -234,16 +238,23 @@ class LLMEngine:
 
     # ---- disaggregation: KV computed elsewhere ----------------------------------------
     def reserve_remote(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> Reservation:
-        """Decode side: allocate the prompt's blocks before KV is pushed into them."""
+                       request_id: str | None = None) -> Reservation | None:
+        """Decode side: allocate the prompt's blocks before KV is pushed into them. None
+        when the pool is full now: the request waits in line and a later
+        granted_reservations() returns its Reservation. InvalidRequest if it could never
+        fit this worker's pool."""
         request = self.make_request(prompt_ids, params, request_id)
         try:
-            self.scheduler.add_remote(request)
+            block_ids = self.scheduler.add_remote(request)
         except MemoryError as exc:
             self._forget(request.request_id)
-            raise InvalidRequest(f"not enough free KV blocks for this prompt now: {exc}") from exc
-        return Reservation(request.request_id, tuple(request.block_ids),
-                           request.num_cached_tokens)
+            raise InvalidRequest(str(exc)) from exc
+        return None if block_ids is None else _reservation(request)
+
+    def granted_reservations(self) -> list[Reservation]:
+        """Reservations that were in line and got their blocks now (call once per step:
+        steps and aborts free blocks)."""
+        return [_reservation(r) for r in self.scheduler.grant_reservations()]
 
     def remote_kv_arrived(self, request_id: str, first_token: int) -> RequestOutput:
         """The KV is in place: the request decodes from here; returns the first token."""
@@ -298,8 +309,9 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         sched, alloc = self.scheduler, self.allocator
+        queued = len(sched.waiting) + len(sched.remote) + len(sched.reserving)
         return EngineStats(
-            num_running=len(sched.running), num_waiting=len(sched.waiting) + len(sched.remote),
+            num_running=len(sched.running), num_waiting=queued,
             kv_usage=alloc.usage, num_free_blocks=alloc.num_free,
             num_total_blocks=alloc.num_blocks, num_cached_blocks=alloc.num_cached,
             prefix_queries=alloc.prefix_queries, prefix_hits=alloc.prefix_hits)

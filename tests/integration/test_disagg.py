@@ -190,6 +190,17 @@ def test_one_prefill_two_decode_survives_a_dead_decode_worker(prompts, reference
         wait_pools_free(cluster)
 
 
+def test_a_full_decode_pool_queues_remote_prompts_instead_of_refusing(prompts, reference):
+    """A decode pool of 12 blocks holds one or two of these requests at a time: the
+    others wait in line for blocks (they used to be refused as INVALID_ARGUMENT / HTTP
+    400 'not enough free KV blocks'), and every one completes with the colocated tokens."""
+    with Cluster(ClusterSpec(decode_args=("--num-blocks", "12"))) as cluster:
+        address = cluster.start()
+        assert run_concurrently(address, prompts) == reference
+        stats = wait_pools_free(cluster)
+        assert stats["decode-0"].num_total_blocks == 12
+
+
 def test_cancel_mid_stream_frees_every_block(ucx_cluster, prompts):
     address = ucx_cluster.router_address
     params = SamplingParams(max_tokens=400, ignore_eos=True)

@@ -341,6 +341,55 @@ def test_remote_without_room_raises_and_leaves_nothing():
     sched.add_remote(req("big", 20))  # the id is free again
 
 
+def test_remote_with_a_full_pool_waits_in_line_and_is_granted_in_order():
+    sched, alloc = make(num_blocks=6)
+    first = req("first", 64)  # 4 of the 6 blocks
+    assert len(sched.add_remote(first)) == 4
+    big, small = req("big", 40, first=500), req("small", 10, first=900)
+    assert sched.add_remote(big) is None and sched.add_remote(small) is None
+    assert big.state is small.state is RequestState.RESERVING
+    assert not big.block_ids and alloc.num_free == 2  # in line, holding nothing
+    assert sched.num_unfinished == 3
+    assert sched.grant_reservations() == []  # small fits, but must not overtake big
+    sched.finish(first, FinishReason.ABORT)
+    assert sched.grant_reservations() == [big, small]
+    assert big.state is small.state is RequestState.WAITING_FOR_KV
+    assert len(big.block_ids) == 3 and len(small.block_ids) == 1
+    assert sched.grant_reservations() == []
+
+
+def test_a_reservation_leaves_each_running_request_its_next_block():
+    sched, alloc = make(num_blocks=8, budget=128)
+    sched.add(req("running", 30, max_tokens=40))
+    step(sched)  # 2 blocks in use, 6 free
+    assert sched.add_remote(req("fits-tight", 96, first=500)) is None  # 6 + 1 > 6
+    assert sched.add_remote(req("x", 1, first=900)) is None  # behind it in line
+    assert len(sched.reserving) == 2
+
+
+def test_an_aborted_reservation_in_line_leaves_the_line_and_frees_nothing():
+    sched, alloc = make(num_blocks=4)
+    sched.add_remote(req("occupant", 64))
+    waiting = req("waiting", 16, first=500)
+    assert sched.add_remote(waiting) is None
+    sched.finish(waiting, FinishReason.ABORT)
+    assert not sched.reserving and sched.get("waiting") is None
+    sched.finish(sched.get("occupant"), FinishReason.ABORT)
+    assert sched.grant_reservations() == [] and alloc.num_free == alloc.num_blocks
+
+
+def test_a_reservation_in_line_pins_no_cached_block():
+    sched, alloc = make(num_blocks=5)
+    sched.add(req("warm", 40, max_tokens=1))
+    run_to_end(sched)  # 2 blocks of this prompt are cached, all 5 free
+    hog = req("hog", 64, first=5000)
+    sched.add_remote(hog)  # takes 4: the cached blocks are evictable free blocks
+    again = req("again", 40)
+    assert sched.add_remote(again) is None
+    assert again.block_ids == [] and again.num_cached_tokens == 0
+    assert alloc.num_free == 1
+
+
 def test_duplicate_request_id_is_rejected():
     sched, _ = make()
     sched.add(req("same", 4))

@@ -1,9 +1,12 @@
 """A request's state inside one engine.
 
     WAITING ──schedule──> RUNNING ──stop/length──> FINISHED
-       ^  │                  │
-       │  └──(remote KV)──> WAITING_FOR_KV ──KV arrived──> RUNNING
-       └──── PREEMPTED <─────┘ (blocks ran out: freed, recomputed later)
+       ^                  │  ^
+       └─── PREEMPTED <───┘  │  (blocks ran out: freed, recomputed later)
+                             │
+    decode side, KV computed elsewhere (add_remote):
+    RESERVING ──blocks free──> WAITING_FOR_KV ──KV arrived──┘
+    (pool full when it came)        └──transfer failed──> WAITING (recomputed here)
 
 num_computed_tokens counts tokens whose KV is in the cache; a request is in prefill
 while it is below len(all_token_ids) - 1 and decodes one token per step after that.
@@ -20,6 +23,7 @@ from pdserve.engine.params import SamplingParams
 
 class RequestState(enum.Enum):
     WAITING = "waiting"
+    RESERVING = "reserving"  # decode side: in line for the blocks its remote KV needs
     WAITING_FOR_KV = "waiting_for_kv"
     RUNNING = "running"
     PREEMPTED = "preempted"

@@ -84,6 +84,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.held: dict[str, Request] = {}  # finished, blocks kept for a KV transfer
         self.remote: dict[str, Request] = {}  # WAITING_FOR_KV
+        self.reserving: deque[Request] = deque()  # RESERVING: add_remote found no room
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -92,23 +93,48 @@ class Scheduler:
         self._register(request)
         self.waiting.append(request)
 
-    def add_remote(self, request: Request) -> list[int]:
+    def add_remote(self, request: Request) -> list[int] | None:
         """Reserve blocks for a prompt whose KV another worker will push (decode side).
 
         Returns the block ids for the whole prompt; the first num_cached_tokens of it
-        are already here (prefix cache) and need not be sent.
+        are already here (prefix cache) and need not be sent. None when the pool cannot
+        take it now: it waits in line (RESERVING) and grant_reservations() hands it out
+        once steps free enough blocks. MemoryError if the whole pool could never hold it.
         """
+        need = -(-len(request.prompt_ids) // self.config.block_size)
+        if need > self.allocator.num_blocks:
+            raise MemoryError(f"a prompt of {len(request.prompt_ids)} tokens needs {need} KV "
+                              f"blocks; this worker's pool has {self.allocator.num_blocks}")
         self._register(request)
+        if not self.reserving and self._try_reserve(request):
+            return list(request.block_ids)
+        request.state = RequestState.RESERVING
+        self.reserving.append(request)
+        return None
+
+    def grant_reservations(self) -> list[Request]:
+        """Reservations in line that fit now, in arrival order (none overtakes another);
+        each is WAITING_FOR_KV with its blocks when returned."""
+        granted = []
+        while self.reserving and self._try_reserve(self.reserving[0]):
+            granted.append(self.reserving.popleft())
+        return granted
+
+    def _try_reserve(self, request: Request) -> bool:
+        """Blocks for the whole prompt, leaving one free block per running request (its
+        next decode block), so a reservation never makes a step preempt."""
         # like a local prompt, the last token is always computed (it yields the first
         # sample), so at least the final block travels
         self._lookup_prefix(request, len(request.prompt_ids) - 1)
-        if not self._ensure_blocks(request, len(request.prompt_ids)):
-            self._release(request)
-            del self.requests[request.request_id]
-            raise MemoryError(f"no KV blocks for {len(request.prompt_ids)} prompt tokens")
+        need = -(-len(request.prompt_ids) // self.config.block_size) - len(request.block_ids)
+        if need + len(self.running) > self.allocator.num_free or \
+                not self._ensure_blocks(request, len(request.prompt_ids)):
+            self._release(request)  # a request in line must not pin cached blocks
+            request.num_computed_tokens = request.num_cached_tokens = 0
+            return False
         request.state = RequestState.WAITING_FOR_KV
         self.remote[request.request_id] = request
-        return list(request.block_ids)
+        return True
 
     def remote_kv_arrived(self, request_id: str, first_token: int) -> Request:
         """The pushed KV is in place; the request joins the running batch."""
@@ -204,6 +230,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.state in (RequestState.WAITING, RequestState.PREEMPTED):
             self.waiting.remove(request)
+        elif request.state is RequestState.RESERVING:
+            self.reserving.remove(request)
         self.remote.pop(request.request_id, None)
         request.state = RequestState.FINISHED
         request.finish_reason = reason
@@ -292,7 +320,7 @@ class Scheduler:
     # ---- views -----------------------------------------------------------------------
     @property
     def num_unfinished(self) -> int:
-        return len(self.waiting) + len(self.running) + len(self.remote)
+        return len(self.waiting) + len(self.running) + len(self.remote) + len(self.reserving)
 
     def get(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)

@@ -4,8 +4,9 @@ A remotely prefilled request's admission (RESERVED -> WAITING_FOR_KV -> JOINED |
 RECOMPUTE | FAILED) is the pure state machine in admission.py; its events run on the
 engine thread, here. One Generate call with kv_source=remote_prefill:
   1. reserve: the engine allocates blocks for the prompt (its own prefix-cache hits are
-     kept and not transferred) and the KV receiver expects the rest under a fresh
-     transfer id with a lease (RESERVED);
+     kept and not transferred; while the pool is full the call waits in line, in arrival
+     order, until finished requests free enough) and the KV receiver expects the rest
+     under a fresh transfer id with a lease (RESERVED);
   2. the call asks the chosen PrefillService to compute the prompt and push the KV into
      those blocks (with the router's early_start_key it claims the job the router
      already started there); it answers with the first token, which push connectors
@@ -34,7 +35,7 @@ import uuid
 
 import grpc
 
-from pdserve.engine.engine import LLMEngine, RequestOutput
+from pdserve.engine.engine import LLMEngine, RequestOutput, Reservation
 from pdserve.engine.sampling import InvalidRequest
 from pdserve.kvtransfer import TransferState
 from pdserve.kvtransfer.messages import destination_to_proto
@@ -89,6 +90,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         self._channels = ChannelPool(settings.tls, settings.internal_auth.token)
         self._admissions: dict[str, Admission] = {}  # awaiting their KV, by request id
         self._calls: set[str] = set()  # request ids whose Generate call is in flight
+        # in line for blocks (the pool was full when they came), by request id
+        self._granting: dict[str, asyncio.Future] = {}
+        self._aio_loop = loop
         self._perform = {JoinBatch: self._join_batch, Recompute: self._recompute,
                          AbortRequest: self._abort_request}
 
@@ -166,7 +170,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         """Once the prompt's KV is here and the request decodes: a future of the prefill
         worker's stats (None when it failed); None if this worker recomputes instead."""
         engine, loop = self.core.engine, self.core.loop
-        reserved = await loop.call(engine.reserve_remote, ids, params, request_id, inline=True)
+        reserved = await self._reserve(request_id, ids, params)
         first = reserved.num_cached_tokens // engine.config.block_size
         admission = Admission(request_id, self.core.new_transfer_id(), self._fallback(request))
         transfer_id = admission.transfer_id
@@ -215,6 +219,26 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                 await loop.call(self._on_kv_arrived, admission, first_token, inline=True)
             return stats
         return await self._kv_failed(admission, error, transfer_id, released, address)
+
+    async def _reserve(self, request_id: str, ids: list[int], params) -> Reservation:
+        """The prompt's blocks; while the pool is full, the call waits in line (FIFO)
+        until steps or aborts free enough of them (the tick hands them out)."""
+        granted = self._granting[request_id] = self._aio_loop.create_future()
+        try:
+            reserved = await self.core.loop.call(self.core.engine.reserve_remote, ids, params,
+                                                 request_id, inline=True)
+            if reserved is None:
+                trace(log, request_id, "decode: in line for KV blocks")
+                reserved = await granted
+            return reserved
+        finally:
+            self._granting.pop(request_id, None)
+
+    def _granted(self, reservations: list[Reservation]) -> None:
+        for reservation in reservations:
+            waiter = self._granting.get(reservation.request_id)
+            if waiter is not None:
+                set_result_if_pending(waiter, reservation)
 
     async def _kv_failed(self, admission: Admission, error: str, transfer_id, released,
                          address) -> asyncio.Future | None:
@@ -361,6 +385,9 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     # ---- engine thread / metrics -----------------------------------------------------
     def _tick(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         self.receiver.poll()  # expires overdue leases (every step, or every idle wait)
+        granted = engine.granted_reservations()
+        if granted:
+            self._aio_loop.call_soon_threadsafe(self._granted, granted)
         self.core.update_gauges()
 
     def _observe(self, out: RequestOutput) -> None:
