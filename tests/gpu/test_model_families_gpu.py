@@ -13,7 +13,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.synthetic import synthetic_model
 from tests.integration.test_model_oracles import CASES, NEW_TOKENS, hf_greedy, prompts
-from tests.support.tiny_models import hf_model_class, write_hf_folder
+from tests.support.tiny_models import hf_reference, write_hf_folder
 
 pytestmark = pytest.mark.gpu
 
@@ -32,7 +32,7 @@ def test_cuda_path_matches_transformers_fp32(case, graphs, tmp_path):
     torch.backends.cuda.matmul.allow_tf32 = False
     arch, overrides, _ = CASES[case]
     folder = write_hf_folder(tmp_path / "hf", arch, random_vectors=True, **overrides)
-    hf = hf_model_class(arch).from_pretrained(folder, dtype=torch.float32).eval()
+    hf = hf_reference(arch, folder)
     want = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts()]
     engine = cuda_engine(load_model(str(folder)), graphs)
     got = engine.generate(prompts(), SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))

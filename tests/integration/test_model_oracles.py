@@ -16,7 +16,7 @@ from pdserve.engine.loader import load_model
 from pdserve.engine.sampling import SamplingParams
 from tests.support.engines import engine_on
 from tests.support.gguf_writer import write_gguf
-from tests.support.tiny_models import hf_model_class, write_hf_folder
+from tests.support.tiny_models import hf_reference, write_hf_folder
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,7 +95,7 @@ def checkpoints(tmp_path_factory):
             arch, overrides, _ = CASES[case]
             folder = write_hf_folder(tmp_path_factory.mktemp(case) / "hf", arch,
                                      random_vectors=True, **overrides)
-            model = hf_model_class(arch).from_pretrained(folder, dtype=torch.float32).eval()
+            model = hf_reference(arch, folder)
             built[case] = folder, [hf_greedy(model, p, NEW_TOKENS) for p in prompts()]
         return built[case]
     return get
@@ -128,7 +128,7 @@ def test_gguf_greedy_matches_transformers(case, checkpoints, tmp_path, monkeypat
 def test_final_logit_soft_cap_matches_transformers(checkpoints):
     """Greedy tokens cannot see a monotonic cap: compare logits from the same hidden states."""
     folder, _ = checkpoints("gemma2")
-    hf = hf_model_class("gemma2").from_pretrained(folder, dtype=torch.float32).eval()
+    hf = hf_reference("gemma2", folder)
     with torch.no_grad():
         out = hf(input_ids=torch.tensor([prompts()[0]]), output_hidden_states=True)
     engine = engine_on(load_model(str(folder)))

@@ -47,6 +47,16 @@ def hf_model_class(arch: str):
     return getattr(transformers, HF_CLASSES[arch][1])
 
 
+def hf_reference(arch: str, folder: Path):
+    """The transformers model of a checkpoint folder as the oracle, fp32 on the CPU, with
+    eager attention: the exact math (some versions default Gemma 2 to SDPA, which has no
+    logit soft cap and so is not the model)."""
+    import torch
+
+    return hf_model_class(arch).from_pretrained(folder, dtype=torch.float32,
+                                                attn_implementation="eager").eval()
+
+
 def write_hf_folder(folder: Path, arch: str, seed: int = 0, random_vectors: bool = False,
                     **overrides) -> Path:
     """Save a tiny random model of the given transformers architecture as safetensors.
