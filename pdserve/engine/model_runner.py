@@ -202,6 +202,17 @@ class ModelRunner:
             return self._sample(scheduled, sampling, logits) if sampling else [None]
         if self._replayable_in_parts(scheduled):
             return self._execute_in_parts(scheduled, sampling)
+        rows = _decode_rows_first(scheduled) if self.backend.splits_mixed_batches else None
+        if rows is not None:  # the backend runs a mixed step's decode rows apart
+            tokens = self._execute_eager([scheduled[i] for i in rows])
+            result: list[int | None] = [None] * len(scheduled)
+            for token, i in zip(tokens, rows):
+                result[i] = token
+            return result
+        return self._execute_eager(scheduled)
+
+    def _execute_eager(self, scheduled: list[ScheduledRequest]) -> list[int | None]:
+        sampling = [i for i, s in enumerate(scheduled) if s.samples]
         ids, pos, meta, starts = self.build_batch(scheduled)
         hidden = self.model(ids, pos, self.pool, self.backend, meta)
         self._mark_launched()
@@ -336,6 +347,15 @@ TENSOR_CHUNK_MIN_TOKENS = 256
 
 # Prompt chunks of one mixed step replayed as separate prefill graphs, at most
 MAX_REPLAYED_CHUNKS = 4
+
+
+def _decode_rows_first(scheduled: list[ScheduledRequest]) -> list[int] | None:
+    """The rows of a mixed step reordered decode rows first (stable), or None when they
+    already are (attention backends split a mixed batch at its last leading decode row)."""
+    decode = [i for i, s in enumerate(scheduled) if _is_decode_row(s)]
+    if not decode or len(decode) == len(scheduled) or decode[-1] == len(decode) - 1:
+        return None
+    return decode + [i for i, s in enumerate(scheduled) if not _is_decode_row(s)]
 
 
 def _is_decode_row(s: ScheduledRequest) -> bool:

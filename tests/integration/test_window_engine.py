@@ -95,6 +95,33 @@ def test_triton_backend_under_the_interpreter_matches_transformers(loaded, promp
 
 
 @pytest.mark.slow
+def test_triton_mixed_steps_run_decode_rows_apart_and_match_transformers(loaded, prompts,
+                                                                        expected, monkeypatch):
+    """The 57-token prompt is still chunked while the 23-token one decodes behind it in
+    the running order: those steps go decode rows first, the decode rows through the
+    decode kernel, and both continuations stay transformers'."""
+    pytest.importorskip("triton")
+    from pdserve.engine import model_runner
+
+    reordered = []
+    original = model_runner._decode_rows_first
+
+    def spy(scheduled):
+        rows = original(scheduled)
+        reordered.append(rows is not None)
+        return rows
+
+    monkeypatch.setattr(model_runner, "_decode_rows_first", spy)
+    engine = engine_on(loaded, num_blocks=24, attention_backend="triton",
+                       max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    got = engine.generate([prompts[1], prompts[2]], params)
+    assert [c.token_ids for c in got] == [expected[1][:8], expected[2][:8]]
+    assert any(reordered)
+    assert engine.pool_is_idle()
+
+
+@pytest.mark.slow
 def test_disaggregated_local_connector_matches_colocated(folder, prompts, expected):
     from pdserve.services.launcher import start_in_process
 

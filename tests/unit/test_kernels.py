@@ -227,12 +227,17 @@ def test_decode_padded_slot_writes_zeros_not_nan():
 
 # ---- backend ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
+# decode rows first (context, 1 query), then a chunk with context and a whole prompt
+MIXED_STEP = [(6, 1), (39, 1), (15, 1), (20, 12), (0, 33)]
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode", "mixed"])
 def test_backend_matches_torch_backend(phase):
     gen = torch.Generator().manual_seed(11)
-    lens = MIXED[:3] if phase == "prefill" else [(s - 1, 1) for s in (7, 16, 40)]
-    pool, k_cache, v_cache = make_pool(16, 16, 2, 16, "float32", gen)
-    meta = make_meta(lens, 16, 16, gen)
+    lens = {"prefill": MIXED[:3], "decode": [(s - 1, 1) for s in (7, 16, 40)],
+            "mixed": MIXED_STEP}[phase]
+    pool, k_cache, v_cache = make_pool(24, 16, 2, 16, "float32", gen)
+    meta = make_meta(lens, 16, 24, gen)
     n = meta.slot_mapping.shape[0]
     q = torch.randn(n, 4, 16, generator=gen)
     k = torch.randn(n, 2, 16, generator=gen)
@@ -244,3 +249,19 @@ def test_backend_matches_torch_backend(phase):
     ref = TorchAttentionBackend().forward(q, k, v, *pool.layer_caches(1), meta, 0.25)
     assert torch.equal(written, pool.kv)
     check(out, ref, torch.float32)
+    assert (meta.split_decodes() is not None) == (phase == "mixed")
+
+
+def test_split_decodes_rebases_the_chunks_and_keeps_the_decode_rows():
+    gen = torch.Generator().manual_seed(3)
+    meta = make_meta(MIXED_STEP, 16, 24, gen)
+    decode, chunks = meta.split_decodes()
+    assert meta.split_decodes()[0] is decode  # built once per step
+    assert decode.query_start_loc.tolist() == [0, 1, 2, 3] and decode.max_query_len == 1
+    assert decode.seq_lens_cpu == [7, 40, 16] and decode.max_seq_len == 40
+    assert chunks.query_start_loc.tolist() == [0, 12, 45] and chunks.max_query_len == 33
+    assert torch.equal(chunks.block_tables, meta.block_tables[3:])
+    assert torch.equal(chunks.slot_mapping, meta.slot_mapping[3:])
+    # not of that form: decode only, chunks only, a chunk before the decode rows
+    for lens in ([(6, 1), (9, 1)], [(0, 5), (3, 4)], [(0, 5), (6, 1)]):
+        assert make_meta(lens, 16, 24, gen).split_decodes() is None

@@ -9,7 +9,7 @@ of its context of seq_lens[i] tokens. Context tokens live in the paged KV cache
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,11 +35,45 @@ class AttentionMetadata:
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
 
+    # (decode part, chunk part) of a mixed batch, built once per step (see split_decodes)
+    _split: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def split_decodes(self) -> tuple["AttentionMetadata", "AttentionMetadata"] | None:
+        """A mixed batch whose first sequences have one query each (decode rows; the
+        model runner puts them first) as two batches: those rows, for a decode kernel
+        that splits long contexts, and the prompt chunks after them, with their query
+        offsets rebased to 0. None when the batch is not of that form. Host ints only:
+        no device sync; the slices and the rebased offsets are made once per step."""
+        if self._split is None:
+            self._split = (self._make_split(),)
+        return self._split[0]
+
+    def _make_split(self):
+        num_decodes = next((i for i, n in enumerate(self.query_lens_cpu) if n != 1),
+                           self.num_seqs)
+        if num_decodes == 0 or num_decodes == self.num_seqs:
+            return None
+        d = num_decodes
+        decode = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:d], query_start_loc=self.query_start_loc[:d + 1],
+            seq_lens=self.seq_lens[:d], block_tables=self.block_tables[:d], max_query_len=1,
+            max_seq_len=max(self.seq_lens_cpu[:d]), query_lens_cpu=self.query_lens_cpu[:d],
+            seq_lens_cpu=self.seq_lens_cpu[:d])
+        chunks = AttentionMetadata(
+            slot_mapping=self.slot_mapping[d:], query_start_loc=self.query_start_loc[d:] - d,
+            seq_lens=self.seq_lens[d:], block_tables=self.block_tables[d:],
+            max_query_len=self.max_query_len, max_seq_len=max(self.seq_lens_cpu[d:]),
+            query_lens_cpu=self.query_lens_cpu[d:], seq_lens_cpu=self.seq_lens_cpu[d:])
+        return decode, chunks
+
 
 class AttentionBackend(ABC):
     """Stores new K/V into the paged cache and attends over each sequence's context."""
 
     name: str = "abstract"
+    # True: a mixed step's decode rows are attended apart from its prompt chunks when they
+    # come first (AttentionMetadata.split_decodes), so the model runner puts them first
+    splits_mixed_batches: bool = False
 
     @abstractmethod
     def forward(

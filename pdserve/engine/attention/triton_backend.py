@@ -34,7 +34,9 @@ class TritonAttentionBackend(AttentionBackend):
     runs torch's cuDNN attention on them (1.2x the paged kernel at 4k tokens, 1.4x at
     8k on an H100; equal at 2k: bench/prefill_dense.py; the engine's default is 3,072).
     The paged kernel serves every other prefill (batches, prefix hits, later chunks).
-    0 turns it off. Windowed or soft-capped layers always take the paged kernel.
+    0 turns it off. A mixed step (decode rows first, then prompt chunks: the model runner
+    orders it so) runs as two batches: the decode rows through the decode kernel, the
+    chunks as above (a whole prompt among decode rows also takes cuDNN). Windowed or soft-capped layers always take the paged kernel.
 
     Sliding window and soft cap (per layer, fixed for the model's lifetime) are launch
     arguments: graph-safe. A windowed layer's decode split count is chosen for a context
@@ -42,6 +44,7 @@ class TritonAttentionBackend(AttentionBackend):
     """
 
     name = "triton"
+    splits_mixed_batches = True
 
     def __init__(self, graph_max_seq_len: int | None = None, decode_splits: int | None = None,
                  dense_prefill_min_tokens: int = 0):
@@ -61,18 +64,38 @@ class TritonAttentionBackend(AttentionBackend):
                 sliding_window: int = 0, logits_soft_cap: float = 0.0):
         # q: [num_tokens, num_heads, d]; k, v: [num_tokens, kv_heads, d]
         store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        split = None if meta.is_decode_only else meta.split_decodes()
+        if split is None:
+            return self._attend(q, k, v, k_cache, v_cache, meta, scale, sliding_window,
+                                logits_soft_cap)
+        # a mixed step: its decode rows through the decode kernel (split over long
+        # contexts; the prefill kernel would give each a 1-row query block per head)
+        decode, chunks = split
+        d = decode.num_seqs
+        out = torch.empty_like(q)
+        self._attend(q[:d], k[:d], v[:d], k_cache, v_cache, decode, scale, sliding_window,
+                     logits_soft_cap, out[:d])
+        self._attend(q[d:], k[d:], v[d:], k_cache, v_cache, chunks, scale, sliding_window,
+                     logits_soft_cap, out[d:])
+        return out
+
+    def _attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int, logits_soft_cap: float, out: torch.Tensor | None = None):
+        """Attention of one batch whose K/V are already in the cache, into out if given."""
         if meta.is_decode_only:
             splits = self.num_splits_for(meta, k_cache.shape[2], q.device, sliding_window)
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                           meta.query_start_loc, scale, meta.max_seq_len,
-                                          num_splits=splits, sliding_window=sliding_window,
+                                          num_splits=splits, out=out,
+                                          sliding_window=sliding_window,
                                           logits_soft_cap=logits_soft_cap)
         if (self._dense(meta) and q.dtype in (torch.float16, torch.bfloat16)
                 and logits_soft_cap <= 0 and not 0 < sliding_window < meta.max_seq_len):
-            return dense_causal_attention(q, k, v, scale)
+            dense = dense_causal_attention(q, k, v, scale)
+            return dense if out is None else out.copy_(dense)
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables,
                                        meta.query_start_loc, meta.seq_lens, meta.max_query_len,
-                                       scale, sliding_window=sliding_window,
+                                       scale, out=out, sliding_window=sliding_window,
                                        logits_soft_cap=logits_soft_cap)
 
     def _dense(self, meta: AttentionMetadata) -> bool:
