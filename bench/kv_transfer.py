@@ -150,7 +150,7 @@ def _done(done_at: list[float], transfer_id: str, ended: threading.Event) -> Non
 
 
 def _hop(transfer_id: str, event: str) -> None:
-    """A hop in the connectors' trace format (kvtransfer/ucx.py _trace)."""
+    """A hop in the connectors' trace format (kvtransfer/ucx/inplace.py _trace)."""
     if trace_log.isEnabledFor(logging.DEBUG):
         trace_log.debug("trace %s %s %.3f", transfer_id, event, time.monotonic() * 1000)
 
