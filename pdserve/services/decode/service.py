@@ -32,6 +32,7 @@ import functools
 import logging
 import time
 import uuid
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -59,6 +60,22 @@ FINAL_ERROR_KEY = "pdserve-final-error"
 
 class TransferFailed(Exception):
     pass
+
+
+@dataclass
+class _Handoff:
+    """One remotely prefilled request's hand-off, as its Generate call holds it."""
+
+    admission: Admission
+    address: str  # the prefill worker's
+    lease_s: float
+    released: asyncio.Event  # the receiver let go of the blocks (no write can land)
+    landed: asyncio.Future  # the receiver's DONE status (see _kv_landed)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def transfer_id(self) -> str:
+        return self.admission.transfer_id
 
 
 def _done(loop: asyncio.AbstractEventLoop, value) -> asyncio.Future:
@@ -169,56 +186,71 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                               ) -> asyncio.Future | None:
         """Once the prompt's KV is here and the request decodes: a future of the prefill
         worker's stats (None when it failed); None if this worker recomputes instead."""
-        engine, loop = self.core.engine, self.core.loop
         reserved = await self._reserve(request_id, ids, params)
-        first = reserved.num_cached_tokens // engine.config.block_size
-        admission = Admission(request_id, self.core.new_transfer_id(), self._fallback(request))
-        transfer_id = admission.transfer_id
-        released = asyncio.Event()
-        aio_loop = asyncio.get_running_loop()
-        landed = aio_loop.create_future()  # DONE status: see _kv_landed
-        lease_s = (request.kv_lease_ms / 1000.0) or self.core.settings.kv_lease_s
-        destination = self.receiver.expect(
-            transfer_id, reserved.block_ids[first:], first_block_index=first,
-            block_keys=self._block_keys(ids)[first:], num_tokens=len(ids), lease_s=lease_s,
-            on_release=lambda *_: aio_loop.call_soon_threadsafe(released.set),
-            on_done=functools.partial(self._kv_landed, admission, aio_loop, landed))
-        self._admissions[request_id] = admission
-        address = request.remote_prefill.prefill_address
-        trace(log, request_id, "decode: reserved")
-        started = time.monotonic()
-        admission.prefill_called()
+        handoff, destination = self._expect_kv(request, reserved, ids)
         call = asyncio.ensure_future(self._prefill_rpc(
-            address, request_id, ids, params, destination, lease_s,
+            handoff.address, request_id, ids, params, destination, handoff.lease_s,
             request.remote_prefill.early_start_key))
-        keep = asyncio.ensure_future(self._keep_lease(transfer_id, call, lease_s))
         try:
-            await asyncio.wait({call, landed}, return_when=asyncio.FIRST_COMPLETED)
-            early = landed.done() and landed.result().first_token is not None
-            if early:  # _kv_landed already had the engine thread put it in the batch
-                first_token, error = landed.result().first_token, None
-                stats = asyncio.ensure_future(_stats_of(call))
-            else:
-                first_token, known, error = await self._check_answer(await call, transfer_id,
-                                                                     started)
-                stats = _done(aio_loop, known)
+            early, first_token, stats, error = await self._first_token(handoff, call)
+        finally:
+            self._admissions.pop(request_id, None)
+        trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
+        if error is not None:
+            return await self._kv_failed(handoff, error)
+        if early:  # bookkeeping after the first token went out (the next suspension)
+            asyncio.get_running_loop().call_soon(
+                self._kv_received, handoff.transfer_id, handoff.landed.result(), handoff.started)
+        else:
+            self.receiver.release(handoff.transfer_id)
+            await self.core.loop.call(self._on_kv_arrived, handoff.admission, first_token,
+                                      inline=True)
+        return stats
+
+    def _expect_kv(self, request, reserved: Reservation, ids: list[int]):
+        """RESERVED: the receiver expects the blocks the prompt misses here under a fresh
+        transfer id with a lease; (the hand-off, the destination for the prefill call)."""
+        first = reserved.num_cached_tokens // self.core.engine.config.block_size
+        aio_loop = asyncio.get_running_loop()
+        handoff = _Handoff(
+            Admission(reserved.request_id, self.core.new_transfer_id(), self._fallback(request)),
+            request.remote_prefill.prefill_address,
+            (request.kv_lease_ms / 1000.0) or self.core.settings.kv_lease_s,
+            asyncio.Event(), aio_loop.create_future())
+        destination = self.receiver.expect(
+            handoff.transfer_id, reserved.block_ids[first:], first_block_index=first,
+            block_keys=self._block_keys(ids)[first:], num_tokens=len(ids),
+            lease_s=handoff.lease_s,
+            on_release=lambda *_: aio_loop.call_soon_threadsafe(handoff.released.set),
+            on_done=functools.partial(self._kv_landed, handoff.admission, aio_loop,
+                                      handoff.landed))
+        self._admissions[reserved.request_id] = handoff.admission
+        trace(log, reserved.request_id, "decode: reserved")
+        handoff.admission.prefill_called()
+        return handoff, destination
+
+    async def _first_token(self, handoff: "_Handoff", call: asyncio.Future):
+        """WAITING_FOR_KV until the KV landed with its first token (early: the connector
+        thread already had it join the batch) or the prefill call answered and the
+        receiver confirmed: (early, first token, stats future, error or None). A
+        cancelled call stops the transfer and gives its blocks back before it ends."""
+        keep = asyncio.ensure_future(self._keep_lease(handoff.transfer_id, call,
+                                                      handoff.lease_s))
+        try:
+            await asyncio.wait({call, handoff.landed}, return_when=asyncio.FIRST_COMPLETED)
+            landed = handoff.landed.result() if handoff.landed.done() else None
+            if landed is not None and landed.first_token is not None:
+                return True, landed.first_token, asyncio.ensure_future(_stats_of(call)), None
+            first_token, known, error = await self._check_answer(
+                await call, handoff.transfer_id, handoff.started)
+            return False, first_token, _done(asyncio.get_running_loop(), known), error
         except asyncio.CancelledError:
             call.cancel()
-            loop.submit(self._on_cancelled, admission)
-            await asyncio.shield(self._cancel_transfer(transfer_id, released, address, request_id))
+            self.core.loop.submit(self._on_cancelled, handoff.admission)
+            await asyncio.shield(self._cancel_transfer(handoff))
             raise
         finally:
             keep.cancel()
-            self._admissions.pop(request_id, None)
-        trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
-        if error is None:
-            if early:  # bookkeeping after the first token went out (the next suspension)
-                aio_loop.call_soon(self._kv_received, transfer_id, landed.result(), started)
-            else:
-                self.receiver.release(transfer_id)
-                await loop.call(self._on_kv_arrived, admission, first_token, inline=True)
-            return stats
-        return await self._kv_failed(admission, error, transfer_id, released, address)
 
     async def _reserve(self, request_id: str, ids: list[int], params) -> Reservation:
         """The prompt's blocks; while the pool is full, the call waits in line (FIFO)
@@ -240,11 +272,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             if waiter is not None:
                 set_result_if_pending(waiter, reservation)
 
-    async def _kv_failed(self, admission: Admission, error: str, transfer_id, released,
-                         address) -> asyncio.Future | None:
+    async def _kv_failed(self, handoff: "_Handoff", error: str) -> asyncio.Future | None:
         """The KV will not come: recompute here, or fail the call (TransferFailed)."""
-        await self._cancel_transfer(transfer_id, released, address, admission.request_id)
+        await self._cancel_transfer(handoff)
         self.core.kv_metrics.failed("transfer")
+        admission, address = handoff.admission, handoff.address
         state = await self.core.loop.call(self._on_kv_failed, admission, error)
         if state is AdmissionState.FAILED:
             raise TransferFailed(f"KV transfer from prefill worker {address} failed: {error}")
@@ -340,17 +372,19 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def _record_received(self, status, started: float) -> None:
         self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
 
-    async def _cancel_transfer(self, transfer_id, released, address, request_id) -> None:
+    async def _cancel_transfer(self, handoff: "_Handoff") -> None:
         """Stop taking data; wait until no write into our blocks can still land (a DONE
         transfer has none left: its blocks hold the request's KV and go with it). The
         prefill worker is told first: a sender writing in place holds the blocks until
         it says it stopped (or its connection closes)."""
+        transfer_id = handoff.transfer_id
         self.receiver.cancel(transfer_id, "request ended")
-        abort = asyncio.ensure_future(self._abort_prefill(address, request_id))
+        abort = asyncio.ensure_future(self._abort_prefill(handoff.address,
+                                                          handoff.admission.request_id))
         status = self.receiver.poll().get(transfer_id)
         try:
             if status is None or status.state is not TransferState.DONE:
-                await asyncio.wait_for(released.wait(), timeout=10.0)
+                await asyncio.wait_for(handoff.released.wait(), timeout=10.0)
         except asyncio.TimeoutError:
             log.error("transfer %s did not release its blocks in time", transfer_id)
         self.receiver.release(transfer_id)
