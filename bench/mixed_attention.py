@@ -19,21 +19,9 @@ import torch
 
 from pdserve.engine.attention.base import AttentionMetadata
 from pdserve.engine.attention.triton_backend import TritonAttentionBackend
+from prefill_dense import timed  # bench/prefill_dense.py (this script's folder)
 
 HEADS, KV_HEADS, D, BS = 32, 8, 128, 16
-
-
-def timed(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def mixed_meta(num_decodes: int, context: int, chunk: int, cached: int, dev) -> AttentionMetadata:
