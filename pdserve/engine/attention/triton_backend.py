@@ -34,9 +34,10 @@ class TritonAttentionBackend(AttentionBackend):
     runs torch's cuDNN attention on them (1.2x the paged kernel at 4k tokens, 1.4x at
     8k on an H100; equal at 2k: bench/prefill_dense.py; the engine's default is 3,072).
     The paged kernel serves every other prefill (batches, prefix hits, later chunks).
-    0 turns it off. A mixed step (decode rows first, then prompt chunks: the model runner
-    orders it so) runs as two batches: the decode rows through the decode kernel, the
-    chunks as above (a whole prompt among decode rows also takes cuDNN). Windowed or soft-capped layers always take the paged kernel.
+    0 turns it off. Windowed or soft-capped layers always take the paged kernel. A mixed
+    step (decode rows first, then prompt chunks: the model runner orders it so) runs as
+    two batches: the decode rows through the decode kernel, the chunks as above (a whole
+    prompt among decode rows also takes cuDNN).
 
     Sliding window and soft cap (per layer, fixed for the model's lifetime) are launch
     arguments: graph-safe. A windowed layer's decode split count is chosen for a context

@@ -101,7 +101,7 @@ class Scheduler:
         take it now: it waits in line (RESERVING) and grant_reservations() hands it out
         once steps free enough blocks. MemoryError if the whole pool could never hold it.
         """
-        need = -(-len(request.prompt_ids) // self.config.block_size)
+        need = self._blocks_for(len(request.prompt_ids))
         if need > self.allocator.num_blocks:
             raise MemoryError(f"a prompt of {len(request.prompt_ids)} tokens needs {need} KV "
                               f"blocks; this worker's pool has {self.allocator.num_blocks}")
@@ -126,12 +126,11 @@ class Scheduler:
         # like a local prompt, the last token is always computed (it yields the first
         # sample), so at least the final block travels
         self._lookup_prefix(request, len(request.prompt_ids) - 1)
-        need = -(-len(request.prompt_ids) // self.config.block_size) - len(request.block_ids)
-        if need + len(self.running) > self.allocator.num_free or \
-                not self._ensure_blocks(request, len(request.prompt_ids)):
-            self._release(request)  # a request in line must not pin cached blocks
-            request.num_computed_tokens = request.num_cached_tokens = 0
+        need = self._blocks_for(len(request.prompt_ids)) - len(request.block_ids)
+        if need + len(self.running) > self.allocator.num_free:
+            self._unpin(request)  # a request in line must not pin cached blocks
             return False
+        self._ensure_blocks(request, len(request.prompt_ids))
         request.state = RequestState.WAITING_FOR_KV
         self.remote[request.request_id] = request
         return True
@@ -199,8 +198,7 @@ class Scheduler:
             self._drop_outside_window(request)
             if not self._ensure_blocks(request, need):
                 if looked_up:  # a waiting request must not pin cached blocks
-                    self._release(request)
-                    request.num_computed_tokens = request.num_cached_tokens = 0
+                    self._unpin(request)
                 break
             self.waiting.popleft()
             request.state = RequestState.RUNNING
@@ -268,8 +266,11 @@ class Scheduler:
                 self.config.block_size, self.config.fingerprint, parent, start_block=have)
         return request.block_keys[:num_blocks]
 
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_size)
+
     def _ensure_blocks(self, request: Request, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.config.block_size) - len(request.block_ids)
+        need = self._blocks_for(num_tokens) - len(request.block_ids)
         if need <= 0:
             return True
         if need > self.allocator.num_free:
@@ -309,6 +310,11 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def _unpin(self, request: Request) -> None:
+        """Back to holding nothing, prefix hits included (a request that did not get in)."""
+        self._release(request)
+        request.num_computed_tokens = request.num_cached_tokens = 0
 
     def _release(self, request: Request) -> None:
         live = request.block_ids[request.num_dropped_blocks:]

@@ -229,7 +229,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         handoff.admission.prefill_called()
         return handoff, destination
 
-    async def _first_token(self, handoff: "_Handoff", call: asyncio.Future):
+    async def _first_token(self, handoff: _Handoff, call: asyncio.Future):
         """WAITING_FOR_KV until the KV landed with its first token (early: the connector
         thread already had it join the batch) or the prefill call answered and the
         receiver confirmed: (early, first token, stats future, error or None). A
@@ -272,7 +272,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             if waiter is not None:
                 set_result_if_pending(waiter, reservation)
 
-    async def _kv_failed(self, handoff: "_Handoff", error: str) -> asyncio.Future | None:
+    async def _kv_failed(self, handoff: _Handoff, error: str) -> asyncio.Future | None:
         """The KV will not come: recompute here, or fail the call (TransferFailed)."""
         await self._cancel_transfer(handoff)
         self.core.kv_metrics.failed("transfer")
@@ -372,7 +372,7 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
     def _record_received(self, status, started: float) -> None:
         self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
 
-    async def _cancel_transfer(self, handoff: "_Handoff") -> None:
+    async def _cancel_transfer(self, handoff: _Handoff) -> None:
         """Stop taking data; wait until no write into our blocks can still land (a DONE
         transfer has none left: its blocks hold the request's KV and go with it). The
         prefill worker is told first: a sender writing in place holds the blocks until
