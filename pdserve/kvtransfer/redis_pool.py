@@ -13,10 +13,12 @@ refused at connect time with a HandshakeError naming both values.
 
 Transfer (push through the store):
     prefill: begin(dst) -> send_chunk(...) stores each block under its key (a worker
-             thread, pipelined SETs) ... last chunk: marker `...:xfer:{id}` = "done".
+             thread, pipelined SETs) ... last chunk: marker `...:xfer:{id}` =
+             "done:<first token>" (the prompt's sampled token travels here, once).
     decode:  expect(id, blocks, block_keys=...) -> a puller thread MGETs the next missing
              blocks in order and writes them into the pool: PENDING -> IN_FLIGHT ->
-             DONE when all are in. Marker "failed"/"cancelled" from the sender ->
+             DONE when all are in and the marker says done (its token goes on the
+             status). Marker "failed"/"cancelled" from the sender ->
              FAILED/CANCELLED; marker "done" with a block missing (evicted) -> FAILED;
              lease expiry -> EXPIRED. The decode worker registers only blocks it lacks.
 
@@ -73,6 +75,19 @@ def transfer_block_keys(token_ids: Sequence[int], block_size: int, fingerprint: 
     if tail:
         keys.append(block_key(keys[-1] if keys else ROOT, list(token_ids[-tail:]), fingerprint))
     return keys
+
+
+def done_marker(first_token: int | None) -> str:
+    """The sender's last word on a transfer: "done", or "done:<first token>"."""
+    return "done" if first_token is None else f"done:{first_token}"
+
+
+def parse_done_marker(marker: str) -> tuple[bool, int | None]:
+    """(is it a done marker, the first token it carries)."""
+    head, _, token = marker.partition(":")
+    if head != "done":
+        return False, None
+    return True, int(token) if token.lstrip("-").isdigit() else None
 
 
 class RedisKVStore:
@@ -250,7 +265,7 @@ class RedisSender(ChunkedSender):
                                     nbytes=nbytes, seconds=time.perf_counter() - started,
                                     sent=True)
             if chunk.last:
-                self.store.set_marker(chunk.transfer_id, "done")
+                self.store.set_marker(chunk.transfer_id, done_marker(chunk.first_token))
                 self.table.finish(chunk.transfer_id, TransferState.DONE)
         except ConnectorError as exc:
             self.fail(chunk.transfer_id, str(exc))
@@ -332,18 +347,38 @@ class RedisReceiver(RegisteringReceiver):
                     nbytes=got * self.pool.spec.bytes_per_block,
                     seconds=time.perf_counter() - started, sent=False)
             if position + got == len(dst.block_ids):
-                self.table.finish(transfer_id, TransferState.DONE)
-            elif not got:
-                self._apply_marker(transfer_id, marker)
-            return got > 0
+                # every block is in (some may have been stored by an earlier prompt),
+                # but the transfer is DONE only once its sender says so: the marker
+                # brings the first token
+                progressed = self._complete(transfer_id, marker) or got > 0
+            else:
+                progressed = got > 0
+                if not got:
+                    self._apply_marker(transfer_id, marker)
+            return progressed
         except ConnectorError as exc:
             self.table.finish(transfer_id, TransferState.FAILED, str(exc))
             return False
         finally:
             self.table.unhold(transfer_id)
 
+    def _complete(self, transfer_id: str, marker: str) -> bool:
+        """All blocks are in: DONE (with the marker's first token) once the sender
+        marked it done; a cancelled/failed marker ends it; True if it ended."""
+        if not marker:
+            return False
+        done, first_token = parse_done_marker(marker)
+        if done:
+            if first_token is not None:
+                self.table.set_first_token(transfer_id, first_token)
+                self.table.metrics.add(first_tokens_received=1)
+            self.table.finish(transfer_id, TransferState.DONE)
+        else:
+            self._apply_marker(transfer_id, marker)
+        return True
+
     def _apply_marker(self, transfer_id: str, marker: str) -> None:
-        if marker == "done":
+        if parse_done_marker(marker)[0]:
             self.table.finish(transfer_id, TransferState.FAILED,
                               "sender finished but a block is missing from the store "
                               "(evicted or expired)")

@@ -91,8 +91,8 @@ def test_scattered_blocks_arrive_byte_exact(pair):
 
 
 def test_last_chunk_brings_the_first_token_and_on_done_fires(pair):
-    """Push connectors deliver the prompt's first token with the last chunk, so the
-    decode side may start as soon as its KV is in place; pull (redis) does not carry it."""
+    """Every connector delivers the prompt's first token with the last chunk (redis: in
+    the done marker), so the decode side starts as soon as its KV is in place."""
     name, sender, receiver, *_ = pair
     done, released = [], []
     destination = receiver.expect("ft", DST, on_done=done.append,
@@ -109,8 +109,8 @@ def test_last_chunk_brings_the_first_token_and_on_done_fires(pair):
         time.sleep(0.01)
     assert status.state is TransferState.DONE and not released
     assert [s.state for s in done] == [TransferState.DONE]
-    want = None if name == "redis" else 4242
-    assert status.first_token == want and done[0].first_token == want
+    assert status.first_token == 4242 and done[0].first_token == 4242
+    assert receiver.metrics.first_tokens_received == 1
 
 
 def test_chunked_send_as_prefill_progresses(pair):
@@ -669,6 +669,32 @@ def test_redis_decode_pulls_only_missing_blocks(valkey):
         assert sender.store.lookup(keys) == 0          # blocks 0-1 never stored
         assert torch.equal(dst_pool.read_blocks([20, 21, 22, 23]),
                            src_pool.read_blocks([12, 13, 14, 15]))
+
+
+def test_redis_blocks_already_stored_wait_for_the_senders_done_marker(valkey):
+    """An earlier prompt left every block in the store: the receiver has them at once,
+    but the transfer is DONE only when its sender marks it done, with the first token."""
+    from pdserve.kvtransfer.redis_pool import RedisKVStore, RedisSettings
+    settings = RedisSettings(url=valkey.url)
+    src_pool, dst_pool = random_pool(seed=8), KVCachePool(SPEC)
+    keys = block_keys(4, salt="stored")
+    earlier = RedisKVStore(src_pool, hello("redis", "prefill"), settings)
+    earlier.store(keys, [1, 2, 3, 4])
+    with make_sender("redis", src_pool, hello("redis", "prefill"), settings) as sender, \
+            make_receiver("redis", dst_pool, hello("redis", "decode"), settings) as receiver:
+        destination = receiver.expect("r3", [30, 31, 32, 33], block_keys=keys)
+        deadline = time.monotonic() + 10
+        while receiver.poll()["r3"].blocks_done < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # many pull rounds with every block in and no marker
+        assert receiver.poll()["r3"].state is TransferState.IN_FLIGHT
+        sender.begin(destination)
+        sender.send_chunk("r3", [1, 2, 3, 4], start=0, last=True, first_token=99)
+        status = receiver.wait("r3", 10)
+        assert (status.state, status.first_token) == (TransferState.DONE, 99)
+        assert torch.equal(dst_pool.read_blocks([30, 31, 32, 33]),
+                           src_pool.read_blocks([1, 2, 3, 4]))
+    earlier.close()
 
 
 def test_redis_store_down_is_a_clear_connector_error(valkey):

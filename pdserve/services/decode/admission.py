@@ -1,9 +1,8 @@
 """The decode admission of one remotely prefilled request as a pure state machine: how
 a request whose prompt KV another worker computes gets into this engine's running
 batch. No asyncio, gRPC, torch or connector in here: each event returns the effects the
-service performs on the engine thread, where every event of an admission runs (so the
-two sources of the first token, and a failure racing a late arrival, are decided in
-one order).
+service performs on the engine thread, where every event of an admission runs (so a
+failure racing a late arrival is decided in one order).
 
     RESERVED --Prefill call out--> WAITING_FOR_KV --KV here + first token--> JOINED
                                         |
@@ -15,11 +14,10 @@ one order).
   the receiver expects the rest under a fresh transfer id with a lease.
 - WAITING_FOR_KV: the Prefill call is out; the KV streams in.
 - JOINED: the KV is DONE and the first token known; the request joins the batch and
-  its first token goes to the stream. It arrives by one of two ways, whichever first:
-  the receiver's DONE status (push connectors carry it in the last chunk's header) or
-  the PrefillResponse once the receiver confirms DONE (pull connectors drop it from the
-  chunk). The second arrival finds JOINED and does nothing. Both travel because the
-  wire protocol sends the token twice; collapsing them needs a wire change.
+  its first token goes to the stream. The token arrives one way only: on the
+  receiver's DONE status (every connector carries it with the last chunk), handled on
+  the connector's thread as soon as the KV is in place. A DONE without a token (a
+  sender that did not send it) is a failed transfer.
 - RECOMPUTE: unreachable prefill worker, refused handshake, failed or expired transfer:
   the engine computes the (uncached part of the) prompt itself.
 - FAILED: the same with fallback=fail: the request is aborted, the call ends
@@ -84,10 +82,9 @@ class Admission:
         assert self.state is AdmissionState.RESERVED, self.state
         self.state = AdmissionState.WAITING_FOR_KV
 
-    def kv_arrived(self, first_token: int | None) -> list[Effect]:
-        """The KV is DONE here with its first token (from the receiver's status or the
-        confirmed PrefillResponse); None: the status lacked it, the answer will bring it."""
-        if first_token is None or not self.state.awaiting_kv:
+    def kv_arrived(self, first_token: int) -> list[Effect]:
+        """The KV is DONE here with its first token (the receiver's status)."""
+        if not self.state.awaiting_kv:
             return []
         self.state, self.first_token = AdmissionState.JOINED, first_token
         return [JoinBatch(first_token)]

@@ -9,12 +9,12 @@ engine thread, here. One Generate call with kv_source=remote_prefill:
      under a fresh transfer id with a lease (RESERVED);
   2. the call asks the chosen PrefillService to compute the prompt and push the KV into
      those blocks (with the router's early_start_key it claims the job the router
-     already started there); it answers with the first token, which push connectors
-     also deliver with the last chunk (WAITING_FOR_KV);
-  3. as soon as the receiver reports DONE with the first token (connector thread), or
-     else the call answers and the receiver confirms DONE, the request joins the
-     running batch (JOINED; whichever comes second does nothing) and tokens stream back,
-     one chunk per engine step; the call's answer (the prefill worker's timing) is
+     already started there); the first token comes with the KV's last chunk, and the
+     call answers with the transfer's state and the prefill worker's timing
+     (WAITING_FOR_KV);
+  3. as soon as the receiver reports DONE with the first token (connector thread) the
+     request joins the running batch (JOINED) and tokens stream back, one chunk per
+     engine step; a call answering DONE first waits for that; the call's timing is
      awaited only for the last chunk;
   4. if the prefill worker is unreachable, the handshake is refused or the transfer
      fails or expires, the receiver stops taking data for the transfer, and the engine
@@ -192,19 +192,15 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             handoff.address, request_id, ids, params, destination, handoff.lease_s,
             request.remote_prefill.early_start_key))
         try:
-            early, first_token, stats, error = await self._first_token(handoff, call)
+            stats, error = await self._kv_joined(handoff, call)
         finally:
             self._admissions.pop(request_id, None)
-        trace(log, request_id, "decode: KV here (first token %s; %s)", first_token, error or "ok")
+        trace(log, request_id, "decode: KV here (%s)", error or "ok")
         if error is not None:
             return await self._kv_failed(handoff, error)
-        if early:  # bookkeeping after the first token went out (the next suspension)
-            asyncio.get_running_loop().call_soon(
-                self._kv_received, handoff.transfer_id, handoff.landed.result(), handoff.started)
-        else:
-            self.receiver.release(handoff.transfer_id)
-            await self.core.loop.call(self._on_kv_arrived, handoff.admission, first_token,
-                                      inline=True)
+        # bookkeeping after the first token went out (the next suspension)
+        asyncio.get_running_loop().call_soon(
+            self._kv_received, handoff.transfer_id, handoff.landed.result(), handoff.started)
         return stats
 
     def _expect_kv(self, request, reserved: Reservation, ids: list[int]):
@@ -229,21 +225,22 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         handoff.admission.prefill_called()
         return handoff, destination
 
-    async def _first_token(self, handoff: _Handoff, call: asyncio.Future):
-        """WAITING_FOR_KV until the KV landed with its first token (early: the connector
-        thread already had it join the batch) or the prefill call answered and the
-        receiver confirmed: (early, first token, stats future, error or None). A
-        cancelled call stops the transfer and gives its blocks back before it ends."""
+    async def _kv_joined(self, handoff: _Handoff, call: asyncio.Future):
+        """WAITING_FOR_KV until the KV landed with its first token (the connector thread
+        already had the request join the batch), or the transfer or the call failed:
+        (future of the prefill stats, None) or (None, error). A cancelled call stops
+        the transfer and gives its blocks back before it ends."""
         keep = asyncio.ensure_future(self._keep_lease(handoff.transfer_id, call,
                                                       handoff.lease_s))
         try:
             await asyncio.wait({call, handoff.landed}, return_when=asyncio.FIRST_COMPLETED)
-            landed = handoff.landed.result() if handoff.landed.done() else None
-            if landed is not None and landed.first_token is not None:
-                return True, landed.first_token, asyncio.ensure_future(_stats_of(call)), None
-            first_token, known, error = await self._check_answer(
-                await call, handoff.transfer_id, handoff.started)
-            return False, first_token, _done(asyncio.get_running_loop(), known), error
+            if not handoff.landed.done():
+                error = await self._landing_after(await call, handoff)
+                if error is not None:
+                    return None, error
+            if handoff.landed.result().first_token is None:
+                return None, "the KV arrived without its first token"
+            return asyncio.ensure_future(_stats_of(call)), None
         except asyncio.CancelledError:
             call.cancel()
             self.core.loop.submit(self._on_cancelled, handoff.admission)
@@ -349,21 +346,24 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
                       str(response.stats).replace("\n", " "))
         return response, None
 
-    async def _check_answer(self, answer, transfer_id, started
-                            ) -> tuple[int, worker_pb2.PrefillStats | None, str | None]:
-        """The call answered first: its first token once the receiver confirms DONE."""
+    async def _landing_after(self, answer, handoff: _Handoff) -> str | None:
+        """The call answered before the KV landed: None once the receiver's DONE (and
+        its first token) is in hand, else why the KV will not come."""
         response, error = answer
         if error is not None:
-            return 0, None, error
+            return error
         if response.kv_state != kv_pb2.TRANSFER_DONE:
-            return 0, None, response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
-        status = self.receiver.poll().get(transfer_id)
+            return response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
+        status = self.receiver.poll().get(handoff.transfer_id)
         if status is None or not status.state.terminal:  # the last reply may still be landing
-            status = await asyncio.to_thread(self.receiver.wait, transfer_id, 5.0)
+            status = await asyncio.to_thread(self.receiver.wait, handoff.transfer_id, 5.0)
         if status.state is not TransferState.DONE:
-            return 0, None, f"receiver saw {status.state.name}: {status.error}"
-        self._record_received(status, started)
-        return response.first_token_id, response.stats, None
+            return f"receiver saw {status.state.name}: {status.error}"
+        try:  # on_done ran with that status; its hand-off to this loop is on the way
+            await asyncio.wait_for(asyncio.shield(handoff.landed), 5.0)
+        except asyncio.TimeoutError:
+            return "the receiver's DONE did not reach the call"
+        return None
 
     def _kv_received(self, transfer_id: str, status, started: float) -> None:
         self._record_received(status, started)

@@ -33,14 +33,11 @@ Lifecycle of one job:
   when computed) or aborted, the transfer released, the Prefill call and the
   StartPrefill call answered.
 
-The first token travels twice, by design of the wire protocol: in the last chunk's
-header (push connectors hand it to the decode worker with the KV) and in the
-PrefillResponse. The connector's DONE may come before the tick that finishes the job;
-`answer_at_release` lets the connector thread answer the call at once then (the tick's
-own answer then finds the call answered). The decode worker takes whichever of the two
-reaches it first (see services/decode/admission.py). Collapsing them into one would
-need a wire change (a PrefillResponse without the token, or pull connectors carrying
-it), so both remain.
+The first token travels once: with the KV, in the last chunk (its header for push
+connectors, the store's done marker for redis). The PrefillResponse carries it only for
+a call without a destination (compute only). The connector's DONE may come before the
+tick that finishes the job; `answer_at_release` lets the connector thread answer the
+call at once then (the tick's own answer then finds the call answered).
 
 JobBook decides what a call does with the jobs in flight: StartPrefill starts an early
 job unless its key was already started by a Prefill call (late) or its request id is

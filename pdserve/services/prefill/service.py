@@ -24,7 +24,7 @@ One Prefill call:
   3. After every engine step (`_tick`, engine thread) the job sends the blocks that
      became full as a chunk; at its first token the rest goes as the last chunk.
   4. When the connector reports DONE (its release callback, on the connector's thread)
-     the call answers with the first token and transfer state at once, and wakes the
+     the call answers with the transfer's state and stats at once, and wakes the
      engine thread, whose tick finishes the job (held blocks freed; they stay in the
      prefix cache). Any other end is answered by that tick.
   A request id already in flight here (other than the early job its key claims) is
@@ -103,30 +103,13 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
 
     # ---- RPCs ------------------------------------------------------------------------
     async def Prefill(self, request, context):
-        try:
-            params = _first_token_params(request)
-            destination = (destination_from_proto(request.destination)
-                           if request.HasField("destination") else None)
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        params, destination = await _parsed_or_abort(request, context)
         trace(log, request.request_id, "prefill: received")
         if destination is not None and not self.sender.connected(destination.address):
-            try:
-                await asyncio.to_thread(self.sender.connect, destination.address)
-            except ConnectorError as exc:  # handshake refused or receiver unreachable
-                self.core.kv_metrics.failed("handshake")
-                return worker_pb2.PrefillResponse(
-                    request_id=request.request_id, kv_state=kv_pb2.TRANSFER_FAILED,
-                    kv_error=str(exc), worker_id=self.core.settings.worker_id)
-        call = PrefillCall(self._aio_loop.create_future(), destination)
-        if destination is not None and request.early_start_key:
-            # the early job is computing and the engine thread is busy with it: register
-            # the transfer now, so the receiver admits it meanwhile, not after the step
-            call.registered = self._register_now(request.request_id, destination)
-        # queued, not awaited: this thread is woken once, by the answer (a wake-up when
-        # the claim runs would compete with the engine thread sending the KV)
-        self.core.loop.submit(self._on_call, call, request.request_id,
-                              request.early_start_key, list(request.token_ids), params)
+            refused = await self._handshake(request.request_id, destination)
+            if refused is not None:
+                return refused
+        call = self._submit_call(request, params, destination)
         try:
             return await call.future
         except (InvalidRequest, RequestInFlight) as exc:
@@ -136,6 +119,31 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
         except asyncio.CancelledError:
             self.core.loop.submit(self._cancel_call, request.request_id, call)
             raise
+
+    async def _handshake(self, request_id: str, destination: KVDestination
+                         ) -> worker_pb2.PrefillResponse | None:
+        """First contact with the destination's receiver; the call's answer if refused."""
+        try:
+            await asyncio.to_thread(self.sender.connect, destination.address)
+            return None
+        except ConnectorError as exc:  # handshake refused or receiver unreachable
+            self.core.kv_metrics.failed("handshake")
+            return worker_pb2.PrefillResponse(
+                request_id=request_id, kv_state=kv_pb2.TRANSFER_FAILED, kv_error=str(exc),
+                worker_id=self.core.settings.worker_id)
+
+    def _submit_call(self, request, params, destination: KVDestination | None) -> PrefillCall:
+        """Hand the call to the engine thread, which claims its early job or starts one."""
+        call = PrefillCall(self._aio_loop.create_future(), destination)
+        if destination is not None and request.early_start_key:
+            # the early job is computing and the engine thread is busy with it: register
+            # the transfer now, so the receiver admits it meanwhile, not after the step
+            call.registered = self._register_now(request.request_id, destination)
+        # queued, not awaited: this thread is woken once, by the answer (a wake-up when
+        # the claim runs would compete with the engine thread sending the KV)
+        self.core.loop.submit(self._on_call, call, request.request_id,
+                              request.early_start_key, list(request.token_ids), params)
+        return call
 
     async def StartPrefill(self, request, context):
         if not request.early_start_key:
@@ -380,11 +388,14 @@ class PrefillServicer(worker_pb2_grpc.PrefillServiceServicer):
             bytes_sent=transfer.bytes_moved, queue_seconds=job.queue_s,
             compute_seconds=job.compute_s, transfer_seconds=transfer.seconds,
             started_early=job.started_early)
-        return worker_pb2.PrefillResponse(
-            request_id=job.request_id, first_token_id=job.first_token or 0,
-            transfer_id=job.transfer_id, kv_state=kv_state, kv_error=answer.error,
-            finish_reason=finish_reason_proto(job.finish_reason),
-            stats=stats, worker_id=self.core.settings.worker_id)
+        response = worker_pb2.PrefillResponse(
+            request_id=job.request_id, transfer_id=job.transfer_id, kv_state=kv_state,
+            kv_error=answer.error, stats=stats, worker_id=self.core.settings.worker_id)
+        if job.destination is None and job.first_token is not None:
+            # compute only; with a destination the token went with the KV
+            response.first_token_id = job.first_token
+            response.finish_reason = finish_reason_proto(job.finish_reason)
+        return response
 
 
 def _transfer_end(status: TransferStatus) -> TransferEnd:
@@ -400,6 +411,16 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
     if isinstance(exc, RequestInFlight):
         return grpc.StatusCode.ALREADY_EXISTS
     return grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _parsed_or_abort(request: worker_pb2.PrefillRequest, context):
+    """(sampling params, destination or None); bad ones end the call INVALID_ARGUMENT."""
+    try:
+        destination = (destination_from_proto(request.destination)
+                       if request.HasField("destination") else None)
+        return _first_token_params(request), destination
+    except InvalidRequest as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 def _first_token_params(request: worker_pb2.PrefillRequest):
