@@ -6,8 +6,9 @@ pdserve/bench/openai_load.py: streamed /v1/completions, token-id prompts, ignore
 then stop the server and move on.
 
   vllm               python3 -m vllm.entrypoints.openai.api_server --model DIR
-                     --load-format dummy (DIR: Llama-3-8B's config.json + a placeholder
-                     tokenizer of its vocabulary, the one pdserve's synthetic model uses)
+                     --load-format dummy (DIR: --shape's config.json, Llama-3-8B by default,
+                     + a placeholder tokenizer of its vocabulary, as pdserve's synthetic
+                     model has)
   pdserve-colocated  router + one decode worker (no prefill worker), router `mode: never`
                      (what `pdserve up --prefill 0 --config never.yaml` starts)
   pdserve-1p1d       router + prefill + decode sharing the GPU, `mode: always`
@@ -48,7 +49,6 @@ highest finite rate. Logs stay under --log-dir.
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import json
 import math
@@ -168,7 +168,7 @@ class Command:
 def vllm_argv(args, folder: Path, port: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model",
             str(folder), "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
-            "--served-model-name", "llama3-8b", *shlex.split(args.vllm_args), *extra]
+            "--served-model-name", args.shape, *shlex.split(args.vllm_args), *extra]
 
 
 def vllm_commands(args, layout: Layout, folder: Path, ports: list[int]) -> list[Command]:
@@ -284,7 +284,7 @@ class VllmServer(Server):
     def __init__(self, args, log_dir: Path, layout: Layout | None = None) -> None:
         layout = layout or Layout("vllm", "vllm")
         self.log_dir = log_dir
-        folder = vllm_model_folder(log_dir)
+        folder = vllm_model_folder(log_dir, args.shape)
         nixl = layout.kind == "vllm-nixl"
         ports = [free_port() for _ in range(layout.prefill + layout.decode + 1 if nixl else 1)]
         self.commands = vllm_commands(args, layout, folder, ports)
@@ -356,33 +356,26 @@ def _group_alive(popen: subprocess.Popen) -> bool:
         return False
 
 
-def vllm_model_folder(log_dir: Path) -> Path:
-    """Llama-3-8B's config.json and a word-level tokenizer of its 128,256 ids ("<tN>"),
-    as pdserve's synthetic:llama3-8b has: both servers detokenize the same way."""
+def vllm_model_folder(log_dir: Path, shape: str) -> Path:
+    """The shape's config.json (pdserve.engine.synthetic.hf_config) and a word-level
+    tokenizer of its ids ("<tN>"), as pdserve's synthetic:SHAPE has: both servers
+    detokenize the same way."""
     from tokenizers import Tokenizer, models
 
-    config = llama3_8b_config()
-    folder = log_dir / "llama3-8b-dummy"
+    from pdserve.engine.synthetic import hf_config
+
+    config = hf_config(shape)
+    folder = log_dir / f"{shape}-dummy"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     vocab = {f"<t{i}>": i for i in range(config["vocab_size"])}
     Tokenizer(models.WordLevel(vocab, unk_token="<t0>")).save(str(folder / "tokenizer.json"))
+    eos = config["eos_token_id"]
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 8192,
         "bos_token": f"<t{config['bos_token_id']}>",
-        "eos_token": f"<t{config['eos_token_id']}>"}))
+        "eos_token": f"<t{eos if isinstance(eos, int) else eos[0]}>"}))
     return folder
-
-
-def llama3_8b_config() -> dict:
-    """LLAMA3_8B of bench/vllm_peer.py, read from its source: importing it would import
-    torch, and needs bench/ on sys.path (where its kernels.py shadows a package)."""
-    tree = ast.parse(Path(__file__).with_name("vllm_peer.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "LLAMA3_8B"
-                                                for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise RuntimeError("bench/vllm_peer.py defines no LLAMA3_8B")
 
 
 def pdserve_spec(args, layout: Layout, log_dir: Path, http_port: int):
@@ -426,7 +419,7 @@ def pdserve_model(args) -> str | None:
         return None if args.pdserve_model == "bundled" else args.pdserve_model
     from pdserve.engine.config import resolve_device
 
-    return "synthetic:llama3-8b" if resolve_device(args.device).startswith("cuda") else None
+    return f"synthetic:{args.shape}" if resolve_device(args.device).startswith("cuda") else None
 
 
 def tail(path: Path, n: int = 3000) -> str:
@@ -729,8 +722,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--device", default="auto", help="pdserve workers: cpu | cuda | auto")
     p.add_argument("--connector", default="ucx", choices=["ucx", "redis"])
+    p.add_argument("--shape", default="llama3-8b",
+                   help="random-weight model of this shape on both servers (GPU): a "
+                        "pdserve.engine.synthetic shape (llama3-8b, qwen3-8b, qwen3-30b-a3b)")
     p.add_argument("--pdserve-model", default="auto",
-                   help="auto: synthetic:llama3-8b on CUDA, the bundled model on the CPU")
+                   help="auto: synthetic:SHAPE on CUDA, the bundled model on the CPU")
     p.add_argument("--pdserve-worker-args", default="", help="extra args for both workers")
     p.add_argument("--pdserve-prefill-args", default="", help="extra args for the prefill worker")
     p.add_argument("--vllm-python", default=sys.executable)

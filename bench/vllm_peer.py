@@ -1,6 +1,8 @@
 """vLLM on the same GPU, same shapes, same measurements as bench/engine_gpu.py.
 
-Llama-3-8B-shaped random weights (vLLM's load_format="dummy"), bf16, token-id prompts
+Random weights of a pdserve synthetic shape (--shape: llama3-8b by default, qwen3-8b,
+qwen3-30b-a3b; its config.json from pdserve.engine.synthetic.hf_config, vLLM's
+load_format="dummy"), bf16, token-id prompts
 (skip_tokenizer_init), prefix caching on with distinct prompts, offline `LLM`:
   * TTFT: one request, max_tokens=1, at 512 / 2k / 8k prompt tokens (median of 3);
   * decode ms/token at batch 1: (time for 128 tokens - time for 1) / 127, 512-token prompt;
@@ -10,6 +12,7 @@ vLLM is not a dependency of pdserve: this runs where `../shared/tools/vllm-peer`
 unpacked (see its header).
 
     python bench/vllm_peer.py --out bench/results/vllm-h200.json
+    python bench/vllm_peer.py --shape qwen3-30b-a3b --out bench/results/vllm-qwen3-h200.json
 """
 
 from __future__ import annotations
@@ -22,19 +25,8 @@ import tempfile
 import time
 
 import torch
+from pdserve.engine.synthetic import SHAPES, hf_config
 from report import write_report  # bench/report.py (this script's folder)
-
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "bos_token_id": 128000, "eos_token_id": 128001,
-}
-
 
 def random_prompt(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
@@ -54,11 +46,16 @@ def main() -> None:
     import vllm
 
     p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="llama3-8b",
+                   choices=[s for s in sorted(SHAPES) if SHAPES[s].vocab_size > 120000])
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    folder = tempfile.mkdtemp(prefix="llama3-8b-dummy-")
+    config = hf_config(args.shape)
+    # room for the 8k prompt plus its output (the shape's own limit may be 8192)
+    config["max_position_embeddings"] = max(config["max_position_embeddings"], 8192 + 256)
+    folder = tempfile.mkdtemp(prefix=f"{args.shape}-dummy-")
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(LLAMA3_8B, f)
+        json.dump(config, f)
     llm = LLM(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=8192 + 256, enable_prefix_caching=True, seed=0)
 
@@ -66,9 +63,9 @@ def main() -> None:
         return SamplingParams(max_tokens=n, ignore_eos=True, detokenize=False, temperature=0)
 
     res = {"gpu": torch.cuda.get_device_name(), "vllm": vllm.__version__,
-           "torch": torch.__version__, "shape": "llama3-8b", "dtype": "bfloat16",
+           "torch": torch.__version__, "shape": args.shape, "dtype": "bfloat16",
            "commit": os.environ.get("PDSERVE_COMMIT", "unknown"),
-           "command": "python bench/vllm_peer.py"}
+           "command": f"python bench/vllm_peer.py --shape {args.shape}"}
     for n in (512, 2048, 8000):  # warm every shape once
         timed(llm, [random_prompt(n, 7 * n)], params(4))
     for n in (512, 2048, 8000):

@@ -40,6 +40,40 @@ SHAPES: dict[str, ModelConfig] = {
 }
 
 
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def hf_config(shape: str) -> dict:
+    """The config.json of a shape, for a peer server loading dummy weights of the same
+    model (vLLM's --load-format dummy); read back by pdserve it gives SHAPES[shape]."""
+    c = SHAPES[shape]
+    if c.architecture not in _HF_ARCHITECTURES:
+        raise ValueError(f"no HF config for architecture {c.architecture!r}")
+    cfg = {
+        "architectures": [_HF_ARCHITECTURES[c.architecture]], "model_type": c.architecture,
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "max_position_embeddings": c.max_position,
+        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps, "hidden_act": c.hidden_act,
+        "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "bfloat16",
+        "attention_bias": False, "bos_token_id": c.bos_token_id,
+        "eos_token_id": c.eos_token_ids[0] if len(c.eos_token_ids) == 1 else list(c.eos_token_ids),
+    }
+    if c.rope_scaling.rope_type != "default":
+        r = c.rope_scaling
+        cfg["rope_scaling"] = {"rope_type": r.rope_type, "factor": r.factor,
+                               "low_freq_factor": r.low_freq_factor,
+                               "high_freq_factor": r.high_freq_factor,
+                               "original_max_position_embeddings": r.original_max_position}
+    if c.num_experts:
+        cfg.update(num_experts=c.num_experts, num_experts_per_tok=c.num_experts_per_tok,
+                   moe_intermediate_size=c.moe_intermediate_size,
+                   norm_topk_prob=c.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+    return cfg
+
+
 def placeholder_tokenizer(vocab_size: int) -> TextTokenizer:
     vocab = {f"<t{i}>": i for i in range(vocab_size)}
     return TextTokenizer(tokenizer=Tokenizer(models.WordLevel(vocab, unk_token="<t0>")))
