@@ -62,14 +62,34 @@ def _cuda_ipc_handle(shared: bytes) -> bytes:
 class RemotePool:
     """A peer's pool mapped into this process: [num_blocks, *block_shape] like ours."""
 
-    def __init__(self, tensor: torch.Tensor, keepalive, copy_device: int | None = None
-                 ) -> None:
-        self.kv = tensor  # on the peer's device (another GPU: peer memory)
+    def __init__(self, tensor: torch.Tensor, keepalive, copy_device: int | None = None,
+                 ipc_base: int | None = None) -> None:
+        self.kv: torch.Tensor | None = tensor  # on the peer's device (another GPU: peer memory)
         self._keepalive = keepalive
+        self._ipc_base = ipc_base  # what cudaIpcOpenMemHandle returned; closed by close()
         self._block_bytes = tensor[0].numel() * tensor.element_size() if len(tensor) else 0
         # the device our copies are issued on: our own pool's, not the peer's
         self.copy_device = copy_device if copy_device is not None else (
             tensor.device.index or 0 if tensor.device.type == "cuda" else None)
+
+    @property
+    def closed(self) -> bool:
+        return self.kv is None
+
+    def close(self) -> None:
+        """Unmap the peer's pool, once, after every copy queued into it. A mapping keeps
+        the peer's memory allocated even after the peer exited: a receiver restarting on
+        that GPU would not find the memory its pool needs until this process lets go."""
+        kv, self.kv = self.kv, None  # a later copy fails loudly instead of writing freed memory
+        if kv is None or kv.device.type != "cuda":
+            return
+        torch.cuda.synchronize(self.copy_device)
+        base, self._ipc_base, self._keepalive = self._ipc_base, None, None
+        if base is not None:
+            import cupy
+
+            with cupy.cuda.Device(self.copy_device):
+                _cuda_runtime().ipcCloseMemHandle(base)
 
     def queue_copy_runs(self, source: torch.Tensor, runs, stream: torch.cuda.Stream | None
                         ) -> None:
@@ -139,7 +159,7 @@ def open_pool(reply, local: KVCachePool) -> RemotePool | None:
             return None
         # flat: [pool_bytes] uint8 -> [num_blocks, *block_shape] in the pool's dtype
         kv = flat.view(local.kv.dtype).view(num_blocks, *local.kv.shape[1:])
-        return RemotePool(kv, array, copy_device=device)
+        return RemotePool(kv, array, copy_device=device, ipc_base=base)
     except Exception as exc:
         log.warning("peer pool not mapped over CUDA IPC (%s); KV goes over the wire", exc)
         return None

@@ -53,3 +53,25 @@ def test_decode_restart_on_fixed_kv_port_on_gpu():
         assert decode.restarts == 1
         assert after == before and last.timing.kv_transfer_seconds > 0  # by transfer
         wait_pools_free(cluster)
+
+
+def test_a_killed_decode_workers_pool_is_unmapped_and_its_memory_freed():
+    """The prefill worker maps a decode worker's pool over CUDA IPC; that mapping keeps
+    the pool's memory allocated after the decode worker died. The prefill worker lets go
+    within a second without another transfer, so the GPU gets the whole pool back (a
+    decode worker restarting on a shared GPU sizes its pool from what is free)."""
+    pool_gb = 4
+    spec = ClusterSpec(connector="ucx", model="synthetic:smollm2-135m", device="cuda",
+                       prefill_args=("--num-blocks", "512"),
+                       decode_args=("--kv-cache-gb", str(pool_gb)))
+    with Cluster(spec) as cluster:
+        address = cluster.start(timeout_s=300)
+        _, last = run_request(address, list(range(100, 700)), PARAMS, mode=ALWAYS)
+        assert last.timing.kv_transfer_seconds > 0  # the prefill worker mapped the pool
+        free_before, _ = torch.cuda.mem_get_info()
+        cluster.kill("decode-0")
+        deadline, gained = time.monotonic() + 10, 0
+        while time.monotonic() < deadline and gained < pool_gb * 2**30:
+            time.sleep(0.2)
+            gained = torch.cuda.mem_get_info()[0] - free_before
+        assert gained >= pool_gb * 2**30  # the pool, besides its weights and workspaces

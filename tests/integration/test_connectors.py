@@ -348,6 +348,7 @@ def _in_place_peer(sender, receiver):
     peer.remote_pool = RemotePool(receiver.pool.kv, None)
     peer.control = ControlClient(receiver.control_address, 5)
     peer.direct = SerialThread("kv-in-place")
+    sender._ensure_watch()  # as connect() does for a peer it maps
     return peer
 
 
@@ -376,6 +377,25 @@ def test_in_place_sender_path_end_to_end(ucx_receiver):
         status = sender.wait("ips2", 10)
         assert status.state is TransferState.FAILED and "in-place send" in status.error
         assert sender._peer(receiver.address) is None  # forgotten: re-handshake next time
+
+
+def test_in_place_pool_of_a_dead_receiver_is_unmapped_without_another_transfer(ucx_receiver):
+    """A receiver pool mapped here keeps the receiver's GPU memory taken after it died,
+    so a receiver restarting on that GPU could not size its pool: the sender lets go
+    within its watch interval, with no transfer towards that receiver."""
+    from pdserve.kvtransfer.ucx import UcxSettings
+    receiver, pool, _ = ucx_receiver
+    source = random_pool(seed=10)
+    with make_sender("ucx", source, hello("ucx", "prefill"), UcxSettings(io_timeout_s=2)) as sender:
+        peer = _in_place_peer(sender, receiver)
+        sender.begin(receiver.expect("w1", DST))
+        sender.send_chunk("w1", SRC, start=0, last=True)
+        assert sender.wait("w1", 10).state is TransferState.DONE
+        time.sleep(0.8)  # a live receiver stays mapped across watch rounds
+        assert not peer.remote_pool.closed and sender._peer(receiver.address) is peer
+        receiver.close()
+        assert _eventually(lambda: peer.remote_pool.closed)
+        assert sender._peer(receiver.address) is None  # a restarted one gets a handshake
 
 
 def test_in_place_ready_chunk_is_committed_from_the_callers_thread(ucx_receiver):

@@ -371,6 +371,7 @@ class InPlaceSending:
         peer.admitted.clear()
         peer.control.close()
         self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
+        peer.direct.submit(peer.remote_pool.close)  # after the chunks queued before it
         peer.direct.shutdown(wait=False)  # chunks already queued still end (FAILED)
 
     def _abort_in_place(self, peer: Peer, transfer_id: str, chunk_index: int,

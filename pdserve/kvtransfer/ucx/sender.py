@@ -5,6 +5,7 @@ dispatched by path."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 from pdserve.engine.kvcache.pool import KVCachePool
@@ -13,11 +14,14 @@ from pdserve.kvtransfer.handshake import request_handshake
 from pdserve.kvtransfer.messages import HandshakeInfo
 from pdserve.kvtransfer.sending import Chunk, ChunkedSender
 from pdserve.kvtransfer.transport_report import classify, report
-from pdserve.kvtransfer.ucx.common import UcxSide
+from pdserve.kvtransfer.ucx.common import UcxSide, log
 from pdserve.kvtransfer.ucx.inplace import InPlaceSending
 from pdserve.kvtransfer.ucx.peer import Peer, run_on
 from pdserve.kvtransfer.ucx.runtime import UcxSettings
 from pdserve.kvtransfer.ucx.tag import TagSending
+
+
+PEER_WATCH_S = 0.5  # how often in-place peers are checked for a closed connection
 
 
 class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
@@ -28,6 +32,7 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
         super().__init__(pool, hello, settings)
         self._peers: dict[str, Peer] = {}
         self._peers_lock = threading.Lock()
+        self._watch = None  # the in-place peer watch, started with the first such peer
 
     def connected(self, address: str) -> bool:
         """A peer whose endpoint UCX found broken (the receiver died, and may be back on
@@ -39,13 +44,38 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
         endpoint, control = peer.endpoint, peer.control
         if (endpoint is not None and endpoint.closed) or \
                 (control is not None and control.peer_closed()):
-            self._forget_peer(peer)
-            if peer.direct is not None:  # its calls run there: close it there, last
-                peer.direct.submit(control.close)
-                peer.direct.shutdown(wait=False)
-            self.runtime.submit(self._retire(peer))
+            self._retire_peer(peer)
             return False
         return True
+
+    def _retire_peer(self, peer: Peer) -> None:
+        """Forget a peer whose receiver is gone; its connections close and its pool is
+        unmapped after the calls already queued for it."""
+        self._forget_peer(peer)
+        if peer.direct is not None:  # its calls run there: close it there, last
+            peer.direct.submit(peer.control.close)
+            peer.direct.submit(peer.remote_pool.close)
+            peer.direct.shutdown(wait=False)
+        self.runtime.submit(self._retire(peer))
+
+    def _ensure_watch(self) -> None:
+        with self._peers_lock:
+            if self._watch is None:
+                self._watch = self.runtime.submit(self._watch_in_place_peers())
+
+    async def _watch_in_place_peers(self) -> None:
+        """A receiver that died is let go of within PEER_WATCH_S, even if no transfer
+        goes its way again: the pool mapped from it keeps its GPU memory taken, which a
+        receiver restarting on that GPU needs (it would fail to start, again and again)."""
+        while True:
+            await asyncio.sleep(PEER_WATCH_S)
+            with self._peers_lock:
+                peers = [p for p in self._peers.values() if p.control is not None]
+            for peer in peers:
+                if peer.control.peer_closed():
+                    log.info("KV receiver %s closed its connection: unmapping its pool",
+                             peer.side_channel)
+                    self._retire_peer(peer)
 
     def connect(self, address: str) -> None:
         with self._peers_lock:
@@ -59,12 +89,14 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
             peer.remote_pool = open_pool(reply, self.pool)
         if peer.remote_pool is not None:
             self._start_in_place(peer, reply.control_address)
+            self._ensure_watch()
         else:
             self._connect_endpoint(peer, address)
         self._report_transport(address, reply, peer)
         with self._peers_lock:
             kept = self._peers.setdefault(address, peer)
         if kept is not peer and peer.direct is not None:  # a concurrent connect won
+            peer.direct.submit(peer.remote_pool.close)
             peer.direct.shutdown(wait=False)
 
     def _report_transport(self, address: str, reply, peer: Peer) -> None:
@@ -125,9 +157,12 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
             self.runtime.submit(self._send_abort(peer, transfer_id, chunk_index, reason))
 
     def _shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for peer in list(self._peers.values()):
             if peer.direct is not None:
                 peer.direct.submit(peer.control.close)  # on the thread that uses it
+                peer.direct.submit(peer.remote_pool.close)
                 peer.direct.shutdown(wait=True)
 
         async def stop() -> None:
