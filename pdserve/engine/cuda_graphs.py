@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
+from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata, table_width
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # Steps of 64 tokens or more pad by at most 25% (the padded rows' GEMM work is real
@@ -81,7 +81,7 @@ class DecodeGraphs(_CapturedGraphs):
         super().__init__(model, pool, backend,
                          [s for s in CAPTURE_SIZES if s < max_batch] + [max_batch],
                          max_model_len)
-        max_blocks = -(-max_model_len // block_size)
+        max_blocks = table_width(-(-max_model_len // block_size))
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
@@ -146,8 +146,8 @@ class PrefillGraphs(_CapturedGraphs):
         self.query_start = torch.zeros(2, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(1, dtype=torch.int32, device=device)
         self.last_row = torch.zeros(1, dtype=torch.int64, device=device)
-        self.block_tables = torch.zeros(1, -(-max_model_len // block_size), dtype=torch.int32,
-                                        device=device)
+        self.block_tables = torch.zeros(1, table_width(-(-max_model_len // block_size)),
+                                        dtype=torch.int32, device=device)
 
     @torch.inference_mode()
     def run(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

@@ -18,7 +18,7 @@ import time
 import torch
 
 from pdserve.engine.attention import get_attention_backend
-from pdserve.engine.attention.base import AttentionMetadata
+from pdserve.engine.attention.base import AttentionMetadata, table_width
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec, torch_dtype
 from pdserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -390,7 +390,7 @@ def step_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torc
         seq_lens.append(end)
         query_lens.append(s.num_new_tokens)
         tables.append(r.block_ids)
-    width = max(len(t) for t in tables)
+    width = table_width(max(len(t) for t in tables))
     table = [t + [0] * (width - len(t)) for t in tables]
     meta = AttentionMetadata(
         slot_mapping=slots.tensor(device),

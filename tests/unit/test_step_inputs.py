@@ -56,3 +56,17 @@ def test_mixed_step_inputs_match_the_per_token_definition(seed):
         by_definition(scheduled)
     assert starts[-1] == ids.shape[0] and meta.seq_lens.tolist() == [
         s.request.num_computed_tokens + s.num_new_tokens for s in scheduled]
+
+
+@pytest.mark.parametrize("blocks", [1, 5, 16, 17, 40])
+def test_block_tables_are_padded_to_a_multiple_of_16_columns(blocks):
+    """A step's table row stride is always divisible by 16 (one Triton specialization of
+    each kernel, as the CUDA graphs' tables have), whatever its longest sequence."""
+    rng = random.Random(blocks)
+    scheduled = [ScheduledRequest(request("a", blocks * BS - 3, 0, blocks * BS - 4, rng), 1),
+                 ScheduledRequest(request("b", 20, 0, 0, rng), 20)]
+    _, _, meta, _ = step_inputs(scheduled, BS, "cpu")
+    width = meta.block_tables.shape[1]
+    assert width % 16 == 0 and width - 16 < blocks <= width
+    assert meta.block_tables[0, :blocks].tolist() == scheduled[0].request.block_ids
+    assert meta.block_tables[1, :2].tolist() == scheduled[1].request.block_ids

@@ -14,6 +14,17 @@ from dataclasses import dataclass, field
 import torch
 
 
+TABLE_WIDTH_MULTIPLE = 16
+
+
+def table_width(num_blocks: int) -> int:
+    """Block-table columns for rows of up to num_blocks blocks: a multiple of 16, so the
+    kernels always see a table row stride of one Triton specialization (Triton compiles
+    a kernel again for an int argument of 1 or one not divisible by 16, on the first
+    step that has it: a stall in the middle of serving)."""
+    return max(1, -(-num_blocks // TABLE_WIDTH_MULTIPLE)) * TABLE_WIDTH_MULTIPLE
+
+
 @dataclass
 class AttentionMetadata:
     """One step's batch layout. Tensors live on the model's device."""
