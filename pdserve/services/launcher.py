@@ -314,8 +314,10 @@ class Cluster:
                 return
             p.delay_s = self.spec.backoff.next(p.delay_s, now - p.started)
             p.restart_at = now + p.delay_s
-            say(f"{p.name} (pid {p.popen.pid}) died: {exit_description(code)}; restarting "
-                f"in {p.delay_s:.1f} s on {p.address or 'its ports'}")
+            why = self._last_words(p) if code > 0 else ""
+            say(f"{p.name} (pid {p.popen.pid}) died: {exit_description(code)}"
+                f"{f' ({why})' if why else ''}; restarting in {p.delay_s:.1f} s on "
+                f"{p.address or 'its ports'}")
         elif now >= p.restart_at:
             p.restart_at = None
             p.restarts += 1
@@ -329,6 +331,16 @@ class Cluster:
             say(f"{p.name} restarted (pid {p.popen.pid}, restart {p.restarts})")
             if p.role != "valkey":
                 threading.Thread(target=self._log_ready, args=(p, p.popen), daemon=True).start()
+
+    def _last_words(self, p: Proc) -> str:
+        """The last line a process that exited on its own wrote to its log (its error:
+        a worker that keeps failing to start says why on every restart)."""
+        try:
+            tail = (self.log_dir / f"{p.name}.log").read_text(errors="replace")[-2000:]
+        except OSError:
+            return ""
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        return lines[-1][:300] if lines else ""
 
     def _log_ready(self, p: Proc, popen: subprocess.Popen) -> None:
         started = time.monotonic()
