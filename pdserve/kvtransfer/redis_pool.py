@@ -371,7 +371,6 @@ class RedisReceiver(RegisteringReceiver):
         if done:
             if first_token is not None:
                 self.table.set_first_token(transfer_id, first_token)
-                self.table.metrics.add(first_tokens_received=1)
             self.table.finish(transfer_id, TransferState.DONE)
         else:
             self._apply_marker(transfer_id, marker)

@@ -140,8 +140,10 @@ class TransferTable:
             return record.chunks_queued - 1
 
     def set_first_token(self, transfer_id: str, token: int) -> None:
+        """Receiver: the prompt's first token came with the transfer's last chunk."""
         with self._lock:
             self._transfers[transfer_id].first_token = token
+        self.metrics.add(first_tokens_received=1)
 
     def record_chunk(self, transfer_id: str, *, blocks: Sequence[int], nbytes: int,
                      seconds: float, sent: bool) -> None:
@@ -392,7 +394,6 @@ def store_chunk(table: TransferTable, message, blocks: list[int], seconds: float
     record = table.get(message.transfer_id)
     if message.HasField("first_token_id"):
         table.set_first_token(message.transfer_id, message.first_token_id)
-        table.metrics.add(first_tokens_received=1)
     # filled holds destination blocks only: as many as the destination means all of them
     missing = () if len(record.filled) >= len(record.destination.block_ids) else \
         set(record.destination.block_ids) - record.filled
