@@ -30,7 +30,9 @@ MIN_TOKENS_PER_SPLIT = 256
 MAX_SPLITS = 64
 
 
-@triton.jit
+# num_splits follows each eager step's decode row count: not specialized on (Triton would
+# compile a variant for 1 and for multiples of 16 on the first step that has one)
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     out_ptr, part_acc_ptr, part_ml_ptr,
@@ -127,7 +129,7 @@ def _decode_split_kernel(
         tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge_kernel(
     part_acc_ptr, part_ml_ptr, query_start_ptr, out_ptr,
     num_splits, stride_ot, stride_oh,
