@@ -27,7 +27,7 @@ from pdserve.kvtransfer.transfers import (ChunkRejected, InvalidTransition, Unkn
                                          admit_chunk, in_place_blocks, store_chunk)
 from pdserve.kvtransfer.ucx.common import (known_transfer, log, record_sent_chunk,
                                            rejection_reason)
-from pdserve.kvtransfer.ucx.peer import Peer, run_on
+from pdserve.kvtransfer.ucx.peer import Peer, close_in_place, run_on
 from pdserve.wire import kv_pb2
 
 
@@ -371,8 +371,7 @@ class InPlaceSending:
         peer.admitted.clear()
         peer.control.close()
         self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
-        peer.direct.submit(peer.remote_pool.close)  # after the chunks queued before it
-        peer.direct.shutdown(wait=False)  # chunks already queued still end (FAILED)
+        close_in_place(peer)  # chunks already queued still end (FAILED), then the pool goes
 
     def _abort_in_place(self, peer: Peer, transfer_id: str, chunk_index: int,
                         reason: str) -> None:

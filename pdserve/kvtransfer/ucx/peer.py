@@ -37,3 +37,12 @@ def run_on(peer: Peer, fn, *args) -> bool:
     """Queue fn on the peer's sender thread; False once that thread was shut down (the
     peer failed and was forgotten between lookup and submit)."""
     return peer.direct.submit(fn, *args)
+
+
+def close_in_place(peer: Peer, wait: bool = False) -> None:
+    """End a peer's in-place path on its sender thread, after the calls queued there:
+    close its control connection, unmap its pool (whose memory a mapping keeps taken),
+    stop the thread."""
+    peer.direct.submit(peer.control.close)
+    peer.direct.submit(peer.remote_pool.close)
+    peer.direct.shutdown(wait=wait)

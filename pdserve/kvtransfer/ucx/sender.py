@@ -16,7 +16,7 @@ from pdserve.kvtransfer.sending import Chunk, ChunkedSender
 from pdserve.kvtransfer.transport_report import classify, report
 from pdserve.kvtransfer.ucx.common import UcxSide, log
 from pdserve.kvtransfer.ucx.inplace import InPlaceSending
-from pdserve.kvtransfer.ucx.peer import Peer, run_on
+from pdserve.kvtransfer.ucx.peer import Peer, close_in_place, run_on
 from pdserve.kvtransfer.ucx.runtime import UcxSettings
 from pdserve.kvtransfer.ucx.tag import TagSending
 
@@ -53,9 +53,7 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
         unmapped after the calls already queued for it."""
         self._forget_peer(peer)
         if peer.direct is not None:  # its calls run there: close it there, last
-            peer.direct.submit(peer.control.close)
-            peer.direct.submit(peer.remote_pool.close)
-            peer.direct.shutdown(wait=False)
+            close_in_place(peer)
         self.runtime.submit(self._retire(peer))
 
     def _ensure_watch(self) -> None:
@@ -96,8 +94,7 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
         with self._peers_lock:
             kept = self._peers.setdefault(address, peer)
         if kept is not peer and peer.direct is not None:  # a concurrent connect won
-            peer.direct.submit(peer.remote_pool.close)
-            peer.direct.shutdown(wait=False)
+            close_in_place(peer)
 
     def _report_transport(self, address: str, reply, peer: Peer) -> None:
         """Log and export the transport KV takes to this peer, as used (UCX's lanes)."""
@@ -161,9 +158,7 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
             self._watch.cancel()
         for peer in list(self._peers.values()):
             if peer.direct is not None:
-                peer.direct.submit(peer.control.close)  # on the thread that uses it
-                peer.direct.submit(peer.remote_pool.close)
-                peer.direct.shutdown(wait=True)
+                close_in_place(peer, wait=True)
 
         async def stop() -> None:
             for peer in list(self._peers.values()):

@@ -366,11 +366,8 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
         return None
 
     def _kv_received(self, transfer_id: str, status, started: float) -> None:
-        self._record_received(status, started)
-        self.receiver.release(transfer_id)
-
-    def _record_received(self, status, started: float) -> None:
         self.core.kv_metrics.transferred("recv", status.bytes_moved, time.monotonic() - started)
+        self.receiver.release(transfer_id)
 
     async def _cancel_transfer(self, handoff: _Handoff) -> None:
         """Stop taking data; wait until no write into our blocks can still land (a DONE
