@@ -298,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument("--connector", default="ucx", choices=["ucx", "redis", "local"])
         w.add_argument("--kv-host", default="127.0.0.1", help="address the KV receiver binds")
         w.add_argument("--kv-port", type=int, default=0,
-                       help="ucx: KV side channel (handshake) port; data uses PORT+1, in-place "
-                            "chunk control PORT+2 (0 = any free)")
+                       help="ucx: KV side channel (handshake) port; in-place chunk control "
+                            "uses PORT+1, UCX's data transport one of PORT+2..PORT+17 "
+                            "(0 = any free)")
         w.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
         w.add_argument("--kv-lease-s", type=float, default=30.0)
         w.add_argument("--fallback", default="recompute", choices=["recompute", "fail"])

@@ -39,7 +39,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-PROTOCOL_VERSION = 4  # 4: in-place chunks committed by transfer position (InPlaceCommit)
+PROTOCOL_VERSION = 5  # 5: the ucx tag path over worker-address endpoints (no listener)
 POOL_LAYOUT = "block_major_v1"   # pdserve.engine.kvcache.pool: [blocks, layers, 2, bs, h, d]
 
 

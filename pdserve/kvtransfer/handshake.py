@@ -43,9 +43,12 @@ _REQUEST_LABEL = b"pdserve-kv-handshake-request\0"
 _REPLY_LABEL = b"pdserve-kv-handshake-reply\0"
 
 
-def request_mac(key: bytes, auth: kv_pb2.HandshakeAuth, hello: kv_pb2.KVHandshake) -> bytes:
+def request_mac(key: bytes, auth: kv_pb2.HandshakeAuth, request: kv_pb2.HandshakeRequest) -> bytes:
+    """Covers the hello and the sender's UCX connection: neither can be swapped in transit."""
     body = auth.nonce + auth.unix_ms.to_bytes(8, "big") + \
-        hello.SerializeToString(deterministic=True)
+        request.hello.SerializeToString(deterministic=True)
+    if request.HasField("ucx"):
+        body += request.ucx.SerializeToString(deterministic=True)
     return hmac.new(key, _REQUEST_LABEL + body, hashlib.sha256).digest()
 
 
@@ -57,9 +60,9 @@ def reply_mac(key: bytes, nonce: bytes, reply: kv_pb2.HandshakeReply) -> bytes:
     return hmac.new(key, _REPLY_LABEL + body, hashlib.sha256).digest()
 
 
-def sign_request(key: bytes, hello: kv_pb2.KVHandshake) -> kv_pb2.HandshakeAuth:
+def sign_request(key: bytes, request: kv_pb2.HandshakeRequest) -> kv_pb2.HandshakeAuth:
     auth = kv_pb2.HandshakeAuth(nonce=os.urandom(NONCE_BYTES), unix_ms=int(time.time() * 1000))
-    auth.mac = request_mac(key, auth, hello)
+    auth.mac = request_mac(key, auth, request)
     return auth
 
 
@@ -83,8 +86,13 @@ class SideChannelServer:
     """Answers side-channel requests for one receiver until close()."""
 
     def __init__(self, hello: HandshakeInfo, data_address: str, host: str = "127.0.0.1",
-                 port: int = 0, export: dict | None = None, key: bytes | None = None) -> None:
+                 port: int = 0, export: dict | None = None, key: bytes | None = None,
+                 on_accept=None) -> None:
         self.hello = hello
+        # on_accept(request) -> extra HandshakeReply fields, called on this server's
+        # thread for an accepted handshake (the ucx receiver connects back to the sender
+        # there); what it raises refuses the handshake
+        self._on_accept = on_accept
         self._key = key  # None: open (no internal token)
         self._nonces = NonceWindow()
         self.data_address = data_address
@@ -137,7 +145,7 @@ class SideChannelServer:
         except Exception as exc:  # malformed hello: refuse, keep serving
             reply.error = f"malformed handshake request: {exc}"
             return reply
-        problems = handshake_mismatches(self.hello, remote)
+        problems = handshake_mismatches(self.hello, remote) or self._accepted(request, reply)
         reply.accepted = not problems
         if problems:
             reply.error = "KV handshake refused: " + "; ".join(problems)
@@ -145,6 +153,19 @@ class SideChannelServer:
         elif self._key is not None:
             reply.auth_mac = reply_mac(self._key, request.auth.nonce, reply)
         return reply
+
+    def _accepted(self, request: kv_pb2.HandshakeRequest,
+                  reply: kv_pb2.HandshakeReply) -> list[str]:
+        """Run the on_accept hook; its fields go into the reply, what it raises refuses."""
+        if self._on_accept is None:
+            return []
+        try:
+            fields = self._on_accept(request)
+        except Exception as exc:
+            return [f"{type(exc).__name__}: {exc}"]
+        for name, value in fields.items():
+            setattr(reply, name, value)
+        return []
 
     def _authenticate(self, request: kv_pb2.HandshakeRequest) -> str:
         """Why the request is refused ("" = accepted or no key here)."""
@@ -154,7 +175,7 @@ class SideChannelServer:
             return ("KV handshake refused: this receiver requires the cluster's internal "
                     "token and the sender sent no proof of it")
         auth = request.auth
-        expected = request_mac(self._key, auth, request.hello)
+        expected = request_mac(self._key, auth, request)
         if len(auth.nonce) != NONCE_BYTES or not hmac.compare_digest(auth.mac, expected):
             return "KV handshake refused: wrong internal token (the sender's proof does not match)"
         now = time.time()
@@ -210,14 +231,15 @@ class SideChannelClient:
 
 
 def request_handshake(address: str, hello: HandshakeInfo, timeout_s: float = 5.0,
-                      key: bytes | None = None) -> kv_pb2.HandshakeReply:
+                      key: bytes | None = None,
+                      ucx: kv_pb2.UcxConnection | None = None) -> kv_pb2.HandshakeReply:
     """Handshake with the SideChannelServer at address (authenticated both ways with a
     key). Returns the accepted reply; raises HandshakeError on refusal or when the
     receiver cannot prove the key, ConnectorError when nobody answers."""
     client = SideChannelClient(address, timeout_s)
-    request = kv_pb2.HandshakeRequest(hello=hello.to_proto())
+    request = kv_pb2.HandshakeRequest(hello=hello.to_proto(), ucx=ucx)
     if key is not None:
-        request.auth.CopyFrom(sign_request(key, request.hello))
+        request.auth.CopyFrom(sign_request(key, request))
     try:
         answer = client.call(kv_pb2.SideChannelRequest(handshake=request))
     except ConnectorError as exc:

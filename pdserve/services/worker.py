@@ -22,6 +22,12 @@ from pdserve.metrics import engine_metrics, kv_transfer_metrics, latency_metrics
 from pdserve.services.engine_loop import EngineLoop
 from pdserve.wire import kv_pb2, worker_pb2
 
+# a worker's KV ports from --kv-port P: P the handshake side channel, P + 1 the control
+# channel of in-place chunks, P + 2 .. P + 17 UCX's data transport (its
+# ucx.runtime.DATA_PORT_SPAN, not imported here: that would load ucxx)
+KV_PORTS = 18
+MAX_KV_PORT = 65535 - (KV_PORTS - 1)
+
 log = logging.getLogger(__name__)
 
 
@@ -52,9 +58,10 @@ class WorkerSettings:
             raise ValueError(f"role must be prefill or decode, got {self.role!r}")
         if self.fallback not in ("recompute", "fail"):
             raise ValueError(f"fallback must be recompute or fail, got {self.fallback!r}")
-        if not 0 <= self.kv_port <= 65533:
-            raise ValueError(f"kv_port must be in [0, 65533] (data and control use "
-                             f"kv_port + 1 and + 2), got {self.kv_port}")
+        if not 0 <= self.kv_port <= MAX_KV_PORT:
+            raise ValueError(f"kv_port must be in [0, {MAX_KV_PORT}] (the control channel "
+                             f"uses kv_port + 1, UCX data kv_port + 2 .. + "
+                             f"{KV_PORTS - 1}), got {self.kv_port}")
 
 
 def connector_settings(settings: WorkerSettings):
@@ -65,10 +72,10 @@ def connector_settings(settings: WorkerSettings):
         kwargs["host"] = settings.kv_host
     if "side_channel_port" in names:
         kwargs["side_channel_port"] = settings.kv_port
-    if "data_port" in names:
-        kwargs["data_port"] = settings.kv_port + 1 if settings.kv_port else 0
     if "control_port" in names:
-        kwargs["control_port"] = settings.kv_port + 2 if settings.kv_port else 0
+        kwargs["control_port"] = settings.kv_port + 1 if settings.kv_port else 0
+    if "data_port" in names:
+        kwargs["data_port"] = settings.kv_port + 2 if settings.kv_port else 0
     if "url" in names:
         kwargs["url"] = settings.redis_url
     token = settings.internal_auth.token

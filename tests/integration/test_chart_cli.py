@@ -143,7 +143,7 @@ def test_chart_command_lines_parse_and_wire_up(values, capsys):
         assert w.role == role and w.connector == connector
         assert w.host == "0.0.0.0" and w.port == p["grpc"] and w.metrics_port == p["metrics"]
         assert w.kv_host == POD_ENV["POD_IP"]
-        assert w.kv_port == p["kv"] and p["kv-data"] == p["kv"] + 1 and p["kv-ctl"] == p["kv"] + 2
+        assert w.kv_port == p["kv"] and p["kv-ctl"] == p["kv"] + 1 and p["kv-data"] == p["kv"] + 2
         if internal:  # workers refuse plaintext: probes use the plaintext health port
             _check_internal_tls(w.tls, c)
             assert w.health_port == p["health"] and w.health_port not in (w.port, w.metrics_port)
@@ -222,13 +222,14 @@ def test_worker_kv_port_sets_every_ucx_listener():
     w = cli._worker_settings(args, "decode")
     assert w.kv_port == 7000
     assert connector_settings(w) == UcxSettings(host="10.0.0.1", side_channel_port=7000,
-                                                data_port=7001, control_port=7002)
+                                                control_port=7001, data_port=7002)
     w = cli._worker_settings(cli.build_parser().parse_args(["prefill"]), "prefill")
     cs = connector_settings(w)
     assert w.kv_port == 0 and (cs.side_channel_port, cs.data_port, cs.control_port) == (0, 0, 0)
     assert "side_channel_port" not in vars(connector_settings(WorkerSettings("decode", connector="redis", kv_port=7000)))
     with pytest.raises(ValueError, match="kv_port"):
-        WorkerSettings("decode", kv_port=65534)
+        WorkerSettings("decode", kv_port=65519)  # its data range would pass 65535
+    WorkerSettings("decode", kv_port=65518)
 
 
 def test_kustomize_base_command_lines_parse(capsys):

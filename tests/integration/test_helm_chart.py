@@ -229,8 +229,8 @@ def _check_workers(docs, values_doc) -> None:
         assert "--host=0.0.0.0" in args and "--kv-host=$(POD_IP)" in args
         assert "POD_IP" in {e["name"] for e in c["env"]}
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert f"--kv-port={ports['kv']}" in args and ports["kv-data"] == ports["kv"] + 1
-        assert ports["kv-ctl"] == ports["kv"] + 2
+        assert f"--kv-port={ports['kv']}" in args and ports["kv-ctl"] == ports["kv"] + 1
+        assert ports["kv-data"] == ports["kv"] + 2
         assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert "grpc" in c["readinessProbe"] and "grpc" in c["livenessProbe"]
         sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -256,7 +256,11 @@ def _check_workers(docs, values_doc) -> None:
             assert "health" not in allowed
         assert {p["name"] for p in headless["spec"]["ports"]} == {"grpc", "kv", "kv-data", "kv-ctl",
                                                                   "metrics"}
-        assert {"grpc", "kv", "kv-data", "kv-ctl"} <= allowed
+        assert {"grpc", "kv", "kv-ctl"} <= allowed
+        # peers reach UCX's TCP transport on any port of its data range (UCX_TCP_PORT_RANGE)
+        [data] = [p for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])
+                  if p["port"] == ports["kv-data"]]
+        assert data.get("endPort") == ports["kv"] + 17
         if connector == "redis":
             redis_svc = named(docs, "Service", "-redis")
             assert f"--redis-url=redis://{redis_svc['metadata']['name']}:6379/0" in args

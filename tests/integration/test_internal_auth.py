@@ -353,24 +353,59 @@ def test_control_connection_opening_with_an_unknown_transfer_is_dropped(ucx_rece
         assert reply.status == kv_pb2.KVChunkReply.REJECTED and "unknown transfer" in reply.error
 
 
-def test_data_connection_opening_with_an_unknown_transfer_is_dropped(ucx_receiver):
+def _ucx_handshake(receiver, key, connection):
+    from tests.integration.test_connectors import hello
+    from pdserve.kvtransfer.handshake import request_handshake
+
+    return request_handshake(receiver.address, hello("ucx", "prefill"), key=key, ucx=connection)
+
+
+def test_ucx_connection_needs_the_token(ucx_receiver):
+    """The receiver connects back to a sender's UCX worker only after an authenticated
+    handshake: a stranger cannot make it reach out, nor learn its worker address."""
+    from pdserve.kvtransfer.base import HandshakeError
     from pdserve.kvtransfer.ucx import UcxRuntime
+    from pdserve.kvtransfer.ucx.tag import new_tag
     from pdserve.wire import kv_pb2
 
     runtime = UcxRuntime.get()
-    host, port = ucx_receiver.data_address.rsplit(":", 1)
+    stranger = kv_pb2.UcxConnection(worker_address=runtime.worker_address(5), tag=new_tag(),
+                                    sender_id=1)
+    for key in (None, auth.kv_handshake_key(auth.new_token())):
+        with pytest.raises(HandshakeError, match="internal token"):
+            _ucx_handshake(ucx_receiver, key, stranger)
+    assert not ucx_receiver._connections
+    reply = _ucx_handshake(ucx_receiver, auth.kv_handshake_key(TOKEN_FOR_KV), stranger)
+    assert reply.ucx_worker_address and list(ucx_receiver._connections) == [1]
+
+
+def test_data_connection_opening_with_an_unknown_transfer_is_dropped(ucx_receiver):
+    from pdserve.kvtransfer.ucx import UcxRuntime
+    from pdserve.kvtransfer.ucx.tag import _recv_bytes, _send_message, new_tag
+    from pdserve.wire import kv_pb2
+
+    runtime = UcxRuntime.get()
+    connection = kv_pb2.UcxConnection(worker_address=runtime.worker_address(5), tag=new_tag(),
+                                      sender_id=2)
+    reply = _ucx_handshake(ucx_receiver, auth.kv_handshake_key(TOKEN_FOR_KV), connection)
 
     async def exchange():
-        ep = await runtime.ucxx.create_endpoint(host, int(port))
+        ucxx = runtime.ucxx
+        ep = await ucxx.create_endpoint_from_worker_address(
+            ucxx.get_ucx_address_from_buffer(reply.ucx_worker_address))
         header = kv_pb2.KVTransferHeader(transfer_id="guessed", chunk_index=0,
                                          runs=[kv_pb2.BlockRun(first=1, count=1)])
-        await ep.send_obj(header.SerializeToString())
         try:
-            return kv_pb2.KVChunkReply.FromString(bytes(await asyncio.wait_for(ep.recv_obj(), 3)))
+            await _send_message(ep, header, connection.tag, 3)
+            return kv_pb2.KVChunkReply.FromString(
+                await asyncio.wait_for(_recv_bytes(ep, connection.tag ^ 1), 3))
         finally:
             ep.abort()
 
-    with pytest.raises(Exception) as dropped:  # no REJECTED reply: the endpoint is gone
-        runtime.call(exchange(), 10)
-    # closed by the receiver (ucxx: canceled/closed), not a silent hang until the timeout
-    assert not isinstance(dropped.value, (TimeoutError, asyncio.TimeoutError)), dropped.value
+    goodbye = runtime.call(exchange(), 10)  # at once, not after a timeout
+    assert goodbye.status == kv_pb2.KVChunkReply.REJECTED and not goodbye.transfer_id
+    assert "no expected transfer" in goodbye.error
+    deadline = time.monotonic() + 5
+    while ucx_receiver._connections and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not ucx_receiver._connections  # the connection is closed, not served on

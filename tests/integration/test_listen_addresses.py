@@ -1,8 +1,7 @@
 """Every listener of the router and the workers is bound to the configured interface
-(127.0.0.1 here), not to the wildcard or an external address (issue 17, item 7).
-
-The one exception is known and pinned: ucxx 0.52 creates its data listener from a port
-alone (no address in its API), so it binds the wildcard address on --kv-port + 1.
+(127.0.0.1 here), not to the wildcard or an external address (issue 17, item 7): UCX
+included, which has no listener of its own (endpoints from worker addresses) and whose
+TCP transport listens on the --kv-host interface, in the data port range.
 """
 
 from __future__ import annotations
@@ -48,8 +47,8 @@ def listening(pid: int) -> set[tuple[str, int]]:
 
 
 def test_every_listener_is_on_the_configured_interface():
-    kv = free_ports(5)  # kv .. kv + 2 for the KV listeners
-    metrics, http = kv + 3, kv + 4
+    kv = free_ports(20)  # kv .. kv + 17 for the KV listeners
+    metrics, http = kv + 18, kv + 19
     spec = ClusterSpec(connector="ucx", http_port=http,
                        decode_args=("--kv-port", str(kv), "--metrics-port", str(metrics)))
     with Cluster(spec) as cluster:
@@ -57,8 +56,10 @@ def test_every_listener_is_on_the_configured_interface():
         seen = {p.name: listening(p.popen.pid) for p in cluster.procs}
     decode = seen["decode-0"]
     # the decode worker's gRPC, metrics, ZeroMQ side channel and control channel
-    assert {("127.0.0.1", metrics), ("127.0.0.1", kv), ("127.0.0.1", kv + 2)} <= decode
+    assert {("127.0.0.1", metrics), ("127.0.0.1", kv), ("127.0.0.1", kv + 1)} <= decode
+    # and UCX's TCP transport, in its data range
+    assert any(host == "127.0.0.1" and kv + 2 <= port <= kv + 17 for host, port in decode)
     assert ("127.0.0.1", http) in seen["router"]
-    stray = {name: sorted(a for a in addrs if a[0] != "127.0.0.1" and a != ("0.0.0.0", kv + 1))
+    stray = {name: sorted(a for a in addrs if a[0] != "127.0.0.1")
              for name, addrs in seen.items()}
     assert not any(stray.values()), f"listeners off 127.0.0.1: {stray}"

@@ -59,45 +59,48 @@ def wait_for(predicate, timeout_s: float, what: str, tick_s: float = 0.02):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-# A data listener as a decode worker's UcxReceiver makes it (pdserve's UCX runtime and
-# environment), and a peer that keeps an endpoint to it, as a prefill worker does.
-LISTENER = """
-import asyncio, sys
+# UCX's data transport as a worker with --kv-port sets it up (pdserve's UCX runtime and
+# environment: its TCP transport listens in the data port range), and a peer that keeps
+# an endpoint to its worker address with a message sent, as a prefill worker does.
+DATA_SIDE = """
+import sys
 from pdserve.kvtransfer.ucx import UcxRuntime
-rt = UcxRuntime.get("cpu", True, "127.0.0.1")
-async def serve(ep):
-    await asyncio.sleep(3600)
-async def listen():
-    return rt.ucxx.create_listener(serve, port=int(sys.argv[1]))
+rt = UcxRuntime.get("cpu", True, "127.0.0.1", int(sys.argv[1]))
 try:
-    listener = rt.call(listen(), 10)
+    address = rt.worker_address(10)
 except Exception as exc:
     print("FAILED", type(exc).__name__, exc, flush=True)
     sys.exit(1)
-print("LISTENING", flush=True)
+print("READY " + address.hex(), flush=True)
 sys.stdin.read()
 """
 PEER = """
-import asyncio, sys
+import sys
+import numpy as np
 from pdserve.kvtransfer.ucx import UcxRuntime
 rt = UcxRuntime.get("cpu", True, "127.0.0.1")
 async def connect():
-    return await rt.ucxx.create_endpoint("127.0.0.1", int(sys.argv[1]))
+    ucxx = rt.ucxx
+    ep = await ucxx.create_endpoint_from_worker_address(
+        ucxx.get_ucx_address_from_buffer(bytes.fromhex(sys.argv[1])))
+    await ep.send(np.zeros(8, dtype=np.uint8), tag=2, force_tag=True)
+    return ep
 ep = rt.call(connect(), 10)
 print("CONNECTED", flush=True)
 sys.stdin.read()
 """
 
 
-def start(script: str, port: int, expect: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", script, str(port)], stdin=subprocess.PIPE,
+def start(script: str, arg: str, expect: str) -> tuple[subprocess.Popen, str]:
+    """The process and the rest of its first line, which must begin with expect."""
+    proc = subprocess.Popen([sys.executable, "-c", script, arg], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline().strip()
-    if line != expect:
+    if not line.startswith(expect):
         proc.kill()
         proc.wait()
         raise AssertionError(f"expected {expect}, got {line!r}")
-    return proc
+    return proc, line[len(expect):].strip()
 
 
 def test_control_client_sees_its_receiver_gone():
@@ -122,35 +125,37 @@ def test_control_client_sees_its_receiver_gone():
 
 
 @pytest.mark.slow
-def test_ucx_listener_rebinds_its_port_at_once_after_sigkill():
-    port = free_ports(1)
-    listener = start(LISTENER, port, "LISTENING")
-    peer = start(PEER, port, "CONNECTED")
+def test_ucx_data_side_restarts_at_once_in_its_port_range_after_sigkill():
+    """A worker's UCX TCP transport holds a port of its range with a peer connected;
+    killed and restarted at once it comes up (its old port sits in TIME-WAIT: with one
+    fixed port this failed with UCXXBusyError for ~60 s)."""
+    port = free_ports(16)
+    data_side, address = start(DATA_SIDE, str(port), "READY")
+    peer, _ = start(PEER, address, "CONNECTED")
+    again = None
     try:
-        listener.send_signal(signal.SIGKILL)
-        listener.wait()
+        data_side.send_signal(signal.SIGKILL)
+        data_side.wait()
         time.sleep(0.5)  # the peer's side notices; the dead side's socket lingers
-        again = start(LISTENER, port, "LISTENING")  # UCXXBusyError without reuse
-        again.kill()
-        again.wait()
+        again, _ = start(DATA_SIDE, str(port), "READY")
     finally:
-        for proc in (listener, peer):
-            if proc.poll() is None:
+        for proc in (data_side, peer, again):
+            if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
 
 
 @pytest.mark.slow
 def test_decode_restart_on_fixed_kv_port_is_routed_within_2s():
-    kv = free_ports(4)  # kv .. kv + 2 for the KV listeners
-    http_port = kv + 3
+    kv = free_ports(19)  # kv .. kv + 17 for the KV listeners
+    http_port = kv + 18
     spec = ClusterSpec(connector="ucx", http_port=http_port,
                        decode_args=("--kv-port", str(kv)),
                        backoff=Backoff(first_s=0.1))
     with Cluster(spec) as cluster:
         address = cluster.start()
         cluster.supervise()
-        # a disaggregated request: the prefill worker's UCX endpoint to kv_port + 1
+        # a disaggregated request: the prefill worker's UCX endpoint to the decode worker
         assert len(run_request(address, PROMPT)[0]) == 12
         decode = cluster.proc("decode-0")
         old_pid = decode.popen.pid

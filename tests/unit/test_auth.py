@@ -196,6 +196,24 @@ def test_handshake_without_the_token_is_refused_and_learns_nothing(side_channel,
     assert not reply.HasField("hello") and not reply.pool_ipc_handle  # nor the GPU pool
 
 
+def test_a_signed_handshake_whose_ucx_connection_was_swapped_is_refused(side_channel):
+    """The MAC covers the sender's UCX worker address: a man in the middle cannot point
+    the receiver's connect-back at another worker."""
+    from pdserve.kvtransfer.handshake import SideChannelClient, sign_request
+    from pdserve.wire import kv_pb2
+
+    key = auth.kv_handshake_key(TOKEN)
+    server = side_channel(key)
+    request = kv_pb2.HandshakeRequest(hello=_hello("prefill").to_proto(), ucx=kv_pb2.UcxConnection(
+        worker_address=b"the sender's worker", tag=2, sender_id=1))
+    request.auth.CopyFrom(sign_request(key, request))
+    request.ucx.worker_address = b"somebody else's worker"
+    client = SideChannelClient(server.address, 5)
+    reply = client.call(kv_pb2.SideChannelRequest(handshake=request)).handshake
+    client.close()
+    assert not reply.accepted and "wrong internal token" in reply.error
+
+
 def test_handshake_replay_and_an_impostor_receiver_are_refused(side_channel):
     from pdserve.kvtransfer.base import HandshakeError
     from pdserve.kvtransfer.handshake import SideChannelClient, request_handshake, sign_request
@@ -204,7 +222,7 @@ def test_handshake_replay_and_an_impostor_receiver_are_refused(side_channel):
     key = auth.kv_handshake_key(TOKEN)
     server = side_channel(key)
     request = kv_pb2.HandshakeRequest(hello=_hello("prefill").to_proto())
-    request.auth.CopyFrom(sign_request(key, request.hello))
+    request.auth.CopyFrom(sign_request(key, request))
     answers = []
     for _ in range(2):  # the same signed request twice: the second is a replay
         client = SideChannelClient(server.address, 5)

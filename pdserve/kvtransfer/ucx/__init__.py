@@ -1,11 +1,13 @@
 """`ucx` connector: point-to-point KV push over ucxx (UCX) endpoints.
 
-Peers. The decode worker's UcxReceiver listens twice: a ZeroMQ side channel for the
-handshake (handshake.py) and a ucxx listener for data. The handshake reply carries the
-data address ("host:port"). A prefill worker's UcxSender handshakes once per receiver,
-then opens one ucxx endpoint to it and keeps it.
+Peers. The decode worker's UcxReceiver listens on a ZeroMQ side channel for the
+handshake (handshake.py); there is no UCX listener. A prefill worker's UcxSender
+handshakes once per receiver, naming its UCX worker address and a connection tag; the
+receiver makes an endpoint back to that worker and serves the tag, and its reply names
+its own worker address, to which the sender opens one endpoint and keeps it (tag.py).
 
-One chunk on an endpoint (the sender holds the endpoint for the whole exchange):
+One chunk on a connection (the sender holds its endpoint for the whole exchange;
+sender -> receiver on the connection's tag, replies on tag ^ 1):
 
     sender                                        receiver
     KVTransferHeader (send_obj)          ---->    admit: pool shape, lease, block set
@@ -42,7 +44,7 @@ sender never said it stopped writing).
 An abort is a header with abort_reason and no runs (receiver -> CANCELLED). Transfer
 states: below. The sender marks a transfer FAILED when any step raises (peer
 gone: UCX endpoint error) or exceeds io_timeout_s, and drops the endpoint; the receiver
-marks every unfinished transfer it saw on a broken endpoint FAILED. Neither side frees
+marks every unfinished transfer it saw on a closed connection FAILED. Neither side frees
 blocks while their bytes are moving (TransferTable.hold).
 
 Per-transfer state (TransferState, base.py; each side keeps its own TransferTable):
@@ -77,7 +79,7 @@ Modules:
     tag.py       the tag-message path, both directions (TagReceiving, TagSending)
     inplace.py   the in-place path over CUDA IPC and the control channel, both
                  directions (InPlaceReceiving, InPlaceSending)
-    receiver.py  UcxReceiver: side channel, data listener and control channel; serves
+    receiver.py  UcxReceiver: side channel, tag-path connections and control channel; serves
                  both paths
     sender.py    UcxSender: handshakes, picks a path per peer, dispatches chunks and
                  aborts to it
@@ -88,13 +90,14 @@ Modules:
 """
 
 from pdserve.kvtransfer.ucx.receiver import UcxReceiver
-from pdserve.kvtransfer.ucx.runtime import (DEVICE_TRANSPORT_ENV, HOST_TRANSPORT_ENV,
-                                            LISTENER_ENV, PROGRESS_ENV, UcxRuntime,
-                                            UcxSettings, interface_of, net_devices_env)
+from pdserve.kvtransfer.ucx.runtime import (DATA_PORT_SPAN, DEVICE_TRANSPORT_ENV,
+                                            HOST_TRANSPORT_ENV, PROGRESS_ENV, UcxRuntime,
+                                            UcxSettings, data_ports_env, interface_of,
+                                            net_devices_env)
 from pdserve.kvtransfer.ucx.sender import UcxSender
 
 __all__ = [
-    "DEVICE_TRANSPORT_ENV", "HOST_TRANSPORT_ENV", "LISTENER_ENV", "PROGRESS_ENV",
-    "UcxReceiver", "UcxRuntime", "UcxSender", "UcxSettings", "interface_of",
-    "net_devices_env",
+    "DATA_PORT_SPAN", "DEVICE_TRANSPORT_ENV", "HOST_TRANSPORT_ENV", "PROGRESS_ENV",
+    "UcxReceiver", "UcxRuntime", "UcxSender", "UcxSettings", "data_ports_env",
+    "interface_of", "net_devices_env",
 ]

@@ -48,7 +48,7 @@ class UcxSide:
         super().__init__(pool, hello, lease_s=settings.lease_s)
         self.settings = settings
         self.runtime = UcxRuntime.get(pool.device.type, settings.tune_transport_env,
-                                      settings.host)
+                                      settings.host, settings.data_port)
         self.copy_stream = CopyStream(pool.device)
 
 

@@ -1,5 +1,5 @@
 """The sender's state for one receiver (UcxSender keeps one per side-channel address):
-its UCX endpoint on the tag path, or its mapped pool, control connection and sender
+its UCX endpoint and connection tag on the tag path, or its mapped pool, control connection and sender
 thread on the in-place path. Both paths are handed the Peer; neither keeps its own."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pdserve.kvtransfer.serial import SerialThread
 @dataclass
 class Peer:
     side_channel: str
-    data_address: str
+    data_address: str  # informational (error messages)
+    ucx_address: bytes = b""  # the receiver's UCX worker (tag path)
+    tag: int = 0  # the tag path's connection tag (even; replies on tag ^ 1)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     endpoint: object = None
-    uses: int = 0  # chunks sent so far; an idle-close timer checks it did not move
     remote_pool: object = None  # the receiver's pool mapped over CUDA IPC, if possible
     control: ControlClient | None = None  # in-place chunks: used by calls run on `direct`
     # in-place transfers admitted (id -> control session) and commits not yet answered

@@ -1,5 +1,5 @@
-"""UcxReceiver, the decode side: a handshake side channel, a ucxx data listener (tag
-path, tag.py) and a control channel (in-place path, inplace.py). Senders pick the path;
+"""UcxReceiver, the decode side: a handshake side channel, tag-path connections opened
+by handshakes (tag.py) and a control channel (in-place path, inplace.py). Senders pick the path;
 the receiver serves both at once."""
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ class UcxReceiver(UcxSide, TagReceiving, InPlaceReceiving, RegisteringReceiver):
     def __init__(self, pool: KVCachePool, hello: HandshakeInfo,
                  settings: UcxSettings = UcxSettings()) -> None:
         super().__init__(pool, hello, settings)
-        self._listener = self._start_listener()
+        self._ucx_address = self._start_tag_path()
         # in-place chunks are served even without an exported pool: the protocol does not
         # care how the bytes got there (tests write them in-process on the CPU)
         self._control = self._start_control_server()
         export = export_pool(pool) if settings.direct_gpu else {}
-        self._side = SideChannelServer(hello, f"{settings.host}:{self._listener.port}",
+        self._side = SideChannelServer(hello, f"ucx-worker@{settings.host}",
                                        host=settings.host, port=settings.side_channel_port,
                                        export={**export,
                                                "control_address": self._control.address},
-                                       key=settings.handshake_key)
+                                       key=settings.handshake_key,
+                                       on_accept=self._accept_sender)
 
     @property
     def address(self) -> str:
@@ -47,4 +48,4 @@ class UcxReceiver(UcxSide, TagReceiving, InPlaceReceiving, RegisteringReceiver):
     def _shutdown(self) -> None:
         self._side.close()
         self._control.close()
-        self._stop_listener()
+        self._stop_tag_path()

@@ -15,13 +15,13 @@ PROGRESS_ENV = {
     "UCXPY_ENABLE_PYTHON_FUTURE": "1",
 }
 
-# A listener restarted on its fixed port binds at once although connections of the
-# process before it (killed) sit in TIME-WAIT there (UCX's default: busy for ~60 s).
-LISTENER_ENV = {"UCX_TCP_CM_REUSEADDR": "y"}
+# UCX's TCP transport picks its listening port from a range at random and skips ports
+# in use: a worker restarted at once after kill -9 finds the port of its predecessor
+# busy (TIME-WAIT; UCX sets no SO_REUSEADDR there) and takes another of the range.
+DATA_PORT_SPAN = 16
 
 HOST_TRANSPORT_ENV = {
     **PROGRESS_ENV,
-    **LISTENER_ENV,
     "UCX_TLS": "tcp",
     "UCX_TCP_TX_SEG_SIZE": "1M",
     "UCX_TCP_RX_SEG_SIZE": "1M",
@@ -29,7 +29,6 @@ HOST_TRANSPORT_ENV = {
 }
 DEVICE_TRANSPORT_ENV = {
     **PROGRESS_ENV,
-    **LISTENER_ENV,
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
 
@@ -38,15 +37,12 @@ DEVICE_TRANSPORT_ENV = {
 class UcxSettings:
     host: str = "127.0.0.1"          # interface to listen on and advertise
     side_channel_port: int = 0       # 0 = any free port
-    data_port: int = 0
+    data_port: int = 0               # first of DATA_PORT_SPAN ports for UCX's TCP transport
     control_port: int = 0            # in-place chunk control (same-host GPU peers)
     lease_s: float = 30.0
     connect_timeout_s: float = 5.0
     io_timeout_s: float = 30.0       # bound on each header/run/reply step of a chunk
     checksum: bool = False           # crc32 per run (costs a host pass over the bytes)
-    # endpoints to a receiver that went quiet are closed after this long (an open
-    # endpoint keeps a receive posted there; costless in thread progress mode)
-    idle_close_s: float = 30.0
     pack_above_runs: int = 4         # more runs than this: gather into one message
     copy_runs_max: int = 32          # in-place writes: a memcpy per run up to this many
     direct_gpu: bool = True          # same-host GPU peers: write into the mapped pool
@@ -98,21 +94,45 @@ def interface_of(host: str) -> str | None:
     return None
 
 
-def net_devices_env(host: str, device_type: str) -> dict[str, str]:
+def rdma_devices(root: str = "/sys/class/infiniband") -> list[str]:
+    """This machine's RDMA ports as UCX names them ("mlx5_0:1"); none without sysfs."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        try:
+            found += [f"{name}:{port}" for port in sorted(os.listdir(f"{root}/{name}/ports"))]
+        except OSError:
+            continue
+    return found
+
+
+def net_devices_env(host: str, device_type: str,
+                    rdma_root: str = "/sys/class/infiniband") -> dict[str, str]:
     """UCX_NET_DEVICES for a worker whose KV address is host: UCX's TCP transport then
-    listens on that interface only, not on every one the machine has. A GPU worker is
-    restricted only to loopback (its peers are on this host; elsewhere RDMA devices must
-    stay usable). ucxx 0.52's data listener itself takes a port, no address: it still
-    binds the wildcard address (its API has no way to say otherwise)."""
+    listens on that interface only, not on every one the machine has. A GPU worker on
+    loopback has only same-host peers; on another address its RDMA devices stay usable
+    (they open no TCP port)."""
     if not host or host in ("0.0.0.0", "::"):
         return {}
     try:
         name = interface_of(host)
     except OSError:
         return {}
-    if name is None or (device_type != "cpu" and not host.startswith("127.")):
+    if name is None:
         return {}
-    return {"UCX_NET_DEVICES": name}
+    rdma = [] if device_type == "cpu" or host.startswith("127.") else rdma_devices(rdma_root)
+    return {"UCX_NET_DEVICES": ",".join([name, *rdma])}
+
+
+def data_ports_env(data_port: int) -> dict[str, str]:
+    """UCX_TCP_PORT_RANGE: the worker's TCP transport listens on one of DATA_PORT_SPAN
+    ports from data_port (0: any port the system gives)."""
+    if not data_port:
+        return {}
+    return {"UCX_TCP_PORT_RANGE": f"{data_port}-{data_port + DATA_PORT_SPAN - 1}"}
 
 
 class UcxRuntime:
@@ -123,12 +143,15 @@ class UcxRuntime:
 
     @classmethod
     def get(cls, device_type: str = "cpu", tune_env: bool = True,
-            host: str = "") -> "UcxRuntime":
+            host: str = "", data_port: int = 0) -> "UcxRuntime":
+        """The first call in a process sets UCX's environment (unless already set)."""
         with cls._instance_lock:
             if cls._instance is None:
                 if tune_env:
-                    env = HOST_TRANSPORT_ENV if device_type == "cpu" else DEVICE_TRANSPORT_ENV
-                    for key, value in {**env, **net_devices_env(host, device_type)}.items():
+                    env = {**(HOST_TRANSPORT_ENV if device_type == "cpu"
+                              else DEVICE_TRANSPORT_ENV),
+                           **net_devices_env(host, device_type), **data_ports_env(data_port)}
+                    for key, value in env.items():
                         os.environ.setdefault(key, value)
                 cls._instance = cls()
             return cls._instance
@@ -148,3 +171,9 @@ class UcxRuntime:
 
     def call(self, coro, timeout_s: float):
         return self.submit(coro).result(timeout_s)
+
+    def worker_address(self, timeout_s: float) -> bytes:
+        """This process' UCX worker address: what a peer makes an endpoint from."""
+        async def address() -> bytes:
+            return bytes(self.ucxx.get_worker_address())
+        return self.call(address(), timeout_s)

@@ -30,6 +30,7 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
     def __init__(self, pool: KVCachePool, hello: HandshakeInfo,
                  settings: UcxSettings = UcxSettings()) -> None:
         super().__init__(pool, hello, settings)
+        self._start_tag_sending()
         self._peers: dict[str, Peer] = {}
         self._peers_lock = threading.Lock()
         self._watch = None  # the in-place peer watch, started with the first such peer
@@ -79,9 +80,10 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
         with self._peers_lock:
             if address in self._peers:
                 return
+        connection = self._tag_connection()
         reply = request_handshake(address, self.hello, self.settings.connect_timeout_s,
-                                  key=self.settings.handshake_key)
-        peer = self.runtime.call(self._new_peer(address, reply.data_address),
+                                  key=self.settings.handshake_key, ucx=connection)
+        peer = self.runtime.call(self._new_peer(address, reply, connection.tag),
                                  self.settings.connect_timeout_s)
         if self.settings.direct_gpu and not self.settings.checksum and reply.control_address:
             peer.remote_pool = open_pool(reply, self.pool)
@@ -111,8 +113,9 @@ class UcxSender(UcxSide, TagSending, InPlaceSending, ChunkedSender):
                detail="lanes " + (", ".join(f"{t}/{d}" if d else t for t, d in lanes)
                                   or "unknown"))
 
-    async def _new_peer(self, address: str, data_address: str) -> Peer:
-        return Peer(address, data_address)   # created on the loop: its Lock binds there
+    async def _new_peer(self, address: str, reply, tag: int) -> Peer:
+        # created on the loop: its Lock binds there
+        return Peer(address, reply.data_address, ucx_address=reply.ucx_worker_address, tag=tag)
 
     def _peer(self, address: str) -> Peer | None:
         with self._peers_lock:

@@ -1,18 +1,28 @@
 """The tag-message path, both directions: a chunk's header, its raw bytes and the two
-replies travel as UCX tag messages on one endpoint per peer (the exchange is drawn in
-the package docstring). Used for every peer the in-place path cannot reach: another
-host, a host-memory pool, checksums on.
+replies travel as UCX tag messages (the exchange is drawn in the package docstring).
+Used for every peer the in-place path cannot reach: another host, a host-memory pool,
+checksums on.
+
+No listener: a UCX listener binds every interface (ucxx takes a port, no address), so
+each side makes an endpoint to the other's UCX worker address instead. The sender names
+its worker, a fresh even tag and its sender id in the (authenticated) handshake; the
+receiver connects back there and serves that tag: headers and runs arrive on `tag`,
+replies leave on `tag ^ 1`. Receives are posted on the endpoint to the peer, so when the
+peer's process dies UCX cancels them and the transfers it carried fail at once. UCX's
+own TCP transport listens on the KV interface only (runtime.net_devices_env), on a port
+of the worker's data range (runtime.data_ports_env) when one is configured.
 
 TagReceiving and TagSending are mixed into UcxReceiver and UcxSender, which provide
 pool, table, settings, runtime and copy_stream (and, on the sender, fail() and
-_forget_peer()); what only this path needs (the listener, the endpoints) it keeps
-itself."""
+_forget_peer()); what only this path needs (connections, endpoints) it keeps itself."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
+import numpy as np
 import torch
 
 from pdserve.kvtransfer.base import ConnectorError, TransferState
@@ -26,19 +36,51 @@ from pdserve.kvtransfer.ucx.common import (known_transfer, log, record_sent_chun
 from pdserve.kvtransfer.ucx.peer import Peer
 from pdserve.wire import kv_pb2
 
+MAX_MESSAGE_BYTES = 64 << 20  # a header or reply; a larger length prefix is a broken stream
+
 
 def _wire_buffer(run: torch.Tensor):
     """A pool byte view in the form ucxx takes: numpy on the host, the tensor on CUDA."""
     return run.numpy() if run.device.type == "cpu" else run
 
 
-async def _send_message(ep, message, timeout_s: float) -> None:
-    await asyncio.wait_for(ep.send_obj(message.SerializeToString()), timeout_s)
+def new_tag() -> int:
+    """A connection's tag: random, even (its replies travel on tag ^ 1)."""
+    return int.from_bytes(os.urandom(8), "little") & ~1
 
 
-async def _recv_reply(ep, timeout_s: float) -> kv_pb2.KVChunkReply:
-    return kv_pb2.KVChunkReply.FromString(bytes(await asyncio.wait_for(ep.recv_obj(),
-                                                                       timeout_s)))
+async def _send_bytes(ep, body: bytes, tag: int) -> None:
+    """One message as two tag sends: its length (8 bytes), then its bytes."""
+    await ep.send(np.array([len(body)], dtype=np.uint64), tag=tag, force_tag=True)
+    if body:
+        await ep.send(np.frombuffer(body, dtype=np.uint8), tag=tag, force_tag=True)
+
+
+async def _recv_bytes(ep, tag: int) -> bytes:
+    size = np.zeros(1, dtype=np.uint64)
+    await ep.recv(size, tag=tag, force_tag=True)
+    nbytes = int(size[0])
+    if nbytes > MAX_MESSAGE_BYTES:
+        raise ConnectorError(f"KV message of {nbytes} bytes announced (at most "
+                             f"{MAX_MESSAGE_BYTES}): broken stream")
+    body = bytearray(nbytes)
+    if nbytes:
+        await ep.recv(body, tag=tag, force_tag=True)
+    return bytes(body)
+
+
+async def _send_message(ep, message, tag: int, timeout_s: float) -> None:
+    await asyncio.wait_for(_send_bytes(ep, message.SerializeToString(), tag), timeout_s)
+
+
+async def _recv_reply(ep, tag: int, timeout_s: float) -> kv_pb2.KVChunkReply:
+    """The receiver's reply; raises if it is the receiver's goodbye (no transfer id:
+    it closed this connection)."""
+    reply = kv_pb2.KVChunkReply.FromString(await asyncio.wait_for(_recv_bytes(ep, tag),
+                                                                  timeout_s))
+    if not reply.transfer_id:
+        raise ConnectorError(f"the receiver closed the connection: {reply.error}")
+    return reply
 
 
 async def _wait_ready(chunk: Chunk) -> None:
@@ -47,38 +89,83 @@ async def _wait_ready(chunk: Chunk) -> None:
         await asyncio.get_running_loop().run_in_executor(None, chunk.wait_ready)
 
 
+class _Connection:
+    """The receiver's end of one sender's tag path: the endpoint back to the sender's
+    worker and the task serving the connection's tag."""
+
+    def __init__(self, ep, tag: int) -> None:
+        self.ep, self.tag = ep, tag
+        self.task: asyncio.Task | None = None
+
+    async def close(self, reason: str) -> None:
+        """Tell the sender (its pending reply fails now, not after io_timeout_s), then
+        stop serving."""
+        try:
+            await _send_message(self.ep, kv_pb2.KVChunkReply(
+                status=kv_pb2.KVChunkReply.REJECTED, error=reason), self.tag ^ 1, 1.0)
+        except Exception:
+            pass
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        self.ep.abort()
+
+
 class TagReceiving:
-    """The decode side: a ucxx listener; on each endpoint, chunk after chunk."""
+    """The decode side: one connection per sender, opened by its handshake; on each,
+    chunk after chunk."""
 
-    def _start_listener(self):
-        self._endpoints: set = set()
-        return self.runtime.call(self._listen(), self.settings.connect_timeout_s)
+    def _start_tag_path(self) -> bytes:
+        """Returns this worker's UCX address (handed to senders in the handshake)."""
+        self._connections: dict[int, _Connection] = {}  # sender id -> connection
+        return self.runtime.worker_address(self.settings.connect_timeout_s)
 
-    async def _listen(self):
-        return self.runtime.ucxx.create_listener(self._serve_endpoint,
-                                                 port=self.settings.data_port)
+    def _accept_sender(self, request: kv_pb2.HandshakeRequest) -> dict:
+        """The side channel's on_accept hook (its thread): serve the sender's tag path."""
+        if request.HasField("ucx"):
+            if request.ucx.tag & 1:
+                raise ValueError("the UCX connection's tag must be even")
+            self.runtime.call(self._connect_back(request.ucx),
+                              self.settings.connect_timeout_s + 1)
+        return {"ucx_worker_address": self._ucx_address}
 
-    async def _serve_endpoint(self, ep) -> None:
+    async def _connect_back(self, ucx: kv_pb2.UcxConnection) -> None:
+        old = self._connections.pop(ucx.sender_id, None)
+        if old is not None:  # the sender handshook again: it dropped that connection
+            await old.close("replaced by a new handshake")
+        ucxx = self.runtime.ucxx
+        ep = await ucxx.create_endpoint_from_worker_address(
+            ucxx.get_ucx_address_from_buffer(ucx.worker_address))
+        connection = _Connection(ep, ucx.tag)
+        self._connections[ucx.sender_id] = connection
+        connection.task = asyncio.get_running_loop().create_task(
+            self._serve_connection(ucx.sender_id, connection))
+
+    async def _serve_connection(self, sender_id: int, connection: _Connection) -> None:
         seen: set[str] = set()
-        self._endpoints.add(ep)
+        ep, tag = connection.ep, connection.tag
         try:
             while True:
-                header = kv_pb2.KVTransferHeader.FromString(bytes(await ep.recv_obj()))
+                header = kv_pb2.KVTransferHeader.FromString(await _recv_bytes(ep, tag))
                 if not seen and not known_transfer(self.table, header.transfer_id):
-                    # transfer ids travel only in authenticated gRPC calls: a connection
-                    # that does not open with one of ours is a stranger's, dropped
+                    # defence in depth (the sender authenticated): a connection that does
+                    # not open with a transfer this receiver expects is dropped
                     log.warning("KV data: dropped a connection whose first message names "
                                 "no expected transfer")
-                    ep.abort()
+                    await connection.close("the first chunk names no expected transfer")
                     return
                 seen.add(header.transfer_id)
-                await self._receive_chunk(ep, header)
-        except Exception as exc:  # endpoint closed or broken: fail what it carried
+                await self._receive_chunk(connection, header)
+        except BaseException as exc:  # sender gone, a broken stream, replaced or closed
             for transfer_id in seen:
                 self.table.finish(transfer_id, TransferState.FAILED,
-                                  f"sender endpoint closed: {type(exc).__name__}: {exc}")
+                                  f"sender connection closed: {type(exc).__name__}: {exc}")
+            if not isinstance(exc, Exception):
+                raise
+            await connection.close(f"{type(exc).__name__}: {exc}")  # a live sender learns
         finally:
-            self._endpoints.discard(ep)
+            if self._connections.get(sender_id) is connection:
+                del self._connections[sender_id]
+                ep.abort()
 
     def _admit(self, header: kv_pb2.KVTransferHeader
                ) -> tuple[kv_pb2.KVChunkReply, list[int] | None]:
@@ -98,21 +185,23 @@ class TagReceiving:
             kv_pb2.KVChunkReply.ACCEPTED   # STORED: an abort notice, nothing to receive
         return reply, blocks
 
-    async def _receive_chunk(self, ep, header: kv_pb2.KVTransferHeader) -> None:
+    async def _receive_chunk(self, connection: _Connection,
+                             header: kv_pb2.KVTransferHeader) -> None:
+        ep, tag, timeout = connection.ep, connection.tag, self.settings.io_timeout_s
         reply, blocks = self._admit(header)
         if blocks is None:
-            await _send_message(ep, reply, self.settings.io_timeout_s)
+            await _send_message(ep, reply, tag ^ 1, timeout)
             return
         try:
-            await _send_message(ep, reply, self.settings.io_timeout_s)
+            await _send_message(ep, reply, tag ^ 1, timeout)
             started = time.perf_counter()
             if header.packed:
-                await self._receive_packed(ep, header)
+                await self._receive_packed(connection, header)
             else:
                 for run in header.runs:
                     target = self.pool.block_run_bytes(run.first, run.count)
-                    await asyncio.wait_for(ep.recv(_wire_buffer(target)),
-                                           self.settings.io_timeout_s)
+                    await asyncio.wait_for(ep.recv(_wire_buffer(target), tag=tag,
+                                                   force_tag=True), timeout)
             seconds = time.perf_counter() - started
             corrupt = self._corrupt_runs(header)
             if corrupt:
@@ -124,16 +213,18 @@ class TagReceiving:
                 reply.status = kv_pb2.KVChunkReply.STORED
         finally:
             self.table.unhold(header.transfer_id)
-        await _send_message(ep, reply, self.settings.io_timeout_s)
+        await _send_message(ep, reply, tag ^ 1, timeout)
 
-    async def _receive_packed(self, ep, header: kv_pb2.KVTransferHeader) -> None:
+    async def _receive_packed(self, connection: _Connection,
+                              header: kv_pb2.KVTransferHeader) -> None:
         """One message holding every run's blocks back to back; scatter it into place."""
         pool = self.pool
         dst = [r.first + i for r in header.runs for i in range(r.count)]
         # staging: flat uint8 [len(dst) * block_bytes], viewed as [len(dst), *block_shape]
         staging = torch.empty(len(dst) * pool.spec.bytes_per_block, dtype=torch.uint8,
                               device=pool.device)
-        await asyncio.wait_for(ep.recv(_wire_buffer(staging)), self.settings.io_timeout_s)
+        await asyncio.wait_for(connection.ep.recv(_wire_buffer(staging), tag=connection.tag,
+                                                  force_tag=True), self.settings.io_timeout_s)
         with self.copy_stream:  # synced on exit: STORED means readable by the engine
             blocks = staging.view(pool.kv.dtype).view(len(dst), *pool.spec.block_shape)
             index = torch.tensor(dst, dtype=torch.long, device=pool.device)
@@ -145,11 +236,11 @@ class TagReceiving:
         return [i for i, (run, expected) in enumerate(zip(header.runs, header.run_checksums))
                 if run_checksum(self.pool.block_run_bytes(run.first, run.count)) != expected]
 
-    def _stop_listener(self) -> None:
+    def _stop_tag_path(self) -> None:
         async def stop() -> None:
-            for ep in list(self._endpoints):
-                ep.abort()
-            self._listener.close()
+            for connection in list(self._connections.values()):
+                await connection.close("KV receiver closed")
+            self._connections.clear()
         try:
             self.runtime.call(stop(), 5.0)
         except Exception:
@@ -158,7 +249,16 @@ class TagReceiving:
 
 class TagSending:
     """The prefill side: one endpoint per peer, held (peer.lock) for a chunk's whole
-    exchange; on a CPU pool closed again after idle_close_s without use."""
+    exchange."""
+
+    def _start_tag_sending(self) -> None:
+        self._sender_id = int.from_bytes(os.urandom(8), "little")
+        self._ucx_address = self.runtime.worker_address(self.settings.connect_timeout_s)
+
+    def _tag_connection(self) -> kv_pb2.UcxConnection:
+        """This sender's end of a new tag path, for the handshake."""
+        return kv_pb2.UcxConnection(worker_address=self._ucx_address, tag=new_tag(),
+                                    sender_id=self._sender_id)
 
     def _connect_endpoint(self, peer: Peer, address: str) -> None:
         try:
@@ -169,9 +269,9 @@ class TagSending:
 
     async def _open(self, peer: Peer):
         if peer.endpoint is None:
-            host, port = peer.data_address.rsplit(":", 1)
-            peer.endpoint = await self.runtime.ucxx.create_endpoint(
-                host, int(port), connect_timeout=self.settings.connect_timeout_s)
+            ucxx = self.runtime.ucxx
+            peer.endpoint = await ucxx.create_endpoint_from_worker_address(
+                ucxx.get_ucx_address_from_buffer(peer.ucx_address))
         return peer.endpoint
 
     async def _lanes(self, peer: Peer) -> list:
@@ -191,23 +291,6 @@ class TagSending:
                 self._forget_peer(peer)  # a restarted receiver gets a fresh handshake
             finally:
                 self.table.unhold(chunk.transfer_id)
-                peer.uses += 1
-                self._close_when_idle(peer)
-
-    def _close_when_idle(self, peer: Peer) -> None:
-        if self.pool.device.type != "cpu":
-            return  # payload over UCX's cuda_ipc: reopening re-maps GPU memory, keep it
-        uses = peer.uses
-
-        async def close_if_unused() -> None:
-            async with peer.lock:
-                # a transfer between chunks (prefill still computing) keeps its endpoint:
-                # closing it would make the receiver fail that transfer
-                if peer.uses == uses and not self._active_to(peer.side_channel):
-                    self._drop_endpoint(peer)
-
-        self.runtime.loop.call_later(self.settings.idle_close_s,
-                                     lambda: self.runtime.loop.create_task(close_if_unused()))
 
     async def _exchange_chunk(self, peer: Peer, chunk: Chunk) -> None:
         timeout = self.settings.io_timeout_s
@@ -220,16 +303,16 @@ class TagSending:
                               first_token=chunk.first_token)
         payload = self._pack(chunk) if self._should_pack(chunk) else None
         header.packed = payload is not None
-        ep = await self._open(peer)
+        ep, tag = await self._open(peer), peer.tag
         started = time.perf_counter()
-        await _send_message(ep, header, timeout)
-        reply = await _recv_reply(ep, timeout)
+        await _send_message(ep, header, tag, timeout)
+        reply = await _recv_reply(ep, tag ^ 1, timeout)
         if reply.status != kv_pb2.KVChunkReply.ACCEPTED:
             self.fail(chunk.transfer_id, f"receiver refused chunk {chunk.index}: {reply.error}")
             return
         for run in ([payload] if payload is not None else runs):
-            await asyncio.wait_for(ep.send(_wire_buffer(run)), timeout)
-        reply = await _recv_reply(ep, timeout)
+            await asyncio.wait_for(ep.send(_wire_buffer(run), tag=tag, force_tag=True), timeout)
+        reply = await _recv_reply(ep, tag ^ 1, timeout)
         if reply.status != kv_pb2.KVChunkReply.STORED:
             self.fail(chunk.transfer_id, f"receiver did not store chunk {chunk.index}: "
                                          f"{kv_pb2.KVChunkReply.Status.Name(reply.status)} "
@@ -250,15 +333,6 @@ class TagSending:
             packed = pool.kv.index_select(0, index).reshape(-1).view(torch.uint8)
         return packed
 
-    def _active_to(self, address: str) -> bool:
-        for transfer_id in self.table.active_ids():
-            try:
-                if self.table.get(transfer_id).destination.address == address:
-                    return True
-            except KeyError:  # released meanwhile
-                continue
-        return False
-
     def _drop_endpoint(self, peer: Peer) -> None:
         if peer.endpoint is not None:
             try:
@@ -275,7 +349,9 @@ class TagSending:
         async with peer.lock:
             try:
                 ep = await self._open(peer)
-                await _send_message(ep, abort_header(transfer_id, chunk_index, reason), 2.0)
-                await _recv_reply(ep, 2.0)
+                await _send_message(ep, abort_header(transfer_id, chunk_index, reason),
+                                    peer.tag, 2.0)
+                await _recv_reply(ep, peer.tag ^ 1, 2.0)
             except Exception:
                 self._drop_endpoint(peer)
+                self._forget_peer(peer)  # its connection may be gone: handshake anew
