@@ -1,6 +1,7 @@
 """The sender's state for one receiver (UcxSender keeps one per side-channel address):
-its UCX endpoint and connection tag on the tag path, or its mapped pool, control connection and sender
-thread on the in-place path. Both paths are handed the Peer; neither keeps its own."""
+its UCX endpoint and connection tag on the tag path, or its mapped pool, control
+connection and sender thread on the in-place path. Both paths are handed the Peer;
+neither keeps its own."""
 
 from __future__ import annotations
 
