@@ -135,6 +135,9 @@ class ModelConfig:
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
+MIXED_STEP_GRAPHS = ("piecewise", "parts", "eager")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"
@@ -152,6 +155,11 @@ class EngineConfig:
     # with cuda_graphs, a step computing one chunk of one sequence of up to this many
     # tokens replays a captured prefill graph (0: always eager)
     prefill_graph_max_tokens: int = 2048
+    # with cuda_graphs, other steps of up to prefill_graph_max_tokens tokens (decode rows
+    # beside prompt chunks): "piecewise" (one pass: graphs between eager attentions,
+    # pdserve/engine/piecewise.py), "parts" (a decode graph plus a prefill graph per
+    # chunk, up to 4 chunks) or "eager"
+    mixed_step_graphs: str = "piecewise"
     # triton backend on CUDA: a whole prompt of this many tokens or more with nothing
     # cached runs cuDNN attention over its contiguous K/V (0: the paged kernel always)
     dense_prefill_min_tokens: int = 3072
@@ -174,6 +182,9 @@ class EngineConfig:
                              f"{self.gpu_memory_utilization}")
         if self.cpu_blas not in ("numpy", "torch"):
             raise ValueError(f"cpu_blas must be 'numpy' or 'torch', got {self.cpu_blas!r}")
+        if self.mixed_step_graphs not in MIXED_STEP_GRAPHS:
+            raise ValueError(f"mixed_step_graphs must be one of {', '.join(MIXED_STEP_GRAPHS)}, "
+                             f"got {self.mixed_step_graphs!r}")
         if self.kv_cache_memory_gb < 0:
             raise ValueError(f"kv_cache_memory_gb must be >= 0, got {self.kv_cache_memory_gb}")
 

@@ -22,6 +22,7 @@ from pdserve.engine.attention.base import AttentionMetadata, table_width
 from pdserve.engine.config import EngineConfig, ModelConfig
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec, torch_dtype
 from pdserve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from pdserve.engine.piecewise import PiecewiseGraphs
 from pdserve.engine.model.llama import LlamaForCausalLM
 from pdserve.engine.sampling import make_generator, sample, sample_tokens
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
@@ -110,7 +111,7 @@ class ModelRunner:
             num_layers=model_config.num_layers, num_kv_heads=model_config.num_kv_heads,
             head_dim=model_config.head_dim, block_size=config.block_size,
             num_blocks=num_blocks, dtype=config.dtype), self.device)
-        self.graphs = self.prefill_graphs = None
+        self.graphs = self.prefill_graphs = self.piecewise = None
         if config.cuda_graphs and self.device.type == "cuda":
             self._make_graphs(config, max_model_len)
         else:
@@ -139,16 +140,22 @@ class ModelRunner:
                 self.model, self.pool, self.backend,
                 min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
                 max_model_len, config.block_size, self.device, self.graphs.memory_pool)
+        if config.mixed_step_graphs == "piecewise" and self.model.fused_elementwise:
+            self.piecewise = PiecewiseGraphs(
+                self.model, self.pool, self.backend,
+                min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
+                self.device, self.graphs.memory_pool)
 
     def capture_graphs(self) -> int:
         """Capture every CUDA graph now (compiling the kernels they use); returns how
         many exist. Without it each size is captured the first time a step needs it."""
-        for graphs in (self.graphs, self.prefill_graphs):
+        for graphs in (self.graphs, self.prefill_graphs, self.piecewise):
             if graphs is not None:
                 graphs.capture_all()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return sum(len(g.graphs) for g in (self.graphs, self.prefill_graphs) if g is not None)
+        count = sum(len(g.graphs) for g in (self.graphs, self.prefill_graphs) if g is not None)
+        return count + (sum(map(len, self.piecewise.pieces.values())) if self.piecewise else 0)
 
     def _backend_options(self, config: EngineConfig) -> dict:
         if config.attention_backend == "triton" and self.device.type == "cuda":
@@ -200,6 +207,8 @@ class ModelRunner:
                                              meta.block_tables)
             self._mark_launched()
             return self._sample(scheduled, sampling, logits) if sampling else [None]
+        if self._piecewise_fits(scheduled):
+            return self._execute_piecewise(scheduled, sampling)
         if self._replayable_in_parts(scheduled):
             return self._execute_in_parts(scheduled, sampling)
         rows = _decode_rows_first(scheduled) if self.backend.splits_mixed_batches else None
@@ -282,13 +291,29 @@ class ModelRunner:
                 and scheduled[0].num_new_tokens > 1
                 and self.prefill_graphs.padded_size(scheduled[0].num_new_tokens) is not None)
 
+    def _piecewise_fits(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Any other step of up to the largest piecewise size: one pass over the weights."""
+        return (self.piecewise is not None and self.piecewise.padded_size(
+            sum(s.num_new_tokens for s in scheduled)) is not None)
+
+    def _execute_piecewise(self, scheduled: list[ScheduledRequest],
+                           sampling: list[int]) -> list[int | None]:
+        # the backend attends a mixed step's decode rows apart when they come first
+        order = _decode_rows_first(scheduled) or list(range(len(scheduled)))
+        ids, pos, meta, starts = self.build_batch([scheduled[i] for i in order])
+        place = {original: j for j, original in enumerate(order)}
+        rows = _index([starts[place[i] + 1] - 1 for i in sampling], self.device)
+        logits = self.piecewise.run(ids, pos, meta, rows)
+        self._mark_launched()
+        return self._sample(scheduled, sampling, logits) if sampling else [None] * len(scheduled)
+
     def _replayable_in_parts(self, scheduled: list[ScheduledRequest]) -> bool:
         """A mixed step small enough that queueing it eagerly would leave the device waiting
         on the host: its decode rows replay one decode graph and each prompt chunk a prefill
         graph (H200, Llama-3-8B shapes: eager 1k-token mixed steps took the host ~25 ms to
         queue, for ~25 ms of device work). Each replay reads the weights once, so steps with
         many chunks or many prompt tokens (device-bound anyway) stay eager."""
-        if self.prefill_graphs is None:
+        if self.prefill_graphs is None or self.config.mixed_step_graphs == "eager":
             return False
         chunks = [s.num_new_tokens for s in scheduled if not _is_decode_row(s)]
         decode_rows = len(scheduled) - len(chunks)

@@ -193,17 +193,29 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, backend: AttentionBackend, k_cache, v_cache,
                 meta: AttentionMetadata, fused: bool = False) -> torch.Tensor:
-        # x: [num_tokens, hidden]; q and k are rotated together (adjacent in qkv) by
-        # rope: [num_tokens, heads, head_dim] -> same (a new tensor, or rotated in place)
+        # x: [num_tokens, hidden] -> [num_tokens, hidden]
+        q, k, v = self.project(x, rope, fused)
+        return self.o_proj(self.attend(q, k, v, backend, k_cache, v_cache, meta)
+                           .reshape(x.shape[0], self.q_size))
+
+    def project(self, x: torch.Tensor, rope, fused: bool = False):
+        """q, k, v of x, q and k normed (if the model does) and rotated. q and k are
+        rotated together (adjacent in qkv) by rope: [num_tokens, heads, head_dim] -> same
+        (a new tensor, or rotated in place).
+        x: [t, hidden] -> q: [t, num_heads, head_dim], k, v: [t, num_kv_heads, head_dim]"""
         qkv = self.qkv_proj(x)
         t, qk_size = qkv.shape[0], self.q_size + self.kv_size
         if self.q_norm is not None:
             self._norm_qk_(qkv, fused)
         qk = rope(qkv[:, :qk_size].view(t, -1, self.head_dim))
-        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, self.scale, **self.backend_kwargs)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
+
+    def attend(self, q, k, v, backend: AttentionBackend, k_cache, v_cache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """This layer's attention (K/V stored first): [t, num_heads, head_dim], before o_proj."""
+        return backend.forward(q, k, v, k_cache, v_cache, meta, self.scale,
+                               **self.backend_kwargs)
 
     def _norm_qk_(self, qkv: torch.Tensor, fused: bool) -> None:
         """Each q and k head RMS-normed before rope, written back into qkv (so q|k stay
@@ -289,6 +301,11 @@ class DecoderLayer(nn.Module):
         Returns this layer's MLP output, for the next norm to add."""
         h = self.input_layernorm.forward_fused(update, residual)
         attn = self.self_attn(h, rope, backend, k_cache, v_cache, meta, fused=True)
+        return self.after_attention_fused(attn, residual)
+
+    def after_attention_fused(self, attn: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Triton path from o_proj's output attn: [num_tokens, hidden] on (residual updated
+        in place); returns this layer's MLP output, for the next norm to add."""
         if self.moe:  # its forward takes the fused kernels on CUDA
             return self.mlp(self.post_attention_layernorm.forward_fused(attn, residual))
         if not self.sandwich:
@@ -326,7 +343,7 @@ class LlamaForCausalLM(nn.Module):
         # input_ids, positions: [num_tokens] -> hidden: [num_tokens, hidden]
         if self.fused_elementwise:
             return self._forward_fused(input_ids, positions, pool, backend, meta)
-        x = self._embed(input_ids)
+        x = self.embed(input_ids)
         # cos/sin rows once per step, shared by all layers of the same base
         ropes = [functools.partial(Rotary.apply, tables=r.tables(positions)) if r else None
                  for r in (self.rotary, self.rotary_local)]
@@ -335,12 +352,16 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, ropes[layer.local_rope], backend, k_cache, v_cache, meta)
         return self.norm(x)
 
+    def fused_ropes(self, positions: torch.Tensor) -> list:
+        """The Triton path's rotations (global, local) for a step's positions [num_tokens]:
+        the kernel gathers each token's cos/sin row from the full tables."""
+        return [functools.partial(_fused_ops().rotary_, positions=positions, cos=r.cos,
+                                  sin_signed=r.sin_signed) if r else None
+                for r in (self.rotary, self.rotary_local)]
+
     def _forward_fused(self, input_ids, positions, pool, backend, meta) -> torch.Tensor:
-        # the kernel gathers each token's cos/sin row from the full tables
-        ropes = [functools.partial(_fused_ops().rotary_, positions=positions, cos=r.cos,
-                                   sin_signed=r.sin_signed) if r else None
-                 for r in (self.rotary, self.rotary_local)]
-        residual = self._embed(input_ids)  # [num_tokens, hidden], updated in place
+        ropes = self.fused_ropes(positions)
+        residual = self.embed(input_ids)  # [num_tokens, hidden], updated in place
         update = None
         for i, layer in enumerate(self.layers):
             k_cache, v_cache = pool.layer_caches(i)
@@ -348,7 +369,7 @@ class LlamaForCausalLM(nn.Module):
                                          k_cache, v_cache, meta)
         return self.norm.forward_fused(update, residual)
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         return x if self.embedding_scale == 1.0 else x.mul_(self.embed_scale.to(x.dtype))
 

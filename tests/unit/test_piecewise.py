@@ -1,0 +1,121 @@
+"""Piecewise steps (pdserve/engine/piecewise.py) against the model's own forward: the pieces
+run eagerly here (graphs=False: the same static buffers, split points and padding as the
+CUDA graphs replay), on the Triton path under the interpreter, fp32, tiny shapes. The GPU
+test (tests/gpu/test_mixed_steps_gpu.py) replays the captured graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pdserve.engine.attention.torch_ref import TorchAttentionBackend  # noqa: E402
+from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec  # noqa: E402
+from pdserve.engine.model.llama import LlamaForCausalLM  # noqa: E402
+from pdserve.engine.piecewise import PiecewiseGraphs  # noqa: E402
+from test_fused_kernels import TINY, step_meta  # noqa: E402
+
+MOE = dataclasses.replace(TINY, name="tiny-moe", architecture="qwen3_moe", qk_norm=True,
+                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
+                          norm_topk_prob=True)
+
+
+def model_of(config) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(config, max_positions=64)
+    model.init_random_(seed=0, std=0.2)
+    with torch.no_grad():  # norms away from 1, so a skipped or doubled norm shows
+        g = torch.Generator().manual_seed(4)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    model.fused_elementwise = True
+    return model.eval()
+
+
+def new_pool(config) -> KVCachePool:
+    return KVCachePool(KVCacheSpec(config.num_layers, config.num_kv_heads, config.head_dim,
+                                   16, 16, "float32"))
+
+
+# (cached tokens, new tokens) per sequence: a prefill of three prompts, then a mixed step
+# of two decode rows, a later chunk of the third prompt and a new prompt (11 tokens: the
+# piecewise step pads to 16)
+PREFILL = [(0, 5), (0, 3), (0, 4)]
+MIXED = [(5, 1), (3, 1), (4, 6), (0, 3)]
+
+
+def step(model, pool, layout, ids, positions, piecewise=None):
+    """Logits of each sequence's last new token."""
+    meta = step_meta(layout)
+    last = meta.query_start_loc[1:].long() - 1
+    if piecewise is not None:
+        return piecewise.run(ids, positions, meta, last)
+    hidden = model(ids, positions, pool, TorchAttentionBackend(), meta)
+    return model.compute_logits(hidden[last])
+
+
+def layout_inputs(layout, vocab: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(q for _, q in layout)
+    positions = torch.tensor([p for c, q in layout for p in range(c, c + q)])
+    return torch.randint(0, vocab, (n,), generator=g), positions
+
+
+@pytest.mark.parametrize("config", [TINY, MOE], ids=["llama", "qwen3-moe"])
+def test_piecewise_step_equals_the_model_forward(config):
+    model = model_of(config)
+    eager_pool, piece_pool = new_pool(config), new_pool(config)
+    piecewise = PiecewiseGraphs(model, piece_pool, TorchAttentionBackend(), max_tokens=32,
+                                device=torch.device("cpu"), graphs=False)
+    for seed, layout in enumerate([PREFILL, MIXED]):
+        ids, positions = layout_inputs(layout, config.vocab_size, seed)
+        want = step(model, eager_pool, layout, ids, positions)
+        got = step(model, piece_pool, layout, ids, positions, piecewise)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(piecewise.pieces) == [16]  # 12 and 11 tokens: both padded to 16
+    assert len(piecewise.pieces[16]) == config.num_layers + 1
+    # the cache holds the same K/V; padded rows stored nothing (slot -1 is never made)
+    for i in range(config.num_layers):
+        for want_cache, got_cache in zip(eager_pool.layer_caches(i), piece_pool.layer_caches(i)):
+            torch.testing.assert_close(got_cache, want_cache, rtol=1e-5, atol=1e-5)
+
+
+def test_piecewise_padded_rows_do_not_leak_into_the_next_step():
+    """Stale buffer rows from a longer step sit past a shorter step's tokens: its logits
+    are those of a fresh PiecewiseGraphs."""
+    model = model_of(TINY)
+    long_layout, short_layout = [(0, 14)], [(0, 9)]
+    used = PiecewiseGraphs(model, new_pool(TINY), TorchAttentionBackend(), 32,
+                           torch.device("cpu"), graphs=False)
+    fresh = PiecewiseGraphs(model, new_pool(TINY), TorchAttentionBackend(), 32,
+                            torch.device("cpu"), graphs=False)
+    step(model, used.pool, long_layout, *layout_inputs(long_layout, TINY.vocab_size, 7), used)
+    ids, positions = layout_inputs(short_layout, TINY.vocab_size, 8)
+    used.pool.kv.zero_()  # a new sequence over the same blocks
+    got = step(model, used.pool, short_layout, ids, positions, used)
+    want = step(model, fresh.pool, short_layout, ids, positions, fresh)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_padded_sizes_follow_the_prefill_capture_sizes():
+    model = model_of(TINY)
+    piecewise = PiecewiseGraphs(model, new_pool(TINY), TorchAttentionBackend(), 100,
+                                torch.device("cpu"), graphs=False)
+    assert piecewise.sizes[-1] == 96
+    assert [piecewise.padded_size(n) for n in (1, 16, 17, 65, 96, 97)] == \
+        [16, 16, 32, 80, 96, None]
+
+
+def test_mixed_step_graphs_is_validated_and_reaches_the_engine_config():
+    from pdserve.cli import _engine_config, build_parser
+    from pdserve.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match="mixed_step_graphs must be one of"):
+        EngineConfig(mixed_step_graphs="whole")
+    args = build_parser().parse_args(["decode", "--mixed-step-graphs", "parts"])
+    assert _engine_config(args).mixed_step_graphs == "parts"
+    assert _engine_config(build_parser().parse_args(["decode"])).mixed_step_graphs == \
+        "piecewise"
