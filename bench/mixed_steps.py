@@ -6,7 +6,8 @@ model runner's three ways, same runner, same weights:
 Also the two parts alone (the decode rows' graph; the chunk's graph): what one weight pass
 costs each. Random weights of a real shape, bf16, Triton backend, CUDA graphs. Wall time
 per step (queued, run, sampled tokens read back), median of --repeats after warm-ups that
-capture the graphs the step needs.
+capture the graphs the step needs; and the time to capture every piecewise size (what a
+worker's start-up adds).
 
     python bench/mixed_steps.py --shape llama3-8b --out bench/results/mixed-steps-h200.json
 """
@@ -96,6 +97,13 @@ def main() -> None:
                           cuda_graphs=True, max_num_seqs=256, max_num_batched_tokens=8192)
     runner = ModelRunner(model, config, {}, num_blocks=blocks + 1, max_model_len=8192)
     set_modes = modes(runner, config)
+    start = time.perf_counter()
+    runner.piecewise.capture_all()  # what a worker's start-up adds for them
+    torch.cuda.synchronize()
+    capture = {"piecewise_capture_s": round(time.perf_counter() - start, 2),
+               "piecewise_graphs": sum(map(len, runner.piecewise.pieces.values())),
+               "piecewise_sizes": runner.piecewise.sizes}
+    print(json.dumps(capture), flush=True)
     rows = []
     for d in decodes:
         for c in chunks:
@@ -115,7 +123,7 @@ def main() -> None:
               "commit": _commit(), "command": "python bench/mixed_steps.py " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if v is not None and k != "out"),
-              "note": "wall ms per step, median; x_vs_y = y_ms / x_ms", "rows": rows}
+              "note": "wall ms per step, median; x_vs_y = y_ms / x_ms", **capture, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
