@@ -25,7 +25,7 @@ import time
 import torch
 
 from pdserve.engine.config import EngineConfig
-from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.model_runner import PIECEWISE_MIN_LAYER_BYTES, ModelRunner, layer_weight_bytes
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler.request import Request
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
@@ -73,6 +73,7 @@ def modes(runner: ModelRunner, config: EngineConfig) -> dict:
     def set_mode(pieces, mixed):
         def apply():
             runner.piecewise = pieces
+            runner.parts_first = mixed == "parts"
             runner.config = dataclasses.replace(config, mixed_step_graphs=mixed)
         return apply
 
@@ -94,7 +95,8 @@ def main() -> None:
     chunks = [int(x) for x in args.chunks.split(",")]
     _, blocks = requests(max(decodes), args.context, max(chunks), model.vocab_size)
     config = EngineConfig(device="cuda", dtype="bfloat16", attention_backend="triton",
-                          cuda_graphs=True, max_num_seqs=256, max_num_batched_tokens=8192)
+                          cuda_graphs=True, max_num_seqs=256, max_num_batched_tokens=8192,
+                          mixed_step_graphs="piecewise")
     runner = ModelRunner(model, config, {}, num_blocks=blocks + 1, max_model_len=8192)
     set_modes = modes(runner, config)
     start = time.perf_counter()
@@ -102,7 +104,10 @@ def main() -> None:
     torch.cuda.synchronize()
     capture = {"piecewise_capture_s": round(time.perf_counter() - start, 2),
                "piecewise_graphs": sum(map(len, runner.piecewise.pieces.values())),
-               "piecewise_sizes": runner.piecewise.sizes}
+               "piecewise_sizes": runner.piecewise.sizes,
+               "layer_weight_mib": layer_weight_bytes(runner.model) // 2**20,
+               "auto_picks": "parts" if layer_weight_bytes(runner.model) <
+               PIECEWISE_MIN_LAYER_BYTES else "piecewise"}
     print(json.dumps(capture), flush=True)
     rows = []
     for d in decodes:

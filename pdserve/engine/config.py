@@ -135,7 +135,7 @@ class ModelConfig:
         return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
-MIXED_STEP_GRAPHS = ("piecewise", "parts", "eager")
+MIXED_STEP_GRAPHS = ("auto", "piecewise", "parts", "eager")
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,11 @@ class EngineConfig:
     # with cuda_graphs, other steps of up to prefill_graph_max_tokens tokens (decode rows
     # beside prompt chunks): "piecewise" (one pass: graphs between eager attentions,
     # pdserve/engine/piecewise.py), "parts" (a decode graph plus a prefill graph per
-    # chunk, up to 4 chunks) or "eager"
-    mixed_step_graphs: str = "piecewise"
+    # chunk, up to 4 chunks), "eager", or "auto": parts for models whose layers are
+    # small enough that reading them again costs less than an eager attention per layer
+    # (model_runner.PIECEWISE_MIN_LAYER_BYTES), piecewise otherwise and where parts
+    # cannot serve the step
+    mixed_step_graphs: str = "auto"
     # triton backend on CUDA: a whole prompt of this many tokens or more with nothing
     # cached runs cuDNN attention over its contiguous K/V (0: the paged kernel always)
     dense_prefill_min_tokens: int = 3072

@@ -112,6 +112,7 @@ class ModelRunner:
             head_dim=model_config.head_dim, block_size=config.block_size,
             num_blocks=num_blocks, dtype=config.dtype), self.device)
         self.graphs = self.prefill_graphs = self.piecewise = None
+        self.parts_first = False
         if config.cuda_graphs and self.device.type == "cuda":
             self._make_graphs(config, max_model_len)
         else:
@@ -140,7 +141,10 @@ class ModelRunner:
                 self.model, self.pool, self.backend,
                 min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
                 max_model_len, config.block_size, self.device, self.graphs.memory_pool)
-        if config.mixed_step_graphs == "piecewise" and self.model.fused_elementwise:
+        mode = config.mixed_step_graphs
+        self.parts_first = mode == "parts" or (
+            mode == "auto" and layer_weight_bytes(self.model) < PIECEWISE_MIN_LAYER_BYTES)
+        if mode in ("auto", "piecewise") and self.model.fused_elementwise:
             self.piecewise = PiecewiseGraphs(
                 self.model, self.pool, self.backend,
                 min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
@@ -207,9 +211,12 @@ class ModelRunner:
                                              meta.block_tables)
             self._mark_launched()
             return self._sample(scheduled, sampling, logits) if sampling else [None]
+        parts = self._replayable_in_parts(scheduled)
+        if parts and self.parts_first:
+            return self._execute_in_parts(scheduled, sampling)
         if self._piecewise_fits(scheduled):
             return self._execute_piecewise(scheduled, sampling)
-        if self._replayable_in_parts(scheduled):
+        if parts:
             return self._execute_in_parts(scheduled, sampling)
         rows = _decode_rows_first(scheduled) if self.backend.splits_mixed_batches else None
         if rows is not None:  # the backend runs a mixed step's decode rows apart
@@ -372,6 +379,18 @@ TENSOR_CHUNK_MIN_TOKENS = 256
 
 # Prompt chunks of one mixed step replayed as separate prefill graphs, at most
 MAX_REPLAYED_CHUNKS = 4
+
+# mixed_step_graphs="auto": a piecewise step queues one eager attention per layer (host
+# time, ~0.05-0.1 ms each: an estimate, bench/mixed_steps.py measures it), replaying in
+# parts reads every weight once more per part (a layer of L bytes: L / 3.3-4.8 TB/s).
+# Below this many bytes a layer (fp16/bf16: Llama-3.2-1B, SmolLM2) the extra reads cost
+# less than the launches; Llama-3-8B's layers hold 436 MiB.
+PIECEWISE_MIN_LAYER_BYTES = 128 * 2**20
+
+
+def layer_weight_bytes(model) -> int:
+    """Bytes of one decoder layer's parameters (the first; all are alike)."""
+    return sum(p.numel() * p.element_size() for p in model.layers[0].parameters())
 
 
 def _decode_rows_first(scheduled: list[ScheduledRequest]) -> list[int] | None:

@@ -72,7 +72,7 @@ def test_piecewise_mixed_steps_equal_eager_steps(monkeypatch, shape):
     """Decode rows and chunks of several prompts in one piecewise pass: the tokens of the
     eager engine."""
     eager = engine(prefill_graph_max_tokens=0, shape=shape)
-    piecewise = engine(shape=shape)
+    piecewise = engine(shape=shape, mixed_step_graphs="piecewise")
     sizes = []
     original = piecewise.runner.piecewise.run
     monkeypatch.setattr(piecewise.runner.piecewise, "run",

@@ -117,5 +117,17 @@ def test_mixed_step_graphs_is_validated_and_reaches_the_engine_config():
         EngineConfig(mixed_step_graphs="whole")
     args = build_parser().parse_args(["decode", "--mixed-step-graphs", "parts"])
     assert _engine_config(args).mixed_step_graphs == "parts"
-    assert _engine_config(build_parser().parse_args(["decode"])).mixed_step_graphs == \
-        "piecewise"
+    assert _engine_config(build_parser().parse_args(["decode"])).mixed_step_graphs == "auto"
+
+
+def test_auto_prefers_parts_only_for_models_of_small_layers():
+    from pdserve.engine.model_runner import PIECEWISE_MIN_LAYER_BYTES, layer_weight_bytes
+    from pdserve.engine.synthetic import SHAPES
+
+    def bf16_layer_bytes(config) -> int:
+        with torch.device("meta"):
+            return layer_weight_bytes(LlamaForCausalLM(config, max_positions=16)) // 2
+
+    assert bf16_layer_bytes(SHAPES["smollm2-135m"]) < PIECEWISE_MIN_LAYER_BYTES
+    assert bf16_layer_bytes(SHAPES["llama3-8b"]) > 3 * PIECEWISE_MIN_LAYER_BYTES
+    assert bf16_layer_bytes(SHAPES["qwen3-30b-a3b"]) > PIECEWISE_MIN_LAYER_BYTES
