@@ -131,3 +131,63 @@ def test_auto_prefers_parts_only_for_models_of_small_layers():
     assert bf16_layer_bytes(SHAPES["smollm2-135m"]) < PIECEWISE_MIN_LAYER_BYTES
     assert bf16_layer_bytes(SHAPES["llama3-8b"]) > 3 * PIECEWISE_MIN_LAYER_BYTES
     assert bf16_layer_bytes(SHAPES["qwen3-30b-a3b"]) > PIECEWISE_MIN_LAYER_BYTES
+
+
+def tiny_engine(config, piecewise: bool):
+    """A CPU engine on the Triton path whose every step goes through PiecewiseGraphs
+    (pieces run eagerly) when asked: the runner's row order and sampled-row mapping."""
+    from pathlib import Path
+
+    from pdserve.engine.config import EngineConfig
+    from pdserve.engine.engine import LLMEngine
+    from pdserve.engine.loader import LoadedModel, ModelSource
+    from pdserve.engine.synthetic import placeholder_tokenizer
+
+    loaded = LoadedModel(ModelSource(config.name, Path("/dev/null"), "synthetic"), config,
+                         placeholder_tokenizer(config.vocab_size), weights={})
+    engine = LLMEngine(EngineConfig(dtype="float32", num_blocks=64, max_num_batched_tokens=24,
+                                    max_num_seqs=8), loaded)
+    engine.runner.model.fused_elementwise = True
+    if piecewise:
+        runner = engine.runner
+        runner.piecewise = PiecewiseGraphs(runner.model, runner.pool, runner.backend,
+                                           max_tokens=32, device=torch.device("cpu"),
+                                           graphs=False)
+    return engine
+
+
+def staggered(engine, prompts):
+    """One prompt admitted every other step, so chunks and decode rows share steps; every
+    request samples (temperature, seeded) so a row mix-up changes the tokens."""
+    from pdserve.engine.sampling import SamplingParams
+
+    got, pending, steps, ids = {}, list(prompts), 0, []
+    while pending or engine.has_unfinished():
+        if pending and steps % 2 == 0:
+            params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8,
+                                    seed=len(ids))
+            ids.append(engine.add_request(pending.pop(0), params))
+            got[ids[-1]] = []
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+        steps += 1
+    return [got[i] for i in ids]
+
+
+def test_engine_steps_through_piecewise_give_the_eager_tokens():
+    config = dataclasses.replace(TINY, max_position=128)
+    g = torch.Generator().manual_seed(3)
+    # the 70-token prompt chunks over several steps while the short ones after it
+    # decode: steps with a chunk before decode rows, which the runner reorders
+    prompts = [torch.randint(3, config.vocab_size, (n,), generator=g).tolist()
+               for n in (9, 70, 2, 17, 5)]
+    want = staggered(tiny_engine(config, piecewise=False), prompts)
+    engine = tiny_engine(config, piecewise=True)
+    sampled_rows = []
+    run = engine.runner.piecewise.run
+    engine.runner.piecewise.run = lambda ids, pos, meta, rows: (
+        sampled_rows.append(rows.tolist()) or run(ids, pos, meta, rows))
+    assert staggered(engine, prompts) == want
+    # some step put its decode rows before a chunk that came first
+    assert any(rows != sorted(rows) for rows in sampled_rows), sampled_rows
+    assert engine.pool_is_idle()
