@@ -115,9 +115,10 @@ def test_mixed_step_graphs_is_validated_and_reaches_the_engine_config():
 
     with pytest.raises(ValueError, match="mixed_step_graphs must be one of"):
         EngineConfig(mixed_step_graphs="whole")
-    args = build_parser().parse_args(["decode", "--mixed-step-graphs", "parts"])
-    assert _engine_config(args).mixed_step_graphs == "parts"
-    assert _engine_config(build_parser().parse_args(["decode"])).mixed_step_graphs == "auto"
+    args = build_parser().parse_args(["decode", "--mixed-step-graphs", "auto"])
+    assert _engine_config(args).mixed_step_graphs == "auto"
+    assert _engine_config(build_parser().parse_args(["decode"])).mixed_step_graphs == \
+        EngineConfig().mixed_step_graphs
 
 
 def test_auto_prefers_parts_only_for_models_of_small_layers():
