@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import time
 
 import torch
@@ -30,6 +28,8 @@ from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler.request import Request
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
 from pdserve.engine.synthetic import SHAPES
+from engine_gpu import git_commit  # bench/ (this script's folder), as report is
+from report import write_report
 
 BLOCK = 16
 
@@ -125,23 +125,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
     report = {"gpu": torch.cuda.get_device_name(), "shape": args.shape,
-              "commit": _commit(), "command": "python bench/mixed_steps.py " +
+              "commit": git_commit(), "command": "python bench/mixed_steps.py " +
               " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                        if v is not None and k != "out"),
               "note": "wall ms per step, median; x_vs_y = y_ms / x_ms", **capture, "rows": rows}
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-
-
-def _commit() -> str:
-    if os.environ.get("PDSERVE_COMMIT"):  # a copied tree without .git
-        return os.environ["PDSERVE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "?"
-    except OSError:
-        return "?"
+    write_report(report, args.out, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from pdserve.engine.config import MIXED_STEP_GRAPHS  # torch-free
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="built-in name, .gguf file or HF folder")
@@ -37,8 +39,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-graph-tokens", type=int, default=2048,
                    help="with --cuda-graphs, replay a captured graph for a step that computes "
                         "one chunk of one prompt of up to this many tokens (0: eager)")
-    p.add_argument("--mixed-step-graphs", default="parts",
-                   choices=["auto", "piecewise", "parts", "eager"],
+    p.add_argument("--mixed-step-graphs", default="parts", choices=MIXED_STEP_GRAPHS,
                    help="with --cuda-graphs, steps that mix decode rows and prompt chunks: "
                         "piecewise graphs around eager attention (one pass over the "
                         "weights, not yet measured on a GPU); a decode graph plus a prefill "

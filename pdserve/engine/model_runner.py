@@ -136,19 +136,17 @@ class ModelRunner:
                                              **self._backend_options(config))
         self.graphs = DecodeGraphs(self.model, self.pool, self.backend, config.max_num_seqs,
                                    max_model_len, config.block_size, self.device)
+        graph_tokens = min(config.prefill_graph_max_tokens, config.max_num_batched_tokens)
         if config.prefill_graph_max_tokens > 1:
             self.prefill_graphs = PrefillGraphs(
-                self.model, self.pool, self.backend,
-                min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
+                self.model, self.pool, self.backend, graph_tokens,
                 max_model_len, config.block_size, self.device, self.graphs.memory_pool)
         mode = config.mixed_step_graphs
         self.parts_first = mode == "parts" or (
             mode == "auto" and layer_weight_bytes(self.model) < PIECEWISE_MIN_LAYER_BYTES)
         if mode in ("auto", "piecewise") and self.model.fused_elementwise:
-            self.piecewise = PiecewiseGraphs(
-                self.model, self.pool, self.backend,
-                min(config.prefill_graph_max_tokens, config.max_num_batched_tokens),
-                self.device, self.graphs.memory_pool)
+            self.piecewise = PiecewiseGraphs(self.model, self.pool, self.backend, graph_tokens,
+                                             self.device, self.graphs.memory_pool)
 
     def capture_graphs(self) -> int:
         """Capture every CUDA graph now (compiling the kernels they use); returns how
