@@ -31,19 +31,20 @@ from typing import Callable
 import torch
 
 from pdserve.engine.attention.base import AttentionBackend, AttentionMetadata
-from pdserve.engine.cuda_graphs import PREFILL_CAPTURE_SIZES, capture
+from pdserve.engine.cuda_graphs import PIECEWISE_CAPTURE_SIZES, capture
 
 
 class PiecewiseGraphs:
-    """The pieces of every padded size up to max_tokens (PREFILL_CAPTURE_SIZES: at most
-    25% padding from 64 tokens up), captured on first use or by capture_all(), sharing
-    memory_pool. graphs=False runs each piece eagerly instead of replaying it: the same
+    """The pieces of every padded size up to max_tokens (PIECEWISE_CAPTURE_SIZES below it,
+    then max_tokens itself, so every step within the token budget fits), captured on
+    first use or by capture_all(), sharing memory_pool. graphs=False runs each piece eagerly instead of replaying it: the same
     buffers and arithmetic without CUDA (the CPU tests check the split with it)."""
 
     def __init__(self, model, pool, backend: AttentionBackend, max_tokens: int,
                  device: torch.device, memory_pool=None, graphs: bool = True) -> None:
         self.model, self.pool, self.backend = model, pool, backend
-        self.sizes = [s for s in PREFILL_CAPTURE_SIZES if s <= max_tokens]
+        self.sizes = [s for s in PIECEWISE_CAPTURE_SIZES if s < max_tokens] + \
+            [max_tokens] * (max_tokens > 0)
         self.use_graphs = graphs
         self.memory_pool = (memory_pool or torch.cuda.graph_pool_handle()) if graphs else None
         self.pieces: dict[int, list[Callable[[], None]]] = {}

@@ -100,13 +100,18 @@ def test_piecewise_padded_rows_do_not_leak_into_the_next_step():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_padded_sizes_follow_the_prefill_capture_sizes():
+def test_padded_sizes_end_at_the_token_budget_and_pad_little_past_512():
     model = model_of(TINY)
     piecewise = PiecewiseGraphs(model, new_pool(TINY), TorchAttentionBackend(), 100,
                                 torch.device("cpu"), graphs=False)
-    assert piecewise.sizes[-1] == 96
-    assert [piecewise.padded_size(n) for n in (1, 16, 17, 65, 96, 97)] == \
-        [16, 16, 32, 80, 96, None]
+    assert piecewise.sizes[-3:] == [80, 96, 100]  # a step of the whole budget fits
+    assert [piecewise.padded_size(n) for n in (1, 16, 17, 65, 97, 100, 101)] == \
+        [16, 16, 32, 80, 100, 100, None]
+    # past 512 tokens (compute-bound) at most 64 padding rows
+    sizes = PiecewiseGraphs(model, new_pool(TINY), TorchAttentionBackend(), 2048,
+                            torch.device("cpu"), graphs=False)
+    assert sizes.padded_size(1040) == 1088 and sizes.padded_size(513) == 576
+    assert all(b - a == 64 for a, b in zip(sizes.sizes, sizes.sizes[1:]) if a >= 512)
 
 
 def test_mixed_step_graphs_is_validated_and_reaches_the_engine_config():
