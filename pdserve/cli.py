@@ -39,12 +39,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-graph-tokens", type=int, default=2048,
                    help="with --cuda-graphs, replay a captured graph for a step that computes "
                         "one chunk of one prompt of up to this many tokens (0: eager)")
-    p.add_argument("--mixed-step-graphs", default="parts", choices=MIXED_STEP_GRAPHS,
+    p.add_argument("--mixed-step-graphs", default="auto", choices=MIXED_STEP_GRAPHS,
                    help="with --cuda-graphs, steps that mix decode rows and prompt chunks: "
                         "piecewise graphs around eager attention (one pass over the "
-                        "weights, not yet measured on a GPU); a decode graph plus a prefill "
-                        "graph per chunk (parts, the default); eager; or auto: parts for "
-                        "models of small layers, piecewise otherwise")
+                        "weights); a decode graph plus a prefill graph per chunk (parts); "
+                        "eager; or auto (the default): parts for models of small layers "
+                        "(under 128 MiB), piecewise otherwise")
     p.add_argument("--cpu-blas", default="numpy", choices=["numpy", "torch"],
                    help="CPU fp32 matmuls: numpy's OpenBLAS (default; torch's own ops then "
                         "run on one thread) or torch's MKL")

@@ -161,9 +161,8 @@ class EngineConfig:
     # chunk, up to 4 chunks), "eager", or "auto": parts for models whose layers are
     # small enough that reading them again costs less than an eager attention per layer
     # (model_runner.PIECEWISE_MIN_LAYER_BYTES), piecewise otherwise and where parts
-    # cannot serve the step. The default stays "parts" until piecewise has run on a GPU
-    # (tests/gpu/test_mixed_steps_gpu.py, bench/mixed_steps.py)
-    mixed_step_graphs: str = "parts"
+    # cannot serve the step (bench/results/mixed-steps-*-h100.json)
+    mixed_step_graphs: str = "auto"
     # triton backend on CUDA: a whole prompt of this many tokens or more with nothing
     # cached runs cuDNN attention over its contiguous K/V (0: the paged kernel always)
     dense_prefill_min_tokens: int = 3072
