@@ -22,14 +22,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
-import subprocess
 import time
 
 import torch
 
+from pdserve.bench.loadgen import git_commit
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.sampling import SamplingParams
@@ -151,15 +150,6 @@ def measure_transformers(shape: str, quick: bool) -> dict:
     torch.cuda.empty_cache()
     return res
 
-
-def git_commit() -> str:
-    env = os.environ.get("PDSERVE_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -44,7 +44,6 @@ import platform
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +55,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from pdserve.bench.loadgen import git_commit  # noqa: E402
 from pdserve.engine.kvcache.pool import KVCachePool, KVCacheSpec  # noqa: E402
 from pdserve.kvtransfer import TransferState, make_receiver, make_sender  # noqa: E402
 from pdserve.kvtransfer.messages import (HandshakeInfo, destination_from_proto,  # noqa: E402
@@ -355,18 +355,6 @@ def machine_info(device: str) -> dict:
         info["ucx_env"] = env
     return info
 
-
-def git_commit() -> str:
-    if os.environ.get("PDSERVE_COMMIT"):  # a copied tree may carry stale git metadata
-        return os.environ["PDSERVE_COMMIT"]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pdserve/kvtransfer"],
-                               cwd=REPO, capture_output=True, text=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -22,13 +22,13 @@ import time
 
 import torch
 
+from pdserve.bench.loadgen import git_commit
 from pdserve.engine.config import EngineConfig
 from pdserve.engine.model_runner import PIECEWISE_MIN_LAYER_BYTES, ModelRunner, layer_weight_bytes
 from pdserve.engine.sampling import SamplingParams
 from pdserve.engine.scheduler.request import Request
 from pdserve.engine.scheduler.scheduler import ScheduledRequest
 from pdserve.engine.synthetic import SHAPES
-from engine_gpu import git_commit  # bench/ (this script's folder), as report is
 from report import write_report
 
 BLOCK = 16

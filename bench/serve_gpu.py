@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.py_spy and not spy_exe:
             print("py-spy not found: no stack dumps", file=sys.stderr)
         result = {
-            "gpu": gpu_name(), "commit": os.environ.get("PDSERVE_COMMIT") or git_commit(),
+            "gpu": gpu_name(), "commit": git_commit(),
             "command": shlex.join([Path(sys.argv[0]).name if argv is None else "serve_gpu.py",
                                    *(sys.argv[1:] if argv is None else argv)]),
             "time_unix": round(time.time(), 1), "budget_s": args.budget_s,

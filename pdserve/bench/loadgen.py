@@ -468,6 +468,10 @@ def _loadavg() -> list[float] | None:
 
 
 def git_commit(repo: Path | None = None) -> str | None:
+    """HEAD of the checkout (+dirty), or PDSERVE_COMMIT where set: a tree copied to a
+    device machine has no .git, or stale metadata."""
+    if os.environ.get("PDSERVE_COMMIT"):
+        return os.environ["PDSERVE_COMMIT"]
     repo = repo or Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
