@@ -17,8 +17,8 @@ its ports. Reported:
              worker: the router routed a request there; Valkey: a disaggregated request
              whose KV travelled through Valkey, not recomputed);
   leaks      after the load stops: KV blocks still held on each worker (pool not free);
-  growth     per process that lived through the run: RSS, open fds and threads at the
-             first and last sample.
+  growth     per process: RSS, open fds and threads at the start of its span, each
+             quarter and the end (a leak still rises in the last quarter).
 """
 
 from __future__ import annotations
@@ -278,14 +278,18 @@ async def pools_after(cluster: Cluster, timeout_s: float = 60.0) -> dict:
 
 
 def growth(samples: dict[int, list[ProcSample]], min_span: int = 3) -> list[dict]:
+    """Per process: RSS, fds and threads at the start of its span (after the start-up
+    sample), at each quarter and at the end; a leak keeps rising in the last quarters
+    where a pool that grew to its bound (gRPC channels, thread pools) levels off."""
     out = []
     for pid, seq in samples.items():
         if len(seq) < min_span:
             continue
-        first, last = seq[1] if len(seq) > 2 else seq[0], seq[-1]  # skip the start-up sample
-        out.append({"name": first.name, "pid": pid, "samples": len(seq),
-                    "rss_mb": [round(first.rss_mb, 1), round(last.rss_mb, 1)],
-                    "fds": [first.fds, last.fds], "threads": [first.threads, last.threads]})
+        span = seq[1:] if len(seq) > 2 else seq  # skip the start-up sample
+        points = [span[round(q * (len(span) - 1) / 4)] for q in range(5)]
+        out.append({"name": span[0].name, "pid": pid, "samples": len(seq),
+                    "rss_mb": [round(p.rss_mb, 1) for p in points],
+                    "fds": [p.fds for p in points], "threads": [p.threads for p in points]})
     return sorted(out, key=lambda g: (g["name"], g["pid"]))
 
 
@@ -342,6 +346,10 @@ async def run(cfg: ChaosConfig) -> dict:
             "processes": growth(samples)}
 
 
+def _series(values: list) -> str:
+    return "->".join(str(v) for v in values)
+
+
 def report(result: dict) -> str:
     req = result["requests"]
     lines = [f"requests: {req['sent']} sent, {req['ok']} ok, {req['failed']} failed, "
@@ -352,9 +360,8 @@ def report(result: dict) -> str:
                      f"{_s(f['routed_sent_after_s'])}, served after {_s(f['routed_after_s'])}")
     lines.append(f"leaked blocks: {result['leaked_blocks']}  pools: {result['pools_after']}")
     for g in result["processes"]:
-        lines.append(f"  {g['name']:12s} pid {g['pid']:7d}: RSS {g['rss_mb'][0]}->{g['rss_mb'][1]} "
-                     f"MB, fds {g['fds'][0]}->{g['fds'][1]}, threads "
-                     f"{g['threads'][0]}->{g['threads'][1]}")
+        lines.append(f"  {g['name']:12s} pid {g['pid']:7d}: RSS {_series(g['rss_mb'])} MB, "
+                     f"fds {_series(g['fds'])}, threads {_series(g['threads'])}")
     for fl in req["failures"][:20]:
         lines.append(f"  failed #{fl['index']} at {fl['sent_s']} s near {fl['near_fault']}: "
                      f"{fl['error']}")
