@@ -7,14 +7,17 @@ count and replayed for any layout of that many tokens. Attention depends on the 
 rows, with the step's own metadata (so the backend's mixed-batch split, its decode kernel
 and cuDNN for whole prompts all apply). A model of L layers has L + 1 pieces per size:
 
-    piece 0       embed; layer 0's input norm and q/k/v (normed, rotated)
+    piece 0       embed; layer 0's input norm and q/k/v (normed, rotated), its K/V
+                  stored into the cache
     piece i       layer i-1's o_proj and MLP (residual adds fused into the norms);
-                  layer i's input norm and q/k/v
+                  layer i's input norm, q/k/v and K/V store
     piece L       layer L-1's o_proj and MLP; the final norm
 
-Pieces pass data through static buffers allocated outside the graphs: token ids,
-positions, the residual stream, q, k, v, the attention output and the final hidden
-state. Rows past the step's tokens are padding (token 0, position 0, stale values
+Between pieces only the attention kernels run eagerly (the backend's attend_stored),
+writing straight into the buffer the next piece reads. Pieces pass data through static
+buffers allocated outside the graphs: token ids, positions, cache slots, the residual
+stream, q, k, v, the attention output and the final hidden state. Rows past the step's
+tokens are padding (token 0, position 0, slot -1: stored nowhere, stale values
 elsewhere): computed, never read, since attention reads the real rows and the cache.
 
 Against the model runner's other way for mixed steps (a decode graph for the decode rows
@@ -59,6 +62,7 @@ class PiecewiseGraphs:
         self.k = torch.zeros(n, attn.num_kv_heads, attn.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.attn_out = torch.zeros(n, attn.q_size, dtype=dtype, device=device)
+        self.slots = torch.full((n,), -1, dtype=torch.int64, device=device)
 
     def padded_size(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
@@ -78,25 +82,30 @@ class PiecewiseGraphs:
         n = ids.shape[0]
         size = self.padded_size(n)
         pieces = self._pieces(size)  # before staging: a capture runs its pieces once
-        self._stage(ids, positions, n, size)
+        self._stage(ids, positions, meta.slot_mapping, n, size)
+        out = self.attn_out[:n].view(n, *self.q.shape[1:])  # [n, num_heads, head_dim]
         pieces[0]()
         for i, layer in enumerate(self.model.layers):
             k_cache, v_cache = self.pool.layer_caches(i)
-            out = layer.self_attn.attend(self.q[:n], self.k[:n], self.v[:n], self.backend,
-                                         k_cache, v_cache, meta)
-            self.attn_out[:n].copy_(out.reshape(n, -1))
+            layer.self_attn.attend_stored(self.q[:n], self.k[:n], self.v[:n], self.backend,
+                                          k_cache, v_cache, meta, out)
             pieces[i + 1]()
         return self.model.compute_logits(self.hidden.index_select(0, rows))
 
-    def _stage(self, ids, positions, n: int, size: int) -> None:
+    def _stage(self, ids, positions, slots, n: int, size: int) -> None:
         self.input_ids[:n].copy_(ids)
         self.positions[:n].copy_(positions)
-        if size > n:  # padding rows: valid token and rotary-table indices
+        self.slots[:n].copy_(slots)
+        if size > n:  # padding rows: valid token and rotary-table indices, no cache slot
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
+            self.slots[n:size].fill_(-1)
 
     def _pieces(self, size: int) -> list[Callable[[], None]]:
         if size not in self.pieces:
+            # a capture runs each piece: with no slots its K/V stores write nothing (the
+            # buffers hold the last step's rows, and the cache their K/V)
+            self.slots.fill_(-1)
             fns = [self._piece(i, size) for i in range(len(self.model.layers) + 1)]
             self.pieces[size] = [self._captured(fn) for fn in fns] if self.use_graphs else fns
         return self.pieces[size]
@@ -128,5 +137,7 @@ class PiecewiseGraphs:
             self.q[:size].copy_(q)
             self.k[:size].copy_(k)
             self.v[:size].copy_(v)
+            self.backend.store_kv(self.k[:size], self.v[:size], *self.pool.layer_caches(i),
+                                  self.slots[:size])
 
         return run

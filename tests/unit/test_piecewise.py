@@ -83,6 +83,20 @@ def test_piecewise_step_equals_the_model_forward(config):
             torch.testing.assert_close(got_cache, want_cache, rtol=1e-5, atol=1e-5)
 
 
+def test_capturing_a_new_size_after_a_step_leaves_the_cache_alone():
+    """A capture runs each piece once on whatever the buffers hold (the last step's rows):
+    the K/V stores inside the pieces must write nowhere then."""
+    model = model_of(TINY)
+    piecewise = PiecewiseGraphs(model, new_pool(TINY), TorchAttentionBackend(), 32,
+                                torch.device("cpu"), graphs=False)
+    step(model, piecewise.pool, PREFILL, *layout_inputs(PREFILL, TINY.vocab_size, 0), piecewise)
+    before = piecewise.pool.kv.clone()
+    with torch.inference_mode():  # as run() and capture_all() are
+        for piece in piecewise._pieces(32):  # what capture() does to a new size
+            piece()
+    assert torch.equal(piecewise.pool.kv, before)
+
+
 def test_piecewise_padded_rows_do_not_leak_into_the_next_step():
     """Stale buffer rows from a longer step sit past a shorter step's tokens: its logits
     are those of a fresh PiecewiseGraphs."""

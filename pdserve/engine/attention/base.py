@@ -86,7 +86,6 @@ class AttentionBackend(ABC):
     # come first (AttentionMetadata.split_decodes), so the model runner puts them first
     splits_mixed_batches: bool = False
 
-    @abstractmethod
     def forward(
         self,
         q: torch.Tensor,
@@ -117,3 +116,24 @@ class AttentionBackend(ABC):
         Returns [num_tokens, num_heads, head_dim] in q's dtype. Must not synchronize
         the host with the device (the decode step is captured in a CUDA graph).
         """
+        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend_stored(q, k, v, k_cache, v_cache, meta, scale, sliding_window,
+                                  logits_soft_cap)
+
+    @abstractmethod
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Writes k/v rows [num_tokens, num_kv_heads, head_dim] at slot_mapping
+        ([num_tokens] int64; -1 skipped). For fixed shapes a GPU backend must queue the
+        same work on every call: piecewise graphs capture it with the slots in a static
+        buffer (padding rows -1)."""
+
+    @abstractmethod
+    def attend_stored(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, sliding_window: int = 0, logits_soft_cap: float = 0.0,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """forward's attention once this step's K/V are in the cache (k, v are the same
+        rows, for backends that attend over them directly). Writes into out
+        ([num_tokens, num_heads, head_dim]) when given and returns it. Must not
+        synchronize the host with the device."""

@@ -201,9 +201,20 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window: int = 0,
                 logits_soft_cap: float = 0.0):
-        store, decode = self._plans(meta, k_cache.shape[1], sliding_window)
-        store.store(k, v, k_cache, v_cache)
+        store, _ = self._plans(meta, k_cache.shape[1], sliding_window)
+        store.store(k, v, k_cache, v_cache)  # the step's addresses, built at its first layer
+        return self.attend_stored(q, k, v, k_cache, v_cache, meta, scale, sliding_window,
+                                  logits_soft_cap)
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def attend_stored(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window: int = 0,
+                      logits_soft_cap: float = 0.0, out=None):
+        _, decode = self._plans(meta, k_cache.shape[1], sliding_window)
         if decode is not None:
-            return decode_attention(q, k_cache, v_cache, decode, scale, logits_soft_cap)
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window,
-                                   logits_soft_cap)
+            result = decode_attention(q, k_cache, v_cache, decode, scale, logits_soft_cap)
+        else:
+            result = paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window,
+                                         logits_soft_cap)
+        return result if out is None else out.copy_(result)

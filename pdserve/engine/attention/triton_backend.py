@@ -61,19 +61,21 @@ class TritonAttentionBackend(AttentionBackend):
         return choose_num_splits(meta.num_seqs, num_kv_heads, bound, device_sms(device),
                                  sliding_window)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int = 0, logits_soft_cap: float = 0.0):
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(k, v, k_cache, v_cache, slot_mapping)  # one launch of num_tokens programs
+
+    def attend_stored(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                      sliding_window: int = 0, logits_soft_cap: float = 0.0, out=None):
         # q: [num_tokens, num_heads, d]; k, v: [num_tokens, kv_heads, d]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         split = None if meta.is_decode_only else meta.split_decodes()
         if split is None:
             return self._attend(q, k, v, k_cache, v_cache, meta, scale, sliding_window,
-                                logits_soft_cap)
+                                logits_soft_cap, out)
         # a mixed step: its decode rows through the decode kernel (split over long
         # contexts; the prefill kernel would give each a 1-row query block per head)
         decode, chunks = split
         d = decode.num_seqs
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if out is None else out
         self._attend(q[:d], k[:d], v[:d], k_cache, v_cache, decode, scale, sliding_window,
                      logits_soft_cap, out[:d])
         self._attend(q[d:], k[d:], v[d:], k_cache, v_cache, chunks, scale, sliding_window,

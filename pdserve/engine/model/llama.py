@@ -217,6 +217,12 @@ class Attention(nn.Module):
         return backend.forward(q, k, v, k_cache, v_cache, meta, self.scale,
                                **self.backend_kwargs)
 
+    def attend_stored(self, q, k, v, backend: AttentionBackend, k_cache, v_cache,
+                      meta: AttentionMetadata, out: torch.Tensor) -> torch.Tensor:
+        """attend() once k/v are in the cache (stored inside a piecewise graph), into out."""
+        return backend.attend_stored(q, k, v, k_cache, v_cache, meta, self.scale,
+                                     **self.backend_kwargs, out=out)
+
     def _norm_qk_(self, qkv: torch.Tensor, fused: bool) -> None:
         """Each q and k head RMS-normed before rope, written back into qkv (so q|k stay
         adjacent for the one rotation). qkv: [num_tokens, q_size + 2 * kv_size].
