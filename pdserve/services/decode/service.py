@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 # renews, not by this bound (issue 17, item 8: the lease as the call's timeout made
 # such prompts time out while computing and be recomputed here).
 PREFILL_CALL_TIMEOUT_S = 600.0
+# The Prefill call answered DONE: its transfer's last data is at most this far behind
+LANDING_WAIT_S = 5.0
 SERVICE_NAME = "pdserve.v1.DecodeService"
 FINAL_ERROR_KEY = "pdserve-final-error"
 
@@ -82,6 +84,17 @@ def _done(loop: asyncio.AbstractEventLoop, value) -> asyncio.Future:
     future = loop.create_future()
     future.set_result(value)
     return future
+
+
+async def _first_end(handoff: _Handoff, timeout_s: float) -> None:
+    """Until the receiver ends the transfer (DONE: landed; any other end: released) or
+    timeout_s passes. Event-driven: no thread polls the receiver meanwhile."""
+    released = asyncio.ensure_future(handoff.released.wait())
+    try:
+        await asyncio.wait({asyncio.shield(handoff.landed), released}, timeout=timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        released.cancel()
 
 
 async def _stats_of(call: asyncio.Future) -> worker_pb2.PrefillStats | None:
@@ -356,9 +369,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeServiceServicer):
             return response.kv_error or kv_pb2.TransferState.Name(response.kv_state)
         status = self.receiver.poll().get(handoff.transfer_id)
         if status is None or not status.state.terminal:  # the last reply may still be landing
-            status = await asyncio.to_thread(self.receiver.wait, handoff.transfer_id, 5.0)
-        if status.state is not TransferState.DONE:
-            return f"receiver saw {status.state.name}: {status.error}"
+            await _first_end(handoff, LANDING_WAIT_S)
+            status = self.receiver.poll().get(handoff.transfer_id)
+        if status is None or status.state is not TransferState.DONE:
+            seen = f"{status.state.name}: {status.error}" if status else "no such transfer"
+            return f"receiver saw {seen}"
         try:  # on_done ran with that status; its hand-off to this loop is on the way
             await asyncio.wait_for(asyncio.shield(handoff.landed), 5.0)
         except asyncio.TimeoutError:
