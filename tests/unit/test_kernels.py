@@ -252,6 +252,31 @@ def test_backend_matches_torch_backend(phase):
     assert (meta.split_decodes() is not None) == (phase == "mixed")
 
 
+@pytest.mark.parametrize("backend", [TritonAttentionBackend(graph_max_seq_len=512),
+                                     TorchAttentionBackend()], ids=["triton", "torch"])
+@pytest.mark.parametrize("phase", ["prefill", "decode", "mixed"])
+def test_store_then_attend_stored_into_out_equals_forward(backend, phase):
+    """The piecewise graphs' split of forward: store_kv inside a graph, then attend_stored
+    writing into the buffer the next piece reads."""
+    gen = torch.Generator().manual_seed(12)
+    lens = {"prefill": MIXED[:3], "decode": [(s - 1, 1) for s in (7, 16, 40)],
+            "mixed": MIXED_STEP}[phase]
+    pool, k_cache, v_cache = make_pool(24, 16, 2, 16, "float32", gen)
+    meta = make_meta(lens, 16, 24, gen)
+    n = meta.slot_mapping.shape[0]
+    q, k, v = (torch.randn(n, h, 16, generator=gen) for h in (4, 2, 2))
+    before = pool.kv.clone()
+    want = backend.forward(q, k, v, k_cache, v_cache, meta, 0.25)
+    stored_by_forward, pool.kv = pool.kv.clone(), before
+    k_cache, v_cache = pool.layer_caches(1)
+    backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(pool.kv, stored_by_forward)
+    out = torch.full((n, 4, 16), float("nan"))
+    got = backend.attend_stored(q, k, v, k_cache, v_cache, meta, 0.25, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def test_split_decodes_rebases_the_chunks_and_keeps_the_decode_rows():
     gen = torch.Generator().manual_seed(3)
     meta = make_meta(MIXED_STEP, 16, 24, gen)
