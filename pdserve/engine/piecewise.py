@@ -40,8 +40,9 @@ from pdserve.engine.cuda_graphs import PIECEWISE_CAPTURE_SIZES, capture
 class PiecewiseGraphs:
     """The pieces of every padded size up to max_tokens (PIECEWISE_CAPTURE_SIZES below it,
     then max_tokens itself, so every step within the token budget fits), captured on
-    first use or by capture_all(), sharing memory_pool. graphs=False runs each piece eagerly instead of replaying it: the same
-    buffers and arithmetic without CUDA (the CPU tests check the split with it)."""
+    first use or by capture_all(), sharing memory_pool. graphs=False runs each piece
+    eagerly instead of replaying it: the same buffers and arithmetic without CUDA (the
+    CPU tests check the split with it)."""
 
     def __init__(self, model, pool, backend: AttentionBackend, max_tokens: int,
                  device: torch.device, memory_pool=None, graphs: bool = True) -> None:

@@ -231,11 +231,16 @@ def test_decode_padded_slot_writes_zeros_not_nan():
 MIXED_STEP = [(6, 1), (39, 1), (15, 1), (20, 12), (0, 33)]
 
 
+def phase_lens(phase: str) -> list[tuple[int, int]]:
+    """(context, new tokens) per sequence of a prefill-only, decode-only or mixed step."""
+    return {"prefill": MIXED[:3], "decode": [(s - 1, 1) for s in (7, 16, 40)],
+            "mixed": MIXED_STEP}[phase]
+
+
 @pytest.mark.parametrize("phase", ["prefill", "decode", "mixed"])
 def test_backend_matches_torch_backend(phase):
     gen = torch.Generator().manual_seed(11)
-    lens = {"prefill": MIXED[:3], "decode": [(s - 1, 1) for s in (7, 16, 40)],
-            "mixed": MIXED_STEP}[phase]
+    lens = phase_lens(phase)
     pool, k_cache, v_cache = make_pool(24, 16, 2, 16, "float32", gen)
     meta = make_meta(lens, 16, 24, gen)
     n = meta.slot_mapping.shape[0]
@@ -259,8 +264,7 @@ def test_store_then_attend_stored_into_out_equals_forward(backend, phase):
     """The piecewise graphs' split of forward: store_kv inside a graph, then attend_stored
     writing into the buffer the next piece reads."""
     gen = torch.Generator().manual_seed(12)
-    lens = {"prefill": MIXED[:3], "decode": [(s - 1, 1) for s in (7, 16, 40)],
-            "mixed": MIXED_STEP}[phase]
+    lens = phase_lens(phase)
     pool, k_cache, v_cache = make_pool(24, 16, 2, 16, "float32", gen)
     meta = make_meta(lens, 16, 24, gen)
     n = meta.slot_mapping.shape[0]
