@@ -4,30 +4,20 @@ results JSON and table hold every run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.support.bench_scripts import load_bench_script
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("ucxx")
 pytest.importorskip("fastapi")
 
 
-def _serve_gpu():
-    path = Path(__file__).resolve().parents[2] / "bench" / "serve_gpu.py"
-    spec = importlib.util.spec_from_file_location("serve_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_gpu"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_pdserve_systems_complete_every_request(tmp_path, capsys):
     out = tmp_path / "serve.json"
-    rc = _serve_gpu().main([
+    rc = load_bench_script("serve_gpu").main([
         "--systems", "pdserve-colocated,pdserve-1p1d", "--workloads", "512x16,shared:1024x16:768",
         "--rates", "16,inf", "--num-requests", "24", "--warmup-requests", "2",
         "--device", "cuda", "--pdserve-model", "synthetic:smollm2-135m",

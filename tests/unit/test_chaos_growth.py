@@ -1,21 +1,9 @@
 """bench/chaos.py's growth summary: five points per process span, so a leak (still rising
 at the end) reads apart from a pool that grew to its bound and levelled off."""
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.support.bench_scripts import load_bench_script
 
-
-def _load_chaos():
-    path = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
-    spec = importlib.util.spec_from_file_location("chaos_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["chaos_bench"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-chaos = _load_chaos()
+chaos = load_bench_script("chaos", "chaos_bench")
 
 
 def _samples(pid: int, fds: list[int]):

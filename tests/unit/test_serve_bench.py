@@ -7,28 +7,15 @@ import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
 from pdserve.bench import loadgen as lg
 from pdserve.bench import openai_load as ol
 from pdserve.bench.loadgen import SLO, RequestResult, WorkloadSpec
+from tests.support.bench_scripts import load_bench_script
 
-
-
-def _load_serve_gpu():
-    """bench/serve_gpu.py as a module, without putting bench/ on sys.path (its kernels.py
-    would shadow the `kernels` package for every later test)."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "serve_gpu.py"
-    spec = importlib.util.spec_from_file_location("serve_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_gpu"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-serve_gpu = _load_serve_gpu()
+serve_gpu = load_bench_script("serve_gpu")
 
 
 def done(i=0, ttft=0.1, e2e=1.0, out=10, ok=True):

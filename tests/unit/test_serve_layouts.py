@@ -6,29 +6,16 @@ that answer as vLLM's prefill and decode servers do."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.support.bench_scripts import load_bench_script
 
-
-def _load(name: str):
-    """A bench/ script as a module, without bench/ on sys.path (its kernels.py would
-    shadow the `kernels` package for later tests)."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-serve_gpu = _load("serve_gpu")
-pd_proxy = _load("pd_proxy")
+serve_gpu = load_bench_script("serve_gpu")
+pd_proxy = load_bench_script("pd_proxy")
 
 
 def args_for(*argv):
